@@ -1,0 +1,131 @@
+"""Checkpoint naming and I/O, in one place (spec §5).
+
+Two plain state dicts per category, in the released naming:
+`<dir>/<base_name>_<category>_.pckl` (reconstructive) and `<dir>/<base_name>_<category>__seg.pckl`
+(discriminative). Our runs use the base name `DRAEM_test_<lr>_<epochs>_bs<bs>`; the authors'
+pretrained set uses `DRAEM_seg_large_ae_large_0.0001_800_bs8`.
+"""
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atomic import atomic_torch_save
+from errors import DraemInputError, exit_on_input_error
+from model_unet import DraemModel
+
+RELEASED_BASE_NAME = "DRAEM_seg_large_ae_large_0.0001_800_bs8"
+ANOMALIB_PREFIXES = {
+    "reconstructive_subnetwork": "model.reconstructive_subnetwork.",
+    "discriminative_subnetwork": "model.discriminative_subnetwork.",
+}
+
+
+def run_base_name(lr: float, epochs: int, bs: int) -> str:
+    """Base name of the checkpoints of a training run, as the released training program builds it."""
+    return f"DRAEM_test_{lr}_{epochs}_bs{bs}"
+
+
+def checkpoint_paths(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> tuple[Path, Path]:
+    """(reconstructive, discriminative) checkpoint paths of one category."""
+    stem = f"{base_name}_{category}_"
+    return Path(checkpoint_dir) / f"{stem}.pckl", Path(checkpoint_dir) / f"{stem}_seg.pckl"
+
+
+def save_checkpoint(model: DraemModel, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> tuple[Path, Path]:
+    """Write both subnetworks' state dicts atomically in the released naming; return the paths."""
+    rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
+    atomic_torch_save(model.reconstructive_subnetwork.state_dict(), rec_path)
+    atomic_torch_save(model.discriminative_subnetwork.state_dict(), seg_path)
+    return rec_path, seg_path
+
+
+def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict; a missing or unreadable file is a one-line DraemInputError.
+
+    Only tensors are unpickled unless `trusted` (a Lightning checkpoint also pickles its hyper-parameters).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if trusted else " (if it is a trusted Lightning checkpoint, pass --trust)"
+        raise DraemInputError(f"cannot read checkpoint {path}: {first_line}{hint}") from None
+    if not isinstance(state, dict):
+        raise DraemInputError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `module` strictly; the first missing, unexpected or mis-shaped key is a one-line error."""
+    expected = module.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise DraemInputError(f"{source}: missing key '{key}' (the model expects shape {tuple(tensor.shape)})")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise DraemInputError(
+                f"{source}: key '{key}' has shape {tuple(state[key].shape)} but the model expects "
+                f"{tuple(tensor.shape)} (was it trained with another --base_width / --seg_base_width or --sspcab?)"
+            )
+    for key in state:
+        if key not in expected:
+            raise DraemInputError(f"{source}: unexpected key '{key}' (not a DRAEM checkpoint of this model configuration?)")
+    module.load_state_dict(state)
+
+
+def load_checkpoint(model: DraemModel, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> None:
+    """Load a category's checkpoint pair (ours or the authors' released files) into `model`."""
+    rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
+    load_state_dict_checked(model.reconstructive_subnetwork, read_state_dict(rec_path), str(rec_path))
+    load_state_dict_checked(model.discriminative_subnetwork, read_state_dict(seg_path), str(seg_path))
+
+
+def split_anomalib_state_dict(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Split an anomalib DRAEM state dict into our two subnetworks' state dicts by key prefix."""
+    state = state.get("state_dict", state)  # a Lightning checkpoint nests the weights
+    parts = {}
+    for name, prefix in ANOMALIB_PREFIXES.items():
+        parts[name] = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if not parts[name]:
+            raise DraemInputError(f"no '{prefix}*' keys: this is not an anomalib DRAEM checkpoint")
+    return parts
+
+
+def load_anomalib_checkpoint(model: DraemModel, path: str | os.PathLike, trusted: bool = False) -> None:
+    """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`."""
+    for name, state in split_anomalib_state_dict(read_state_dict(path, trusted)).items():
+        load_state_dict_checked(getattr(model, name), state, f"{path} ({name})")
+
+
+def convert_anomalib_checkpoint(
+    path: str | os.PathLike, checkpoint_dir: str | os.PathLike, base_name: str, category: str, trusted: bool = False
+) -> tuple[Path, Path]:
+    """Rewrite an anomalib DRAEM checkpoint as a released-format pair; return the two paths."""
+    parts = split_anomalib_state_dict(read_state_dict(path, trusted))
+    rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
+    atomic_torch_save(parts["reconstructive_subnetwork"], rec_path)
+    atomic_torch_save(parts["discriminative_subnetwork"], seg_path)
+    return rec_path, seg_path
+
+
+@exit_on_input_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Convert an anomalib DRAEM checkpoint to the released two-file format.")
+    parser.add_argument("anomalib_checkpoint", help="anomalib .ckpt (Lightning) or a plain state dict with model.* keys")
+    parser.add_argument("--checkpoint_path", required=True, help="folder to write the .pckl pair into")
+    parser.add_argument("--category", required=True, help="category name used in the file names, e.g. carpet")
+    parser.add_argument("--base_model_name", default="DRAEM_anomalib", help="base name of the written files")
+    parser.add_argument("--trust", action="store_true", help="unpickle non-tensor objects (only for files you trust)")
+    args = parser.parse_args()
+    for written in convert_anomalib_checkpoint(args.anomalib_checkpoint, args.checkpoint_path, args.base_model_name, args.category, args.trust):
+        print(f"wrote {written}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Losses: SSIM against scikit-image, focal loss against a hand computation."""
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from loss import SSIM, DraemLoss, FocalLoss, ssim_map
+
+
+def test_ssim_map_matches_skimage_on_the_interior():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 40, 48)).astype(np.float32)
+    b = np.clip(a + 0.2 * rng.standard_normal(a.shape).astype(np.float32), 0, 1)
+    ours = ssim_map(torch.from_numpy(a)[None], torch.from_numpy(b)[None])[0].numpy()
+    for c in range(3):
+        _, reference = structural_similarity(
+            a[c], b[c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, full=True
+        )
+        np.testing.assert_allclose(ours[c, 5:-5, 5:-5], reference[5:-5, 5:-5], atol=1e-5)
+
+
+def test_ssim_loss_is_zero_for_identical_images_and_positive_otherwise():
+    x = torch.rand(2, 3, 32, 32)
+    assert SSIM()(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert SSIM()(x, torch.rand(2, 3, 32, 32)).item() > 0.5
+
+
+def test_ssim_accepts_bfloat16_and_computes_in_float32():
+    x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    value = SSIM()(x.bfloat16(), y.bfloat16())
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(SSIM()(x.bfloat16().float(), y.bfloat16().float()).item(), abs=1e-6)
+
+
+def test_focal_with_gamma_zero_is_smoothed_nll():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 2, 8, 8), 1)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    smooth = 1e-5
+    target = mask[:, 0]
+    one_hot = torch.stack([1 - target, target], 1).clamp(smooth, 1 - smooth)
+    expected = -torch.log((one_hot * probs).sum(1) + smooth).mean()
+    assert FocalLoss(gamma=0)(probs, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_focal_down_weights_easy_pixels():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    confident = torch.cat([1 - mask, mask], 1).clamp(1e-6, 1 - 1e-6)
+    assert FocalLoss()(confident, mask).item() < 1e-8
+    uncertain = torch.full((1, 2, 4, 4), 0.5)
+    assert FocalLoss()(uncertain, mask).item() == pytest.approx(0.25 * np.log(2), rel=1e-3)
+
+
+def test_focal_gradients_are_finite_even_for_saturated_probabilities():
+    logits = torch.tensor([[[[50.0]], [[-50.0]]]], requires_grad=True)
+    loss = FocalLoss()(torch.softmax(logits, 1), torch.ones(1, 1, 1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_draem_loss_is_the_sum_of_its_parts():
+    torch.manual_seed(0)
+    rec, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    logits, mask = torch.randn(2, 2, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    io = (torch.rand(2, 4, 2, 2), torch.rand(2, 4, 2, 2))
+    total, parts = DraemLoss(sspcab_lambda=0.5)(rec, target, logits, mask, io)
+    assert set(parts) == {"l2", "ssim", "focal", "sspcab"}
+    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+    assert parts["sspcab"].item() == pytest.approx(0.5 * torch.mean((io[0] - io[1]) ** 2).item(), rel=1e-6)
+    assert parts["l2"].item() == pytest.approx(torch.mean((rec - target) ** 2).item(), rel=1e-6)
