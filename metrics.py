@@ -1,0 +1,296 @@
+"""Evaluation: the released DRAEM protocol (spec §6), plus AUPRO and image F1-max, and results tables.
+
+Protocol, as in the authors' test program:
+- the pixel map is softmax channel 1 of the discriminative output;
+- the image score is the max of that map after a 21×21 mean filter (avg_pool2d, stride 1,
+  padding 10, zero padding counted, as released);
+- image AUROC / AP over all test images, pixel AUROC / AP over all pixels of all test images;
+- quirk kept for comparable numbers: the resized float ground-truth mask is cast to uint8, so
+  only pixels whose value is exactly 1.0 count as anomalous (the blurred border of each defect
+  becomes normal). AUPRO uses the same cast masks.
+"""
+import csv
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.measure import label as label_regions
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from atomic import atomic_write_text
+from errors import DraemInputError
+
+METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
+PAPER_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
+PAPER_RESULTS: dict = json.loads(Path(__file__).with_name("paper_results.json").read_text())
+MEAN_ROW = "mean"
+POOL_SIZE = 21
+
+
+# --- the released protocol -------------------------------------------------------------------
+
+def image_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
+    """Image anomaly scores (N,) from pixel maps N×1×H×W: max of the 21×21 average-pooled map."""
+    if anomaly_map.dim() != 4 or anomaly_map.shape[1] != 1:
+        raise DraemInputError(f"anomaly map must be N×1×H×W (softmax channel 1), got {tuple(anomaly_map.shape)}")
+    pooled = F.avg_pool2d(anomaly_map.detach().float(), POOL_SIZE, stride=1, padding=POOL_SIZE // 2)
+    return pooled.flatten(1).amax(dim=1)
+
+
+def released_mask_cast(mask: torch.Tensor) -> np.ndarray:
+    """Cast a float mask in [0, 1] to uint8 as the released program does: only exact 1.0 becomes 1."""
+    mask = mask.detach().cpu().float()
+    if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+        raise DraemInputError("ground-truth masks must be floats in [0, 1]: divide 0/255 mask images by 255")
+    return mask.numpy().astype(np.uint8)
+
+
+def _has_both_classes(y: np.ndarray, what: str) -> bool:
+    """True when y holds 0s and 1s; otherwise warn that the metrics on `what` are undefined (NaN)."""
+    if y.min() == 0 and y.max() == 1:
+        return True
+    warnings.warn(
+        f"{what}: only class {int(y.min())} present, so AUROC/AP/F1/AUPRO are undefined and reported as NaN",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+class DraemEvaluator:
+    """Streams test batches into preallocated arrays, then computes all metrics of one category.
+
+    Memory is fixed at construction: num_images×H×W float32 maps and uint8 masks, nothing grows.
+    `compute` evaluates the images given so far (all of them when the test set is complete).
+    """
+
+    def __init__(self, num_images: int, height: int, width: int):
+        if num_images < 1 or height < 1 or width < 1:
+            raise DraemInputError(f"evaluator needs at least one image of positive size, got {num_images}×{height}×{width}")
+        self.maps = np.zeros((num_images, height, width), dtype=np.float32)
+        self.masks = np.zeros((num_images, height, width), dtype=np.uint8)
+        self.scores = np.zeros(num_images, dtype=np.float32)
+        self.labels = np.zeros(num_images, dtype=np.uint8)
+        self.count = 0
+
+    def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor) -> None:
+        """Add a batch: maps N×1×H×W, float masks N×1×H×W in [0, 1], labels (N,) or (N, 1) of 0/1."""
+        n = anomaly_map.shape[0]
+        expected = (n, 1, *self.maps.shape[1:])
+        if tuple(anomaly_map.shape) != expected or tuple(mask.shape) != expected:
+            raise DraemInputError(
+                f"expected anomaly map and mask of shape {expected}, got {tuple(anomaly_map.shape)} and {tuple(mask.shape)}"
+            )
+        labels = label.detach().cpu().reshape(-1)
+        if labels.numel() != n or not bool(((labels == 0) | (labels == 1)).all()):
+            raise DraemInputError(f"expected {n} labels of 0 (good) or 1 (anomalous), got {label.tolist()}")
+        if self.count + n > len(self.maps):
+            raise DraemInputError(f"evaluator was sized for {len(self.maps)} images, got more")
+        batch = slice(self.count, self.count + n)
+        self.scores[batch] = image_scores(anomaly_map).cpu().numpy()
+        self.maps[batch] = anomaly_map.detach()[:, 0].cpu().float().numpy()
+        self.masks[batch] = released_mask_cast(mask[:, 0])
+        self.labels[batch] = labels.numpy().astype(np.uint8)
+        self.count += n
+
+    def compute(self) -> dict[str, float]:
+        """All metrics as fractions in [0, 1]; NaN (with a warning) where only one class is present."""
+        if self.count == 0:
+            raise DraemInputError("no test images were evaluated")
+        return {**self._image_metrics(), **self._pixel_metrics()}
+
+    def _image_metrics(self) -> dict[str, float]:
+        labels, scores = self.labels[: self.count], self.scores[: self.count]
+        if not _has_both_classes(labels, "image labels"):
+            return {"image_auroc": math.nan, "image_ap": math.nan, "image_f1_max": math.nan}
+        return {
+            "image_auroc": float(roc_auc_score(labels, scores)),
+            "image_ap": float(average_precision_score(labels, scores)),
+            "image_f1_max": f1_max(labels, scores),
+        }
+
+    def _pixel_metrics(self) -> dict[str, float]:
+        maps, masks = self.maps[: self.count], self.masks[: self.count]
+        if not _has_both_classes(masks, "pixel masks (after the uint8 cast)"):
+            return {"pixel_auroc": math.nan, "pixel_ap": math.nan, "aupro": math.nan}
+        return {
+            "pixel_auroc": float(roc_auc_score(masks.ravel(), maps.ravel())),
+            "pixel_ap": float(average_precision_score(masks.ravel(), maps.ravel())),
+            "aupro": aupro(maps, masks),
+        }
+
+
+# --- metrics beyond the released program -----------------------------------------------------
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over all thresholds of the precision-recall curve."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return float(f1.max())
+
+
+def _region_weights(masks: np.ndarray) -> np.ndarray:
+    """Per pixel: 1 / (number of regions × size of its region) inside defects, 0 elsewhere.
+
+    Regions are 8-connected components of each image's ground truth (the MVTec AD definition),
+    so summing the weights of the pixels above a threshold gives the mean per-region overlap.
+    """
+    region_ids = np.zeros(masks.shape, dtype=np.int32)
+    num_regions = 0
+    for i, mask in enumerate(masks):
+        ids, n = label_regions(mask, connectivity=2, return_num=True)
+        region_ids[i] = np.where(ids > 0, ids + num_regions, 0)
+        num_regions += n
+    sizes = np.bincount(region_ids.ravel(), minlength=num_regions + 1).astype(np.float64)
+    per_region = np.zeros_like(sizes)
+    per_region[1:] = 1.0 / (num_regions * sizes[1:])
+    return per_region[region_ids.ravel()]
+
+
+def _pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at every distinct threshold, from (0, 0) to (1, 1), via one sort and cumulative sums."""
+    scores = maps.ravel()
+    order = np.argsort(-scores, kind="stable")
+    normal = (masks.ravel() == 0)[order]
+    overlap = _region_weights(masks)[order]
+    # Pixels with equal scores pass a threshold together: keep only the last of each tie group.
+    sorted_scores = scores[order]
+    group_ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), len(sorted_scores) - 1)
+    fpr = np.cumsum(normal)[group_ends] / normal.sum()
+    pro = np.cumsum(overlap)[group_ends]
+    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro])
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area under y(x) for x in [0, limit], interpolating y at exactly x = limit."""
+    inside = np.searchsorted(x, limit, side="right")
+    xs, ys = x[:inside], y[:inside]
+    if xs[-1] < limit:
+        x0, x1, y0, y1 = x[inside - 1], x[inside], y[inside - 1], y[inside]
+        xs = np.append(xs, limit)
+        ys = np.append(ys, y0 + (y1 - y0) * (limit - x0) / (x1 - x0))
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
+
+
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to `fpr_limit` FPR, normalised to [0, 1].
+
+    maps: N×H×W scores; masks: N×H×W binary ground truth. A perfect map gives 1.0, a constant
+    map gives fpr_limit / 2 (the curve is the diagonal). NaN with a warning without both classes.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise DraemInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise DraemInputError(f"maps and masks must both be N×H×W, got {maps.shape} and {masks.shape}")
+    masks = (masks > 0).astype(np.uint8)
+    if not _has_both_classes(masks, "AUPRO masks"):
+        return math.nan
+    fpr, pro = _pro_curve(maps, masks)
+    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+# --- results tables --------------------------------------------------------------------------
+
+def _percent(value: float | None) -> float | None:
+    """Fraction to percent with two decimals; None and NaN stay None (empty cell)."""
+    if value is None or math.isnan(value):
+        return None
+    return round(100 * value, 2)
+
+
+def _paper_value(categories: list[str], metric: str) -> float | None:
+    """The paper's value for one category or the mean over several; None if any is not in the paper."""
+    paper = PAPER_RESULTS["paper"]
+    if not all(c in paper for c in categories):
+        return None
+    return round(sum(paper[c][metric] for c in categories) / len(categories), 1)
+
+
+def _row(category: str, ours: dict[str, float | None], paper_categories: list[str]) -> dict:
+    """One table row: our metrics in percent, plus paper value and delta for the paper's metrics."""
+    row: dict = {"category": category}
+    for metric in METRICS:
+        row[metric] = ours[metric]
+        if metric in PAPER_METRICS:
+            paper = _paper_value(paper_categories, metric)
+            row[f"{metric}_paper"] = paper
+            row[f"{metric}_delta"] = None if paper is None or ours[metric] is None else round(ours[metric] - paper, 2)
+    return row
+
+
+def results_rows(per_category: dict[str, dict[str, float]]) -> list[dict]:
+    """Table rows (percent) for each category, then the mean row, with paper values and deltas.
+
+    The mean row's paper value is the mean of the paper's values for the same categories (for
+    all 15 it equals the published mean); it is empty if any category is not in the paper.
+    A NaN metric stays empty in its row and makes the mean empty too.
+    """
+    if not per_category:
+        raise DraemInputError("no categories were evaluated, so there is no results table")
+    ours = {c: {m: _percent(values[m]) for m in METRICS} for c, values in per_category.items()}
+    rows = [_row(c, ours[c], [c]) for c in ours]
+    mean = {m: _percent(float(np.mean([per_category[c][m] for c in ours]))) for m in METRICS}
+    rows.append(_row(MEAN_ROW, mean, list(ours)))
+    return rows
+
+
+def _columns() -> list[str]:
+    """Column keys of a results row, in table order."""
+    columns = ["category"]
+    for metric in METRICS:
+        columns.append(metric)
+        if metric in PAPER_METRICS:
+            columns += [f"{metric}_paper", f"{metric}_delta"]
+    return columns
+
+
+def _cell(key: str, value: float | str | None) -> str:
+    """A Markdown cell: empty for missing, signed for deltas, one decimal for paper values."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if key.endswith("_delta"):
+        return f"{value:+.2f}"
+    if key.endswith("_paper"):
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """A Markdown table of results rows (percent; 'paper' and 'Δ' beside the paper's metrics)."""
+    columns = _columns()
+    header = [c.replace("_paper", " paper").replace("_delta", " Δ") for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _format_csv(rows: list[dict]) -> str:
+    """CSV text of results rows; missing values are empty fields."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_columns(), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_results(rows: list[dict], output_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Write the rows as <stem>.md, <stem>.csv and <stem>.json (missing values null) atomically."""
+    output_dir = Path(output_dir)
+    texts = {
+        "md": format_markdown(rows),
+        "csv": _format_csv(rows),
+        "json": json.dumps(rows, indent=2, allow_nan=False) + "\n",
+    }
+    paths = {}
+    for suffix, text in texts.items():
+        paths[suffix] = output_dir / f"{stem}.{suffix}"
+        atomic_write_text(paths[suffix], text)
+    return paths
