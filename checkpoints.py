@@ -86,6 +86,28 @@ def load_checkpoint(model: DraemModel, checkpoint_dir: str | os.PathLike, base_n
     load_state_dict_checked(model.discriminative_subnetwork, read_state_dict(seg_path), str(seg_path))
 
 
+def model_from_checkpoint(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> DraemModel:
+    """Build a DraemModel whose widths and SSPCAB option are read off the checkpoint pair, then load it.
+
+    The released format stores no configuration, but the first conv of each network fixes its width and
+    SSPCAB is recognised by its own keys, so test and predict need no width flags.
+    """
+    rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
+    rec_state, seg_state = read_state_dict(rec_path), read_state_dict(seg_path)
+    first_convs = ((rec_path, rec_state, "encoder.block1.0.weight"), (seg_path, seg_state, "encoder_segment.block1.0.weight"))
+    for path, state, key in first_convs:
+        if key not in state:
+            raise DraemInputError(f"{path}: missing key '{key}' (not a DRAEM checkpoint, or the two files are swapped?)")
+    model = DraemModel(
+        base_width=rec_state["encoder.block1.0.weight"].shape[0],
+        seg_base_width=seg_state["encoder_segment.block1.0.weight"].shape[0],
+        sspcab=any(key.startswith("encoder.block5.corners.") for key in rec_state),
+    )
+    load_state_dict_checked(model.reconstructive_subnetwork, rec_state, str(rec_path))
+    load_state_dict_checked(model.discriminative_subnetwork, seg_state, str(seg_path))
+    return model
+
+
 def split_anomalib_state_dict(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Split an anomalib DRAEM state dict into our two subnetworks' state dicts by key prefix."""
     state = state.get("state_dict", state)  # a Lightning checkpoint nests the weights

@@ -12,6 +12,7 @@ from checkpoints import (
     convert_anomalib_checkpoint,
     load_anomalib_checkpoint,
     load_checkpoint,
+    model_from_checkpoint,
     run_base_name,
     save_checkpoint,
 )
@@ -123,3 +124,14 @@ def test_convert_cli_reports_one_line_on_bad_input(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "checkpoint not found" in result.stderr
+
+
+def test_model_from_checkpoint_infers_widths_and_sspcab(tmp_path):
+    torch.manual_seed(0)
+    model = DraemModel(base_width=8, seg_base_width=4, sspcab=True)
+    save_checkpoint(model, tmp_path, "b", "grid")
+    rebuilt = model_from_checkpoint(tmp_path, "b", "grid")
+    assert rebuilt.reconstructive_subnetwork.encoder.block1[0].out_channels == 8
+    assert rebuilt.discriminative_subnetwork.encoder_segment.block1[0].out_channels == 4
+    assert rebuilt.sspcab_io is None and type(rebuilt.reconstructive_subnetwork.encoder.block5).__name__ == "SSPCAB"
+    assert_same_state(model, rebuilt)
