@@ -1,0 +1,143 @@
+"""Pictures: the training grid (train --visualize) and per-image heat-map overlays (test --save_images).
+
+All images are BGR uint8 arrays, as OpenCV reads and writes them; inputs are the loader's float
+tensors (or arrays) in [0, 1], channels first, BGR.
+"""
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from atomic import atomic_write_bytes
+from errors import DraemInputError
+
+GAP = 2  # separator width in pixels
+GAP_VALUE = 255  # white separators
+CONTOUR_COLOR = (0, 0, 255)  # red in BGR
+HEAT_WEIGHT = 0.5  # heat map share of the blended panel
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    """A float32 NumPy copy of a tensor (any device) or array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] to 0..255 (clipped, rounded)."""
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def _to_bgr(x: ArrayLike) -> np.ndarray:
+    """A C×H×W image in [0, 1] (C = 3 BGR, or 1 shown as gray) as an H×W×3 uint8 image."""
+    x = _to_numpy(x)
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise DraemInputError(f"expected a 1×H×W or 3×H×W image, got shape {x.shape}")
+    return np.ascontiguousarray(np.repeat(_to_uint8(x), 3 // x.shape[0], axis=0).transpose(1, 2, 0))
+
+
+def _to_plane(x: ArrayLike, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A single-channel map (H×W or 1×H×W) as an H×W float array, checked against `shape`."""
+    x = _to_numpy(x)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.shape != shape:
+        raise DraemInputError(f"{name} must be H×W or 1×H×W matching the image {shape}, got {x.shape}")
+    return x
+
+
+def _join(panels: list[np.ndarray], axis: int) -> np.ndarray:
+    """Concatenate equal-size panels along `axis` (1: side by side, 0: stacked) with white separators."""
+    gap_shape = list(panels[0].shape)
+    gap_shape[axis] = GAP
+    gap = np.full(gap_shape, GAP_VALUE, dtype=np.uint8)
+    parts = [panels[0]]
+    for panel in panels[1:]:
+        parts += [gap, panel]
+    return np.concatenate(parts, axis=axis)
+
+
+def training_grid(
+    augmented: torch.Tensor,
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    true_mask: torch.Tensor,
+    pred_mask: torch.Tensor,
+    max_rows: int = 4,
+) -> np.ndarray:
+    """One row per sample: augmented | reconstruction | target | true mask | predicted mask.
+
+    Images are N×3×H×W BGR in [0, 1]; masks N×1×H×W in [0, 1], shown in gray (white = anomalous).
+    Returns a BGR uint8 image of at most `max_rows` rows.
+    """
+    columns = (augmented, reconstruction, target, true_mask, pred_mask)
+    if len({(c.shape[0], *c.shape[2:]) for c in columns}) != 1 or max_rows < 1:
+        raise DraemInputError(
+            f"training grid needs tensors with equal N, H, W and max_rows >= 1, got {[tuple(c.shape) for c in columns]}"
+        )
+    rows = [_join([_to_bgr(c[i]) for c in columns], axis=1) for i in range(min(len(augmented), max_rows))]
+    return _join(rows, axis=0)
+
+
+def _contour_panel(image: np.ndarray, gt_mask: np.ndarray | None) -> np.ndarray:
+    """The image with the outline of the ground-truth defects (mask > 0.5) drawn in red."""
+    panel = image.copy()
+    if gt_mask is not None:
+        contours, _ = cv2.findContours((gt_mask > 0.5).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(panel, contours, -1, CONTOUR_COLOR, thickness=1)
+    return panel
+
+
+def _heat_panel(image: np.ndarray, anomaly_map: np.ndarray, normalize: bool) -> np.ndarray:
+    """The anomaly map as a JET heat map (blue 0, red 1) blended over the image."""
+    if normalize:
+        low, high = anomaly_map.min(), anomaly_map.max()
+        anomaly_map = (anomaly_map - low) / (high - low) if high > low else np.zeros_like(anomaly_map)
+    heat = cv2.applyColorMap(_to_uint8(anomaly_map), cv2.COLORMAP_JET)
+    return cv2.addWeighted(image, 1 - HEAT_WEIGHT, heat, HEAT_WEIGHT, 0)
+
+
+def _write_score(panel: np.ndarray, score: float) -> None:
+    """Write the score in the top-left corner, white on a black outline so it reads on any colour."""
+    text = f"{score:.3f}"
+    scale = max(0.35, panel.shape[0] / 512)
+    (_, height), _ = cv2.getTextSize(text, FONT, scale, 1)
+    origin = (3, 3 + height)
+    cv2.putText(panel, text, origin, FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(panel, text, origin, FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def heatmap_overlay(
+    image: ArrayLike,
+    anomaly_map: ArrayLike,
+    gt_mask: ArrayLike | None = None,
+    score: float | None = None,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Three panels side by side: image | image with ground-truth contour | heat map over the image.
+
+    image: 3×H×W BGR in [0, 1]; anomaly_map and gt_mask: H×W or 1×H×W in [0, 1]. The map is drawn
+    as is (not stretched per image) so colours mean the same score in every picture; pass
+    normalize=True to stretch each map to its own min..max instead. `score` is written in the
+    heat panel's corner. Returns a BGR uint8 image.
+    """
+    base = _to_bgr(image)
+    shape = base.shape[:2]
+    mask = None if gt_mask is None else _to_plane(gt_mask, shape, "gt_mask")
+    heat = _heat_panel(base, _to_plane(anomaly_map, shape, "anomaly_map"), normalize)
+    if score is not None:
+        _write_score(heat, score)
+    return _join([base, _contour_panel(base, mask), heat], axis=1)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write a BGR uint8 image as PNG atomically (never a half-written file)."""
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise DraemInputError(f"could not encode an image of shape {image.shape} and dtype {image.dtype} as PNG for {path}")
+    atomic_write_bytes(path, encoded.tobytes())
