@@ -1,0 +1,206 @@
+"""Train DRAEM on MVTec-AD-style categories (spec §2, §4, §5).
+
+    python train_draem.py --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
+    python train_draem.py --demo      # makes a small dataset, trains a small model on CPU, tests it
+
+Defaults are the paper's: batch 8, Adam lr 1e-4 on both subnetworks, 700 epochs, learning rate ×0.2
+at 80 % and 90 % of the epochs, loss = L2 + SSIM + focal.
+"""
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from atomic import atomic_torch_save, atomic_write_text
+from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
+from data_loader import CATEGORIES, MVTecDRAEMTrainDataset, resolve_categories, seed_everything, worker_init_fn
+from errors import DraemInputError, exit_on_input_error
+from loss import DraemLoss
+from model_unet import DraemModel, anomaly_map
+from runtime import select_device
+from visualize import save_png, training_grid
+
+DEMO_ROOT = Path("datasets/demo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    released = parser.add_argument_group("flags of the released program")
+    released.add_argument("--obj_id", default="-1", help="category name, released integer id (0 capsule .. 14 wood), or -1 for all 15")
+    released.add_argument("--bs", type=int, default=8, help="batch size (paper: 8)")
+    released.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of both subnetworks (paper: 1e-4)")
+    released.add_argument("--epochs", type=int, default=700, help="training epochs per category (paper: 700)")
+    released.add_argument("--gpu_id", type=int, default=0, help="CUDA device index when training on a GPU")
+    released.add_argument("--data_path", help="MVTec AD root holding <category>/train/good")
+    released.add_argument("--anomaly_source_path", help="texture folder (DTD) searched recursively for images; omitted: random-noise anomalies (weaker than DTD)")
+    released.add_argument("--checkpoint_path", default="checkpoints", help="folder for the .pckl checkpoints and the resume files")
+    released.add_argument("--log_path", default="logs", help="folder for the per-epoch JSONL log and the sample grids")
+    released.add_argument("--visualize", action="store_true", help="save a PNG grid (input, reconstruction, target, true and predicted mask) every --visualize_every steps")
+    extra = parser.add_argument_group("additions")
+    extra.add_argument("--visualize_every", type=int, default=200, help="steps between sample grids with --visualize")
+    extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
+    extra.add_argument("--seed", type=int, default=0, help="seed of every random stream (model init, sampling, synthesis)")
+    extra.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (0: load in the main process)")
+    extra.add_argument("--resume", action="store_true", help="continue each category from its resume file in --checkpoint_path")
+    extra.add_argument("--image_size", type=int, default=256, help="side of the square training images; a multiple of 32")
+    extra.add_argument("--base_width", type=int, default=128, help="reconstructive network width (released: 128)")
+    extra.add_argument("--seg_base_width", type=int, default=64, help="discriminative network width (released: 64)")
+    extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
+    extra.add_argument("--sspcab_lambda", type=float, default=0.1, help="weight of the SSPCAB loss")
+    extra.add_argument("--demo", action="store_true", help="make the demo dataset if absent, train small models on CPU and test them; other flags keep their meaning")
+    args = parser.parse_args(argv)
+    if args.demo:
+        apply_demo_defaults(args, parser)
+    if args.data_path is None:
+        parser.error("--data_path is required (or use --demo)")
+    if args.image_size % 32:
+        parser.error(f"--image_size must be a multiple of 32, got {args.image_size}")
+    return args
+
+
+def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
+    from make_demo_data import make_demo_dataset
+
+    demo = {"data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"), "epochs": 40,
+            "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
+            "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
+    for name, value in demo.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    if not (Path(args.data_path)).is_dir():
+        make_demo_dataset(DEMO_ROOT)
+
+
+def make_loader(args: argparse.Namespace, category: str, generator: torch.Generator) -> DataLoader:
+    dataset = MVTecDRAEMTrainDataset(
+        Path(args.data_path) / category / "train" / "good", args.anomaly_source_path, resize_shape=(args.image_size, args.image_size)
+    )
+    return DataLoader(dataset, batch_size=args.bs, shuffle=True, num_workers=args.workers, generator=generator,
+                      worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_path(args: argparse.Namespace, base_name: str, category: str) -> Path:
+    return checkpoint_paths(args.checkpoint_path, base_name, category)[0].with_suffix(".resume.pt")
+
+
+def first_nonfinite_step(losses: list[torch.Tensor]) -> int | None:
+    """Index of the first non-finite loss, checked in one device sync for many steps."""
+    bad = ~torch.isfinite(torch.stack(losses))
+    return int(bad.nonzero()[0, 0]) if bad.any() else None
+
+
+def train_category(args: argparse.Namespace, category: str, device: torch.device) -> None:
+    """Train one category from scratch (or from its resume file) and write its checkpoints every epoch."""
+    seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    base_name = run_base_name(args.lr, args.epochs, args.bs)
+    loader = make_loader(args, category, generator)
+    model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # Released milestones are 80 % / 90 % of the epochs; int() keeps them reachable when that is fractional.
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(args.epochs * 0.8), int(args.epochs * 0.9)], gamma=0.2)
+    criterion = DraemLoss(args.sspcab_lambda)
+    log_file = Path(args.log_path) / f"{base_name}_{category}_log.jsonl"
+    log_lines: list[str] = []
+    start_epoch = 0
+    if args.resume and resume_path(args, base_name, category).is_file():
+        state = torch.load(resume_path(args, base_name, category), map_location="cpu", weights_only=False)
+        load_state_dict_checked(model, state["model"], str(resume_path(args, base_name, category)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], generator)
+        start_epoch, log_lines = state["epoch"], state["log_lines"]
+        print(f"{category}: resuming after epoch {start_epoch}/{args.epochs}")
+
+    step = start_epoch * len(loader)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        started, losses, part_sums = time.time(), [], {}
+        progress = tqdm(loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        for batch in progress:
+            image = batch["image"].to(device, non_blocking=True)
+            augmented = batch["augmented_image"].to(device, non_blocking=True)
+            mask = batch["anomaly_mask"].to(device, non_blocking=True)
+            reconstruction, logits = model(augmented)
+            loss, parts = criterion(reconstruction, image, logits, mask, model.sspcab_io)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + value
+            step += 1
+            if args.visualize and step % args.visualize_every == 0:
+                grid = training_grid(augmented, reconstruction.detach(), image, mask, anomaly_map(logits.detach()))
+                save_png(Path(args.log_path) / f"{base_name}_{category}_step{step:07d}.png", grid)
+            if len(losses) % 10 == 0:
+                progress.set_postfix(loss=f"{losses[-1].item():.4f}")
+        bad = first_nonfinite_step(losses)
+        if bad is not None:
+            raise DraemInputError(
+                f"{category}: loss became {losses[bad].item()} at epoch {epoch + 1}, step {step - len(losses) + bad + 1}; "
+                f"stopped, the last good checkpoint (epoch {epoch}) is kept in {args.checkpoint_path} (try a lower --lr)"
+            )
+        scheduler.step()
+        record = {"category": category, "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                  "loss": torch.stack(losses).mean().item(), **{k: (v / len(losses)).item() for k, v in part_sums.items()},
+                  "seconds": round(time.time() - started, 2)}
+        log_lines.append(json.dumps(record))
+        save_checkpoint(model, args.checkpoint_path, base_name, category)
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "rng": rng_state(generator), "epoch": epoch + 1, "log_lines": log_lines, "args": vars(args)},
+                          resume_path(args, base_name, category))
+        atomic_write_text(log_file, "\n".join(log_lines) + "\n")
+        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    known = CATEGORIES
+    if args.demo:
+        from make_demo_data import DEMO_CATEGORIES
+
+        known = DEMO_CATEGORIES
+    categories = resolve_categories(args.obj_id, known)
+    if not Path(args.data_path).is_dir():
+        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD root folder)")
+    if args.anomaly_source_path is None:
+        print("warning: no --anomaly_source_path: anomalies are cut from random noise, which the paper found weaker than DTD textures")
+    device = select_device(args.device, args.gpu_id)
+    print(f"training {', '.join(categories)} on {device} for {args.epochs} epochs")
+    for category in categories:
+        train_category(args, category, device)
+    if args.demo:
+        import test_draem
+
+        test_draem.main(["--data_path", args.data_path, "--checkpoint_path", args.checkpoint_path, "--obj_id", args.obj_id,
+                         "--base_model_name", run_base_name(args.lr, args.epochs, args.bs), "--image_size", str(args.image_size),
+                         "--output_dir", "results/demo", "--device", str(device.type), "--demo"])
+
+
+if __name__ == "__main__":
+    main()
