@@ -1,0 +1,196 @@
+"""Score your own images with a trained DRAEM checkpoint: one image score per file, optional heat maps.
+
+    python predict.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
+        --category carpet --input my_images --output_dir predictions --threshold 0.5 --save_images
+
+Every image under --input (recursively: png, jpg, jpeg, bmp, tif, tiff; or one image file) is
+read and resized exactly as the test program reads test images, and scored with the test
+protocol's image score (max of the 21×21 average-pooled anomaly map), so a score here equals the
+score test_draem.py gives the same image. Results go to <output_dir>/scores.csv, one row per file
+in sorted path order; a file that cannot be read gets an empty score and its error, and the run
+goes on. With --save_images, <output_dir>/overlays/<path relative to --input>.png shows each image
+beside its anomaly heat map.
+"""
+import argparse
+import csv
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from atomic import atomic_write_text
+from checkpoints import model_from_checkpoint
+from data_loader import read_image
+from errors import DraemInputError, exit_on_input_error
+from metrics import image_scores
+from model_unet import DraemModel, anomaly_map
+from runtime import select_device
+from visualize import heatmap_overlay, save_png
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+CSV_NAME = "scores.csv"
+OVERLAY_DIR = "overlays"
+
+
+class DraemScorer(nn.Module):
+    """The test protocol as one module: image N×3×H×W → (anomaly map N×1×H×W, image score (N,)).
+
+    predict.py scores with it and export_onnx.py exports it, so both give test_draem.py's numbers.
+    """
+
+    def __init__(self, model: DraemModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, logits = self.model(image)
+        amap = anomaly_map(logits)
+        return amap, image_scores(amap)
+
+
+def check_image_size(image_size: int) -> None:
+    """The U-Nets pool five times, so the image side must be a positive multiple of 32."""
+    if image_size < 32 or image_size % 32:
+        raise DraemInputError(f"--image_size must be a positive multiple of 32 (e.g. 256), got {image_size}")
+
+
+def find_images(input_path: str | Path) -> list[Path]:
+    """The image files under a folder (recursively, sorted), or the one image file given."""
+    input_path = Path(input_path)
+    if input_path.is_file():
+        if input_path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DraemInputError(f"--input {input_path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        return [input_path]
+    if not input_path.is_dir():
+        raise DraemInputError(f"--input {input_path} does not exist (give an image file or a folder of images)")
+    images = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DraemInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under --input {input_path}")
+    return images
+
+
+class ImageFiles(Dataset):
+    """Reads image files with the project's test preprocessing; an unreadable file yields its error instead."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths = paths
+        self.resize_shape = (image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+        """(index, 3×H×W BGR float image or None, error message or '')."""
+        try:
+            image = read_image(self.paths[index], self.resize_shape)
+        except DraemInputError as exc:
+            return index, None, str(exc)
+        return index, np.ascontiguousarray(image.transpose(2, 0, 1)), ""
+
+
+def overlay_path(output_dir: Path, input_path: Path, image_path: Path) -> Path:
+    """Where an image's overlay goes: its path relative to --input with `.png` appended (unique even for a.png and a.jpg)."""
+    relative = image_path.relative_to(input_path) if input_path.is_dir() else Path(image_path.name)
+    return output_dir / OVERLAY_DIR / relative.parent / f"{relative.name}.png"
+
+
+@torch.no_grad()
+def predict(
+    scorer: DraemScorer, paths: list[Path], image_size: int, device: torch.device, batch_size: int = 8,
+    num_workers: int = 0, on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
+) -> tuple[list[float | None], list[str]]:
+    """Score `paths` in order; return (score or None, error or '') per path.
+
+    `on_scored(index, image 3×H×W, anomaly map 1×H×W, score)` is called for each scored image (overlays).
+    """
+    scores: list[float | None] = [None] * len(paths)
+    errors = [""] * len(paths)
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    scorer.eval().to(device)
+    for batch in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
+        for index, _, error in batch:
+            errors[index] = error
+        readable = [(index, image) for index, image, _ in batch if image is not None]
+        if not readable:
+            continue
+        images = torch.from_numpy(np.stack([image for _, image in readable]))
+        amaps, batch_scores = scorer(images.to(device))
+        for (index, image), amap, score in zip(readable, amaps.cpu(), batch_scores.tolist()):
+            scores[index] = score
+            if on_scored is not None:
+                on_scored(index, image, amap, score)
+    return scores, errors
+
+
+def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str], threshold: float | None) -> str:
+    """CSV text: path, image_score, [is_anomalous (score >= threshold)], error; empty cells for unread files."""
+    buffer = io.StringIO()
+    columns = ["path", "image_score"] + (["is_anomalous"] if threshold is not None else []) + ["error"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for path, score, error in zip(paths, scores, errors):
+        # repr keeps every digit, so the CSV holds exactly the float32 score that was computed.
+        row = {"path": str(path), "image_score": "" if score is None else repr(score), "error": error}
+        if threshold is not None:
+            row["is_anomalous"] = "" if score is None else int(score >= threshold)
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pair")
+    parser.add_argument("--base_model_name", required=True,
+                        help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl")
+    parser.add_argument("--category", required=True, help="the category part of the checkpoint file names, e.g. carpet")
+    parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
+    parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="add an is_anomalous column: 1 where image score >= threshold, else 0")
+    parser.add_argument("--save_images", action="store_true", help="save a heat-map overlay per image under <output_dir>/overlays")
+    parser.add_argument("--image_size", type=int, default=256,
+                        help="side images are resized to, a multiple of 32 (use the size the model was tested at; released: 256)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (any value gives the same scores)")
+    parser.add_argument("--num_workers", type=int, default=0, help="image-reading worker processes (0: read in the main process)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
+    parser.add_argument("--gpu_id", type=int, default=0, help="CUDA device index with --device cuda or auto")
+    return parser.parse_args(argv)
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    check_image_size(args.image_size)
+    if args.batch_size < 1:
+        raise DraemInputError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise DraemInputError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    paths = find_images(args.input)
+    device = select_device(args.device, args.gpu_id)
+    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.category))
+    output_dir = Path(args.output_dir)
+
+    def save_overlay(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
+        save_png(overlay_path(output_dir, Path(args.input), paths[index]), heatmap_overlay(image, amap, score=score))
+
+    scores, errors = predict(scorer, paths, args.image_size, device, args.batch_size, args.num_workers,
+                             on_scored=save_overlay if args.save_images else None)
+    csv_path = output_dir / CSV_NAME
+    atomic_write_text(csv_path, scores_csv(paths, scores, errors, args.threshold))
+    failed = sum(1 for error in errors if error)
+    summary = f"scored {len(paths) - failed} of {len(paths)} images"
+    if failed:
+        summary += f"; {failed} could not be read (see the error column)"
+    if args.threshold is not None:
+        summary += f"; {sum(1 for s in scores if s is not None and s >= args.threshold)} at or above threshold {args.threshold}"
+    print(f"{summary}; wrote {csv_path}")
+    return csv_path
+
+
+if __name__ == "__main__":
+    main()

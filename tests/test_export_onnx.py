@@ -1,0 +1,102 @@
+"""export_onnx.py: one graph image → (anomaly map, image score) that matches PyTorch at any batch size."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import save_checkpoint
+from metrics import image_scores
+from model_unet import DraemModel, anomaly_map
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements.txt)")
+
+# Imported after the skips: export_onnx itself imports onnx and onnxruntime.
+from export_onnx import main, onnx_bytes
+from predict import DraemScorer
+
+SIZE = 64
+WIDTH = 4
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model() -> DraemModel:
+    """A small random model whose BatchNorm statistics fit its inputs (fresh ones give a near-constant map)."""
+    torch.manual_seed(0)
+    model = DraemModel(base_width=WIDTH, seg_base_width=WIDTH)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 1.0  # running statistics := those of the next batch
+    with torch.no_grad():
+        model.train()(torch.rand(4, 3, SIZE, SIZE))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model: DraemModel) -> bytes:
+    return onnx_bytes(DraemScorer(model), SIZE)
+
+
+@pytest.fixture(scope="module")
+def session(exported: bytes) -> "ort.InferenceSession":
+    return ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_onnx_matches_the_test_protocol_at_any_batch_size(model, session, batch_size):
+    images = torch.rand(batch_size, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch_size))
+    with torch.no_grad():
+        expected_map = anomaly_map(model(images)[1])
+    expected_scores = image_scores(expected_map)
+    assert expected_map.std() > 1e-3 and (batch_size == 1 or expected_scores.std() > 1e-4)  # not a constant output
+
+    amap, scores = session.run(["anomaly_map", "image_score"], {"image": images.numpy()})
+
+    assert amap.shape == (batch_size, 1, SIZE, SIZE) and scores.shape == (batch_size,)
+    assert np.abs(amap - expected_map.numpy()).max() < TOLERANCE
+    assert np.abs(scores - expected_scores.numpy()).max() < TOLERANCE
+
+
+def test_graph_has_dynamic_batch_and_the_protocol_pooling(session, exported):
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape == ["batch", 3, SIZE, SIZE]
+    assert [o.shape for o in session.get_outputs()] == [["batch", 1, SIZE, SIZE], ["batch"]]
+    graph = onnx.load_model_from_string(exported).graph
+    (pool,) = [node for node in graph.node if node.op_type == "AveragePool"]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+    # avg_pool2d(21, stride 1, padding 10) with zero padding counted, exactly as metrics.image_scores.
+    assert attributes["kernel_shape"] == [21, 21] and attributes["strides"] == [1, 1]
+    assert attributes["pads"] == [10, 10, 10, 10] and attributes["count_include_pad"] == 1
+
+
+def test_cli_exports_from_checkpoint_and_reports_parity(model, tmp_path, capsys):
+    save_checkpoint(model, tmp_path / "ckpt", "tiny", "widget")
+    output = tmp_path / "out" / "draem.onnx"
+
+    worst = main(["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--category", "widget",
+                  "--output", str(output), "--image_size", str(SIZE)])
+
+    assert set(worst) == {"anomaly_map", "image_score"} and max(worst.values()) < TOLERANCE
+    assert "max |diff|" in capsys.readouterr().out
+    written = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = image_scores(anomaly_map(model(images)[1]))
+    (scores,) = written.run(["image_score"], {"image": images.numpy()})
+    assert np.abs(scores - expected.numpy()).max() < TOLERANCE
+    assert not [p for p in output.parent.iterdir() if p != output]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("flags", [["--image_size", "48"], ["--base_model_name", "missing"]])
+def test_bad_input_is_one_line_and_exit_1(model, tmp_path: Path, capsys, flags):
+    save_checkpoint(model, tmp_path, "tiny", "widget")
+    args = ["--checkpoint_path", str(tmp_path), "--base_model_name", "tiny", "--category", "widget",
+            "--output", str(tmp_path / "m.onnx"), "--image_size", str(SIZE)]
+    with pytest.raises(SystemExit) as exc:
+        main(args + flags)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "m.onnx").exists()
