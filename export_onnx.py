@@ -26,7 +26,7 @@ import torch
 from atomic import atomic_write_bytes
 from checkpoints import model_from_checkpoint
 from errors import DraemInputError, exit_on_input_error
-from predict import DraemScorer, check_image_size
+from predict import DraemScorer, add_checkpoint_args, check_image_size
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
@@ -74,10 +74,7 @@ def parity(scorer: DraemScorer, model_bytes: bytes, image_size: int, batch_sizes
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pair")
-    parser.add_argument("--base_model_name", required=True,
-                        help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl")
-    parser.add_argument("--category", required=True, help="the category part of the checkpoint file names, e.g. carpet")
+    add_checkpoint_args(parser)
     parser.add_argument("--output", required=True, help="ONNX file to write, e.g. draem_carpet.onnx")
     parser.add_argument("--image_size", type=int, default=256, help="image side the graph takes, a multiple of 32 (released: 256)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")

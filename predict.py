@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from atomic import atomic_write_text
 from checkpoints import model_from_checkpoint
-from data_loader import read_image
+from data_loader import read_image, to_chw
 from errors import DraemInputError, exit_on_input_error
 from metrics import image_scores
 from model_unet import DraemModel, anomaly_map
@@ -90,7 +90,7 @@ class ImageFiles(Dataset):
             image = read_image(self.paths[index], self.resize_shape)
         except DraemInputError as exc:
             return index, None, str(exc)
-        return index, np.ascontiguousarray(image.transpose(2, 0, 1)), ""
+        return index, to_chw(image), ""
 
 
 def overlay_path(output_dir: Path, input_path: Path, image_path: Path) -> Path:
@@ -142,12 +142,17 @@ def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str],
     return buffer.getvalue()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that name one category's checkpoint pair (shared with export_onnx.py)."""
     parser.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pair")
     parser.add_argument("--base_model_name", required=True,
                         help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl")
     parser.add_argument("--category", required=True, help="the category part of the checkpoint file names, e.g. carpet")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
     parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
     parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
     parser.add_argument("--threshold", type=float, default=None,

@@ -13,25 +13,18 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (p
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements.txt)")
 
 # Imported after the skips: export_onnx itself imports onnx and onnxruntime.
+from test_predict import SIZE, calibrated_model
+
 from export_onnx import main, onnx_bytes
 from predict import DraemScorer
 
-SIZE = 64
 WIDTH = 4
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def model() -> DraemModel:
-    """A small random model whose BatchNorm statistics fit its inputs (fresh ones give a near-constant map)."""
-    torch.manual_seed(0)
-    model = DraemModel(base_width=WIDTH, seg_base_width=WIDTH)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 1.0  # running statistics := those of the next batch
-    with torch.no_grad():
-        model.train()(torch.rand(4, 3, SIZE, SIZE))
-    return model.eval()
+    return calibrated_model(WIDTH, seed=0)
 
 
 @pytest.fixture(scope="module")
