@@ -59,8 +59,12 @@ def check_image_size(image_size: int) -> None:
         raise DraemInputError(f"--image_size must be a positive multiple of 32 (e.g. 256), got {image_size}")
 
 
-def find_images(input_path: str | Path) -> list[Path]:
-    """The image files under a folder (recursively, sorted), or the one image file given."""
+def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
+    """The image files under a folder (recursively, sorted), or the one image file given.
+
+    Files under `skip_dir` are left out, so an output folder inside the input folder does not get its
+    own overlays scored on the next run.
+    """
     input_path = Path(input_path)
     if input_path.is_file():
         if input_path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -68,7 +72,11 @@ def find_images(input_path: str | Path) -> list[Path]:
         return [input_path]
     if not input_path.is_dir():
         raise DraemInputError(f"--input {input_path} does not exist (give an image file or a folder of images)")
-    images = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    skip = Path(skip_dir).resolve() if skip_dir is not None else None
+    images = sorted(
+        p for p in input_path.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and (skip is None or skip not in p.resolve().parents)
+    )
     if not images:
         raise DraemInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under --input {input_path}")
     return images
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise DraemInputError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if args.num_workers < 0:
         raise DraemInputError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    paths = find_images(args.input)
+    paths = find_images(args.input, skip_dir=args.output_dir)
     device = select_device(args.device, args.gpu_id)
     scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.category))
     output_dir = Path(args.output_dir)

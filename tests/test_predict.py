@@ -139,6 +139,18 @@ def test_single_image_input_scores_like_the_folder_run(setup):
     assert float(row["image_score"]) == pytest.approx(float(from_folder[str(image)]), abs=1e-6)
 
 
+def test_output_folder_inside_the_input_folder_is_not_scored(setup):
+    args = predict_args({**setup, "out": setup["test"] / "predictions"}, setup["test"], "--save_images")
+    main(args)
+    first = read_rows(setup["test"] / "predictions" / "scores.csv")
+    assert list((setup["test"] / "predictions" / "overlays").rglob("*.png"))
+
+    main(args)
+
+    assert read_rows(setup["test"] / "predictions" / "scores.csv") == first
+    assert len(first) == 5
+
+
 @pytest.mark.parametrize("case", ["no_images", "missing_checkpoint", "bad_image_size", "not_an_image_file"])
 def test_bad_input_is_one_line_and_exit_1(setup, capsys, case):
     empty = setup["test"].parent / "empty"
