@@ -1,4 +1,5 @@
 """User-facing errors: bad input is reported as one line and a non-zero exit, never a traceback."""
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -23,3 +24,11 @@ def exit_on_input_error(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(1)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 1, like every other input error."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from checkpoints import model_from_checkpoint, run_base_name
 from data_loader import CATEGORIES, MVTecDRAEMTestDataset, resolve_categories
-from errors import DraemInputError, exit_on_input_error
+from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from model_unet import DraemModel, anomaly_map
 from runtime import select_device
@@ -26,7 +26,7 @@ from visualize import heatmap_overlay, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     released = parser.add_argument_group("flags of the released program")
     released.add_argument("--gpu_id", type=int, default=0, help="CUDA device index when testing on a GPU")
     released.add_argument("--base_model_name", default=run_base_name(1e-4, 700, 8),

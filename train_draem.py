@@ -8,6 +8,7 @@ at 80 % and 90 % of the epochs, loss = L2 + SSIM + focal.
 """
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from atomic import atomic_torch_save, atomic_write_text
 from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
 from data_loader import CATEGORIES, MVTecDRAEMTrainDataset, resolve_categories, seed_everything, worker_init_fn
-from errors import DraemInputError, exit_on_input_error
+from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map
 from runtime import select_device
@@ -30,7 +31,7 @@ DEMO_ROOT = Path("datasets/demo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     released = parser.add_argument_group("flags of the released program")
     released.add_argument("--obj_id", default="-1", help="category name, released integer id (0 capsule .. 14 wood), or -1 for all 15")
     released.add_argument("--bs", type=int, default=8, help="batch size (paper: 8)")
@@ -74,7 +75,7 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
     for name, value in demo.items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
-    if not (Path(args.data_path)).is_dir():
+    if Path(args.data_path) == DEMO_ROOT / "mvtec" and not Path(args.data_path).is_dir():
         make_demo_dataset(DEMO_ROOT)
 
 
@@ -120,8 +121,10 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     loader = make_loader(args, category, generator)
     model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # Released milestones are 80 % / 90 % of the epochs; int() keeps them reachable when that is fractional.
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(args.epochs * 0.8), int(args.epochs * 0.9)], gamma=0.2)
+    # Released milestones: 80 % and 90 % of the epochs. The released float milestones are never reached when
+    # fractional (e.g. 22.5); rounding up keeps them reachable and changes nothing when they are whole numbers.
+    milestones = [math.ceil(args.epochs * 0.8), math.ceil(args.epochs * 0.9)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
     criterion = DraemLoss(args.sspcab_lambda)
     log_file = Path(args.log_path) / f"{base_name}_{category}_log.jsonl"
     log_lines: list[str] = []
@@ -174,7 +177,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
                            "rng": rng_state(generator), "epoch": epoch + 1, "log_lines": log_lines, "args": vars(args)},
                           resume_path(args, base_name, category))
         atomic_write_text(log_file, "\n".join(log_lines) + "\n")
-        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 @exit_on_input_error
