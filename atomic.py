@@ -10,6 +10,13 @@ from typing import Any
 import torch
 
 
+def _umask_permissions() -> int:
+    """The mode a plain `open()` would give a new file (mkstemp's temp files are owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically, creating parent folders."""
     path = Path(path)
@@ -20,6 +27,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_permissions())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,6 +47,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, _umask_permissions())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

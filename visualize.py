@@ -84,12 +84,11 @@ def training_grid(
     return _join(rows, axis=0)
 
 
-def _contour_panel(image: np.ndarray, gt_mask: np.ndarray | None) -> np.ndarray:
+def _contour_panel(image: np.ndarray, gt_mask: np.ndarray) -> np.ndarray:
     """The image with the outline of the ground-truth defects (mask > 0.5) drawn in red."""
     panel = image.copy()
-    if gt_mask is not None:
-        contours, _ = cv2.findContours((gt_mask > 0.5).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(panel, contours, -1, CONTOUR_COLOR, thickness=1)
+    contours, _ = cv2.findContours((gt_mask > 0.5).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(panel, contours, -1, CONTOUR_COLOR, thickness=1)
     return panel
 
 
@@ -119,7 +118,9 @@ def heatmap_overlay(
     score: float | None = None,
     normalize: bool = False,
 ) -> np.ndarray:
-    """Three panels side by side: image | image with ground-truth contour | heat map over the image.
+    """Panels side by side: image | image with ground-truth contour | heat map over the image.
+
+    Without `gt_mask` (images scored in the wild) the contour panel is left out: image | heat map.
 
     image: 3×H×W BGR in [0, 1]; anomaly_map and gt_mask: H×W or 1×H×W in [0, 1]. The map is drawn
     as is (not stretched per image) so colours mean the same score in every picture; pass
@@ -132,6 +133,8 @@ def heatmap_overlay(
     heat = _heat_panel(base, _to_plane(anomaly_map, shape, "anomaly_map"), normalize)
     if score is not None:
         _write_score(heat, score)
+    if mask is None:
+        return _join([base, heat], axis=1)
     return _join([base, _contour_panel(base, mask), heat], axis=1)
 
 

@@ -54,7 +54,8 @@ def overlay_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def panels(overlay: np.ndarray) -> list[np.ndarray]:
-    return [overlay[:, i * (SIZE + GAP) : i * (SIZE + GAP) + SIZE] for i in range(3)]
+    count = (overlay.shape[1] + GAP) // (SIZE + GAP)
+    return [overlay[:, i * (SIZE + GAP) : i * (SIZE + GAP) + SIZE] for i in range(count)]
 
 
 def test_overlay_panels_shape_and_plain_image():
@@ -73,14 +74,21 @@ def test_contour_panel_differs_exactly_when_a_mask_is_given():
     outline[5:9, 5:9] = False
     assert np.array_equal(changed, outline)
     assert (contour[outline] == (0, 0, 255)).all()
-    for no_defect in (None, torch.zeros(SIZE, SIZE)):
-        plain, contour, _ = panels(heatmap_overlay(image, anomaly_map, no_defect))
-        assert np.array_equal(plain, contour)
+    plain, contour, _ = panels(heatmap_overlay(image, anomaly_map, torch.zeros(SIZE, SIZE)))
+    assert np.array_equal(plain, contour)
+
+
+def test_without_a_mask_the_contour_panel_is_left_out():
+    image, anomaly_map, gt_mask = overlay_inputs()
+    with_mask, without = heatmap_overlay(image, anomaly_map, gt_mask), heatmap_overlay(image, anomaly_map)
+    assert without.shape == (SIZE, 2 * SIZE + GAP, 3)
+    assert np.array_equal(panels(without)[0], panels(with_mask)[0])
+    assert np.array_equal(panels(without)[1], panels(with_mask)[2])
 
 
 def test_heat_panel_is_red_where_anomalous_and_blue_where_normal():
     image, anomaly_map, _ = overlay_inputs()
-    heat = panels(heatmap_overlay(image, anomaly_map))[2].astype(int)
+    heat = panels(heatmap_overlay(image, anomaly_map))[-1].astype(int)
     normal, anomalous = heat[:, : SIZE // 2], heat[:, SIZE // 2 :]
     assert (normal[..., 0] > normal[..., 2]).all()  # B > R
     assert (anomalous[..., 2] > anomalous[..., 0]).all()  # R > B
