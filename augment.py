@@ -1,0 +1,136 @@
+"""The 10 operations DRAEM applies to an anomaly source image, and the "3 distinct, in drawn order" sampler (spec §2.3).
+
+Every operation takes and returns a uint8 H x W x 3 array in OpenCV layout and never modifies its
+input (the data loader caches sources). They use torchvision.transforms.v2.functional where it
+has the operation, OpenCV/NumPy where it has not (additive hue/saturation, brightness on the luma
+channel, autocontrast with a cutoff) and for rotation (cv2.warpAffine: several times faster than
+torchvision's on CPU, and what imgaug itself used for these dtypes).
+
+The released program passed OpenCV's BGR arrays to imgaug, which assumes RGB; the colour-space
+operations here keep that quirk (they convert "RGB" to HSV/YCrCb) so that hues and luma weights
+move as they did when the published models were trained.
+"""
+from collections.abc import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+AUGMENTATIONS_PER_SOURCE = 3
+
+
+def _torchvision(image: np.ndarray, op: Callable[..., torch.Tensor], *args) -> np.ndarray:
+    """Apply a torchvision functional op to an H x W x C uint8 array (it works on C x H x W tensors)."""
+    result = op(torch.from_numpy(image).permute(2, 0, 1), *args)
+    return np.ascontiguousarray(result.permute(1, 2, 0).numpy())
+
+
+def gamma_contrast(image: np.ndarray, gammas: Sequence[float]) -> np.ndarray:
+    """255 * (x / 255) ** gamma, with its own gamma per channel."""
+    channels = torch.from_numpy(image).permute(2, 0, 1)
+    result = torch.cat([TF.adjust_gamma(channels[c : c + 1], float(g)) for c, g in enumerate(gammas)])
+    return np.ascontiguousarray(result.permute(1, 2, 0).numpy())
+
+
+def brightness(image: np.ndarray, multiply: float, add: float) -> np.ndarray:
+    """Multiply the luma (Y of YCrCb) by `multiply` and add `add` (0..255 scale); chroma is kept."""
+    ycrcb = cv2.cvtColor(image, cv2.COLOR_RGB2YCrCb)
+    luma = ycrcb[..., 0].astype(np.float32) * multiply + add
+    ycrcb[..., 0] = np.clip(np.rint(luma), 0, 255)
+    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+
+
+def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
+    """PIL-style sharpness: 0 gives a smoothed image, 1 the original, 2 a sharpened one."""
+    return _torchvision(image, TF.adjust_sharpness, factor)
+
+
+def hue_saturation(image: np.ndarray, hue_shift: int, saturation_shift: int) -> np.ndarray:
+    """Add `hue_shift` to the hue (0..255 full circle, wrapping) and `saturation_shift` to the saturation (clipped)."""
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.int16)
+    hsv[..., 0] = (hsv[..., 0] + hue_shift) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + saturation_shift, 0, 255)
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+
+
+def solarize(image: np.ndarray, threshold: float) -> np.ndarray:
+    """Invert every value >= threshold, keep the others."""
+    return _torchvision(image, TF.solarize, threshold)
+
+
+def posterize(image: np.ndarray, bits: int) -> np.ndarray:
+    """Keep the `bits` most significant bits of every value (PIL-style), at most 2**bits levels."""
+    return _torchvision(image, TF.posterize, bits)
+
+
+def invert(image: np.ndarray) -> np.ndarray:
+    """255 - x."""
+    return _torchvision(image, TF.invert)
+
+
+def autocontrast(image: np.ndarray, cutoff_percent: int = 0) -> np.ndarray:
+    """PIL-style autocontrast per channel: drop `cutoff_percent` % of the darkest and of the brightest
+    values from the histogram, then stretch what remains linearly to 0..255."""
+    result = np.empty_like(image)
+    values = np.arange(256)
+    for c in range(image.shape[2]):
+        histogram = np.bincount(image[..., c].ravel(), minlength=256)
+        cut = histogram.sum() * cutoff_percent // 100
+        low = np.argmax(np.cumsum(histogram) > cut)
+        high = 255 - np.argmax(np.cumsum(histogram[::-1]) > cut)
+        if high <= low:
+            result[..., c] = image[..., c]
+            continue
+        scale = 255.0 / (high - low)
+        lut = np.clip(np.trunc(values * scale - low * scale), 0, 255).astype(np.uint8)
+        result[..., c] = lut[image[..., c]]
+    return result
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """PIL-style histogram equalisation per channel."""
+    return _torchvision(image, TF.equalize)
+
+
+def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate about the centre pixel by `degrees` (counter-clockwise on screen), bilinear, zero fill.
+
+    Works on any array OpenCV can warp: H x W x C uint8 images and H x W float maps alike.
+    """
+    height, width = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
+    rotated = cv2.warpAffine(
+        image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    return rotated.reshape(image.shape)
+
+
+# Each entry draws its parameters from the generator, then applies the named operation.
+# Ranges are the released program's (imgaug) ones, spec §2.3.
+AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "gamma_contrast": lambda img, rng: gamma_contrast(img, rng.uniform(0.5, 2.0, size=3)),
+    "brightness": lambda img, rng: brightness(img, rng.uniform(0.8, 1.2), rng.uniform(-30.0, 30.0)),
+    "sharpness": lambda img, rng: sharpness(img, rng.uniform(0.0, 2.0)),
+    "hue_saturation": lambda img, rng: hue_saturation(img, int(rng.integers(-50, 51)), int(rng.integers(-50, 51))),
+    # imgaug's Solarize(0.5, ...) still counts as one of the three when its coin flip says "skip".
+    "solarize": lambda img, rng: solarize(img, rng.uniform(32.0, 128.0)) if rng.random() < 0.5 else img,
+    "posterize": lambda img, rng: posterize(img, int(rng.integers(1, 9))),
+    "invert": lambda img, rng: invert(img),
+    "autocontrast": lambda img, rng: autocontrast(img, int(rng.integers(0, 21))),
+    "equalize": lambda img, rng: equalize(img),
+    "rotate": lambda img, rng: rotate(img, rng.uniform(-45.0, 45.0)),
+}
+
+
+def draw_augmentations(rng: np.random.Generator, count: int = AUGMENTATIONS_PER_SOURCE) -> list[str]:
+    """`count` distinct operation names, uniformly without replacement, in the order drawn."""
+    names = list(AUGMENTATIONS)
+    return [names[i] for i in rng.choice(len(names), size=count, replace=False)]
+
+
+def augment_source(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Apply 3 distinct random operations to a uint8 source image, in the order drawn."""
+    for name in draw_augmentations(rng):
+        image = AUGMENTATIONS[name](image, rng)
+    return image

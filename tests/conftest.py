@@ -1,0 +1,16 @@
+"""Shared fixtures: a tiny MVTec-format dataset with anomaly sources, made once per test session."""
+import pytest
+
+from make_demo_data import DemoDataset, make_demo_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_mvtec(tmp_path_factory) -> DemoDataset:
+    """The demo dataset at 64x64: per category 6 train/good, 3 test/good, 2 images per defect type
+    (with masks), plus 6 JPEG anomaly sources. Read-only: copy it before changing anything.
+
+    `tiny_mvtec.mvtec_root / category / "train" / "good"` etc.; categories are `tiny_mvtec.categories`.
+    """
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("tiny_demo"), image_size=64, n_train=6, n_test_good=3, n_test_per_defect=2, n_sources=6
+    )

@@ -1,0 +1,150 @@
+import cv2
+import numpy as np
+import pytest
+
+import augment
+from augment import (
+    AUGMENTATIONS,
+    augment_source,
+    autocontrast,
+    brightness,
+    draw_augmentations,
+    equalize,
+    gamma_contrast,
+    hue_saturation,
+    invert,
+    posterize,
+    rotate,
+    sharpness,
+    solarize,
+)
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    """A textured colour image with odd sides (so it has a centre pixel)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:33, 0:47]
+    base = np.stack([x * 5, y * 7, (x + y) * 3], axis=-1) + rng.integers(0, 40, size=(33, 47, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def total_variation(img: np.ndarray) -> float:
+    img = img.astype(np.float64)
+    return np.abs(np.diff(img, axis=0)).sum() + np.abs(np.diff(img, axis=1)).sum()
+
+
+@pytest.mark.parametrize("name", list(AUGMENTATIONS))
+def test_each_operation_returns_uint8_of_the_same_shape_and_keeps_its_input(name, image):
+    original = image.copy()
+    for seed in range(5):
+        result = AUGMENTATIONS[name](image, np.random.default_rng(seed))
+        assert result.dtype == np.uint8 and result.shape == image.shape
+    np.testing.assert_array_equal(image, original)
+
+
+def test_invert_twice_is_the_identity(image):
+    assert (invert(image) != image).any()
+    np.testing.assert_array_equal(invert(invert(image)), image)
+
+
+def test_equalize_flattens_the_histogram():
+    rng = np.random.default_rng(1)
+    narrow = rng.normal(120, 6, size=(64, 64, 3)).clip(0, 255).astype(np.uint8)
+
+    def distance_to_uniform(img):
+        cdf = np.cumsum(np.bincount(img.ravel(), minlength=256)) / img.size
+        return np.abs(cdf - np.arange(1, 257) / 256).max()
+
+    result = equalize(narrow)
+    assert distance_to_uniform(narrow) > 0.4
+    assert distance_to_uniform(result) < 0.1
+    assert result.min() < 20 and result.max() > 235
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_posterize_leaves_at_most_2_to_the_bits_levels(bits):
+    ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (4, 1, 3))
+    result = posterize(ramp, bits)
+    assert len(np.unique(result)) == 2**bits
+    assert (result & ((1 << (8 - bits)) - 1) == 0).all()  # PIL-style: the low bits are cleared
+
+
+def test_solarize_inverts_only_values_at_or_above_the_threshold(image):
+    for threshold in (32.0, 100.5, 128.0):
+        expected = np.where(image >= threshold, 255 - image, image)
+        np.testing.assert_array_equal(solarize(image, threshold), expected)
+
+
+def test_rotate_keeps_the_centre_pixel(image):
+    centre = image[16, 23]
+    for degrees in (-45.0, -13.7, 30.0, 90.0):
+        rotated = rotate(image, degrees)
+        np.testing.assert_array_equal(rotated[16, 23], centre)
+        assert (rotated != image).any()
+    np.testing.assert_array_equal(rotate(image, 0.0), image)
+
+
+def test_gamma_contrast_uses_its_own_gamma_per_channel(image):
+    result = gamma_contrast(image, (2.0, 1.0, 0.5)).astype(int)
+    assert (result[..., 0] <= image[..., 0]).all() and (result[..., 0] < image[..., 0]).any()
+    assert np.abs(result[..., 1] - image[..., 1]).max() <= 1
+    assert (result[..., 2] >= image[..., 2]).all() and (result[..., 2] > image[..., 2]).any()
+
+
+def test_brightness_scales_and_shifts_the_luma_of_a_gray_image():
+    gray = np.full((8, 8, 3), 100, dtype=np.uint8)
+    assert np.abs(brightness(gray, 1.0, 25.0).astype(int) - 125).max() <= 1
+    assert np.abs(brightness(gray, 1.2, 0.0).astype(int) - 120).max() <= 1
+    assert np.abs(brightness(gray, 0.8, -30.0).astype(int) - 50).max() <= 1
+
+
+def test_sharpness_factor_orders_the_local_contrast(image):
+    np.testing.assert_array_equal(sharpness(image, 1.0), image)
+    assert total_variation(sharpness(image, 0.0)) < total_variation(image) < total_variation(sharpness(image, 2.0))
+
+
+def test_hue_saturation_moves_hue_and_saturation_by_the_shifts():
+    rng = np.random.default_rng(2)
+    hsv = np.stack([rng.integers(0, 256, (16, 16)), rng.integers(120, 200, (16, 16)), rng.integers(150, 250, (16, 16))], -1)
+    colourful = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+    before = cv2.cvtColor(colourful, cv2.COLOR_RGB2HSV_FULL).astype(int)
+    after = cv2.cvtColor(hue_saturation(colourful, 40, -30), cv2.COLOR_RGB2HSV_FULL).astype(int)
+    hue_change = (after[..., 0] - before[..., 0]) % 256
+    assert np.median(hue_change) == pytest.approx(40, abs=2)
+    assert np.median(after[..., 1] - before[..., 1]) == pytest.approx(-30, abs=3)
+
+
+def test_autocontrast_stretches_each_channel_with_its_cutoff():
+    rng = np.random.default_rng(3)
+    low, high = np.array([50, 0, 80]), np.array([150, 100, 200])
+    img = rng.integers(low, high + 1, size=(40, 40, 3)).astype(np.uint8)
+    full = autocontrast(img, 0)
+    np.testing.assert_array_equal(full.reshape(-1, 3).min(axis=0), [0, 0, 0])
+    # PIL truncates x * scale + offset, so the top can land on 254 (255 / 100 * 100 < 255 in floating point).
+    assert (full.reshape(-1, 3).max(axis=0) >= 254).all()
+    clipped = autocontrast(img, 10)
+    for c in range(3):
+        assert (clipped[..., c] == 0).mean() >= 0.09 and (clipped[..., c] == 255).mean() >= 0.09
+
+
+def test_sampler_draws_three_distinct_operations_uniformly_in_random_order():
+    rng = np.random.default_rng(4)
+    names = list(AUGMENTATIONS)
+    draws = [draw_augmentations(rng) for _ in range(3000)]
+    assert all(len(set(d)) == 3 for d in draws)
+    frequency = {name: sum(name in d for d in draws) / len(draws) for name in names}
+    assert all(abs(f - 0.3) < 0.04 for f in frequency.values())
+    assert {d[0] for d in draws} == set(names)
+    in_table_order = np.mean([[names.index(n) for n in d] == sorted(names.index(n) for n in d) for d in draws])
+    assert abs(in_table_order - 1 / 6) < 0.04  # the drawn order is kept, not the table's
+
+
+def test_augment_source_applies_the_drawn_operations_in_the_drawn_order(image, monkeypatch):
+    applied = []
+    for name, operation in list(AUGMENTATIONS.items()):
+        monkeypatch.setitem(augment.AUGMENTATIONS, name, lambda img, rng, n=name, op=operation: applied.append(n) or op(img, rng))
+    for seed in range(10):
+        applied.clear()
+        augment_source(image, np.random.default_rng(seed))
+        assert applied == draw_augmentations(np.random.default_rng(seed))
