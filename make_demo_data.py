@@ -134,6 +134,13 @@ def write_sources(folder: Path, seed: int, count: int) -> None:
         atomic_write_bytes(folder / "images" / name / f"{name}_{i:03d}.jpg", jpeg)
 
 
+def _holds_only_demo_data(demo: DemoDataset) -> bool:
+    """Whether mvtec/ and textures/ hold nothing but what this script writes, so --overwrite may delete them."""
+    categories = [p.name for p in demo.mvtec_root.iterdir()] if demo.mvtec_root.is_dir() else []
+    texture_sets = [p.name for p in demo.texture_root.iterdir()] if demo.texture_root.is_dir() else []
+    return set(categories) <= set(DEMO_CATEGORIES) and set(texture_sets) <= {"images"}
+
+
 def make_demo_dataset(
     root: str | Path,
     image_size: int = 256,
@@ -149,17 +156,20 @@ def make_demo_dataset(
 
     It is built in a scratch folder and moved into place at the end (mvtec/ last), so an
     interrupted run never leaves a partial dataset where a training script would use it.
-    An existing demo dataset is an error unless `overwrite`.
+    An existing demo dataset is an error unless `overwrite`; anything else there is never deleted.
     """
     root = Path(root)
     unknown = [c for c in categories if c not in DEMO_CATEGORIES]
-    if unknown:
+    if unknown or not categories:
         raise DraemInputError(f"unknown demo categories {unknown}: choose from {', '.join(DEMO_CATEGORIES)}")
     if image_size < 32:
         raise DraemInputError(f"demo image size must be at least 32 pixels, got {image_size}")
     final = DemoDataset(root / "mvtec", root / "textures", tuple(categories))
-    if (final.mvtec_root.exists() or final.texture_root.exists()) and not overwrite:
-        raise DraemInputError(f"{final.mvtec_root} or {final.texture_root} already exists: delete it or pass --overwrite")
+    if final.mvtec_root.exists() or final.texture_root.exists():
+        if not overwrite:
+            raise DraemInputError(f"{final.mvtec_root} or {final.texture_root} already exists: delete it or pass --overwrite")
+        if not _holds_only_demo_data(final):
+            raise DraemInputError(f"{root} holds data that is not a demo dataset (e.g. MVTec AD itself); choose another folder")
     scratch = root / ".demo-building"
     shutil.rmtree(scratch, ignore_errors=True)
     for category in categories:

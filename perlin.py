@@ -109,9 +109,11 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 
     Draws 2**a x 2**b cells (a, b uniform in [0, 6)), random gradient directions, rotates the
     noise by an angle uniform in [-90, 90] degrees (bilinear, zero fill) and keeps noise > 0.5.
+    The noise is float64 as in the released program: its values, hence the mask's edge pixels,
+    are then those of the released computation (float32 would flip about 10 edge pixels a mask).
     """
     res = 2 ** rng.integers(*PERLIN_SCALE_EXPONENTS, size=2)
-    angles = rng.uniform(0.0, 2 * math.pi, size=(res[0] + 1, res[1] + 1)).astype(np.float32)
+    angles = rng.uniform(0.0, 2 * math.pi, size=(res[0] + 1, res[1] + 1))
     noise = perlin_noise(shape, res, gradients_from_angles(angles))
     noise = rotate(noise, rng.uniform(-MASK_ROTATION_DEGREES, MASK_ROTATION_DEGREES))
     return (noise > MASK_THRESHOLD).astype(np.float32)[..., None]

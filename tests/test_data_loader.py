@@ -1,3 +1,4 @@
+import random
 import shutil
 
 import cv2
@@ -7,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import data_loader
+from bench_synthesis import ReleasedStyleDataset
 from data_loader import (
     CATEGORIES,
     MAX_BETA,
@@ -21,6 +23,7 @@ from data_loader import (
     read_image_uint8,
     read_mask,
     resolve_categories,
+    seed_everything,
     worker_init_fn,
 )
 from errors import DraemInputError
@@ -168,6 +171,21 @@ def test_caching_changes_no_sample(tiny_mvtec):
     assert len(dataset._source_cache) <= 2
 
 
+def test_fast_path_gives_the_released_style_samples(tiny_mvtec):
+    """Same seed, same sample as the released-style path (decode per sample, float64 Perlin, no shortcuts)."""
+    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    released = ReleasedStyleDataset(dataset.image_paths, dataset.source_paths, (64, 64))
+    for seed in range(40):
+        torch.manual_seed(seed)
+        ours = dataset[0]
+        torch.manual_seed(seed)
+        reference = released[0]
+        assert ours["idx"] == reference["idx"] and ours["has_anomaly"] == reference["has_anomaly"]
+        np.testing.assert_array_equal(ours["anomaly_mask"], reference["anomaly_mask"])
+        np.testing.assert_array_equal(ours["image"], reference["image"])
+        np.testing.assert_allclose(ours["augmented_image"], reference["augmented_image"], rtol=0, atol=1e-6)
+
+
 def test_without_a_source_folder_the_sources_are_noise(tiny_mvtec):
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(32, 32))
     noise = dataset.draw_source(np.random.default_rng(0))
@@ -176,25 +194,50 @@ def test_without_a_source_folder_the_sources_are_noise(tiny_mvtec):
     assert any(dataset[0]["has_anomaly"][0] == 1 for _ in range(40))
 
 
-def first_batches(dataset, seed, count=2):
-    loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=2, worker_init_fn=worker_init_fn,
+def two_worker_batches(dataset, seed):
+    """One epoch in batches of 2 from 2 workers: batch 0 comes from worker 0, batch 1 from worker 1."""
+    loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=2, worker_init_fn=worker_init_fn,
                         generator=torch.Generator().manual_seed(seed))
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == count:
-            return batches
+    return list(loader)
 
 
 def test_seeded_loader_with_two_workers_is_reproducible_and_workers_differ(tiny_mvtec):
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(32, 32))
-    dataset.image_paths = dataset.image_paths * 2  # 12 items: three batches of 4, from worker 0 then worker 1
-    run_a, run_b, other_seed = first_batches(dataset, 7), first_batches(dataset, 7), first_batches(dataset, 8)
+    run_a, run_b, other_seed = two_worker_batches(dataset, 7), two_worker_batches(dataset, 7), two_worker_batches(dataset, 8)
     for key in ("image", "augmented_image", "anomaly_mask", "has_anomaly"):
         assert torch.equal(run_a[0][key], run_b[0][key])
         assert torch.equal(run_a[1][key], run_b[1][key])
     assert not torch.equal(run_a[0]["augmented_image"], run_a[1]["augmented_image"])  # worker 0 vs worker 1
     assert not torch.equal(run_a[0]["augmented_image"], other_seed[0]["augmented_image"])
+
+
+class GlobalRandomDataset(torch.utils.data.Dataset):
+    """Draws from NumPy's and Python's global generators, which only worker_init_fn seeds per worker."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return np.array([np.random.random(), random.random()])
+
+
+def test_worker_init_fn_gives_each_worker_its_own_reproducible_global_streams():
+    def draws(seed):
+        return torch.cat(two_worker_batches(GlobalRandomDataset(), seed))
+
+    first, again, other = draws(3), draws(3), draws(4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len(set(first.flatten().tolist())) == 8  # the two workers do not repeat each other's draws
+
+
+def test_seed_everything_seeds_torch_numpy_and_python():
+    def draws():
+        return torch.rand(1).item(), np.random.random(), random.random()
+
+    seed_everything(11)
+    first = draws()
+    seed_everything(11)
+    assert draws() == first
 
 
 def test_test_dataset_reads_labels_masks_and_paths(tiny_mvtec):

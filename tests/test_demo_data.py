@@ -62,6 +62,10 @@ def test_existing_dataset_needs_overwrite(tmp_path):
         make_demo_dataset(tmp_path, **small)
     demo = make_demo_dataset(tmp_path, overwrite=True, **{**small, "n_train": 3})
     assert len(list((demo.mvtec_root / "brick" / "train" / "good").iterdir())) == 3
+    (demo.mvtec_root / "bottle").mkdir()  # e.g. --out pointed at a folder holding the real MVTec AD
+    with pytest.raises(DraemInputError, match="not a demo dataset"):
+        make_demo_dataset(tmp_path, overwrite=True, **small)
+    assert (demo.mvtec_root / "bottle").is_dir() and (demo.mvtec_root / "brick").is_dir()
 
 
 def test_command_line_writes_the_dataset_and_rejects_bad_input(tmp_path, capsys):

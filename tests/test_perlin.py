@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from augment import rotate
+from bench_synthesis import released_style_perlin
 from perlin import (
     MAX_PERLIN_CELLS,
     fade,
@@ -70,6 +71,13 @@ def test_every_scale_pair_at_256_works_and_the_batch_equals_single_maps():
         assert single.shape == (256, 256)
         np.testing.assert_allclose(batch[b], single, atol=1e-6)
         assert single.std() > 0.05  # a real noise map, not a constant
+
+
+def test_noise_is_bit_identical_to_the_released_float64_computation():
+    for res in RESOLUTIONS:
+        expected = released_style_perlin((256, 256), res, np.random.default_rng(7))
+        angles = 2 * math.pi * np.random.default_rng(7).random((res[0] + 1, res[1] + 1))
+        np.testing.assert_array_equal(perlin_noise((256, 256), res, gradients_from_angles(angles)), expected)
 
 
 def test_noise_vanishes_on_the_lattice():
