@@ -127,7 +127,12 @@ def find_anomaly_sources(path: str | os.PathLike) -> list[Path]:
     return sources
 
 
-def blend_anomaly(image, source, mask, beta):
+def blend_anomaly(
+    image: np.ndarray | torch.Tensor,
+    source: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    beta: float | np.ndarray | torch.Tensor,
+) -> np.ndarray | torch.Tensor:
     """Paste the augmented source into the image: (1 - beta) * source + beta * image inside the mask, image outside.
 
     NumPy arrays or torch tensors; mask is binary and broadcasts against image; beta is a number or

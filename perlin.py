@@ -23,12 +23,12 @@ MASK_ROTATION_DEGREES = 90.0  # the noise map is rotated by an angle uniform in 
 MASK_THRESHOLD = 0.5
 
 
-def fade(t):
+def fade(t: float | np.ndarray | torch.Tensor) -> float | np.ndarray | torch.Tensor:
     """Perlin's quintic fade 6t^5 - 15t^4 + 10t^3: smooth cell-to-cell blending (zero 1st and 2nd derivative at 0 and 1)."""
     return 6 * t**5 - 15 * t**4 + 10 * t**3
 
 
-def lerp(a, b, weight):
+def lerp(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Linear interpolation from a (weight 0) to b (weight 1), in the released program's operation order."""
     return (b - a) * weight + a
 
