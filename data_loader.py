@@ -48,10 +48,16 @@ MAX_BETA = 0.8  # anomaly opacity: beta uniform in [0, 0.8)
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
-def resolve_categories(obj_id: str | int, known: Sequence[str] = CATEGORIES) -> list[str]:
-    """Categories meant by a name, an integer id into `known` (int or text), or -1 for all of `known`."""
+def resolve_categories(
+    obj_id: str | int, known: Sequence[str] = CATEGORIES, data_root: str | os.PathLike | None = None
+) -> list[str]:
+    """Categories meant by a name, an integer id into `known` (int or text), or -1 for all of `known`.
+
+    A name outside `known` is accepted when `data_root/<name>` is a folder: a category of your own
+    laid out like MVTec AD.
+    """
     text = str(obj_id).strip()
-    if text in known:
+    if text in known or (data_root is not None and text and (Path(data_root) / text).is_dir()):
         return [text]
     try:
         number = int(text)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         from make_demo_data import DEMO_CATEGORIES
 
         known = DEMO_CATEGORIES
-    categories = resolve_categories(args.obj_id, known)
+    categories = resolve_categories(args.obj_id, known, args.data_path)
     if not Path(args.data_path).is_dir():
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD root folder)")
     if args.image_size % 32:

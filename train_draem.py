@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         from make_demo_data import DEMO_CATEGORIES
 
         known = DEMO_CATEGORIES
-    categories = resolve_categories(args.obj_id, known)
+    categories = resolve_categories(args.obj_id, known, args.data_path)
     if not Path(args.data_path).is_dir():
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD root folder)")
     if args.anomaly_source_path is None:

@@ -41,6 +41,14 @@ def test_category_ids_follow_the_released_order():
     assert set(OBJECT_CATEGORIES) == set(CATEGORIES) - set(TEXTURE_CATEGORIES) and len(OBJECT_CATEGORIES) == 10
 
 
+def test_resolve_categories_accepts_a_category_folder_of_ones_own(tmp_path):
+    (tmp_path / "gear").mkdir()
+    assert resolve_categories("gear", data_root=tmp_path) == ["gear"]
+    assert resolve_categories("-1", data_root=tmp_path) == list(CATEGORIES)
+    with pytest.raises(DraemInputError, match="unknown category 'gearx'"):
+        resolve_categories("gearx", data_root=tmp_path)
+
+
 def test_resolve_categories_accepts_names_ids_and_minus_one():
     assert resolve_categories("hazelnut") == ["hazelnut"]
     assert resolve_categories(2) == ["carpet"] and resolve_categories("14") == ["wood"]

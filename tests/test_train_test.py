@@ -1,0 +1,92 @@
+"""train_draem.py and test_draem.py end to end on a tiny generated dataset, resume, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_draem
+import train_draem
+from checkpoints import checkpoint_paths, run_base_name
+from metrics import METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--image_size", "64", "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0", "--seed", "3"]
+
+
+def train_args(data, out: Path, epochs: int = 2, category: str = "brick") -> list[str]:
+    return ["--obj_id", category, "--data_path", str(data.mvtec_root), "--anomaly_source_path", str(data.texture_root),
+            "--epochs", str(epochs), "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"), *SMALL]
+
+
+def read_states(folder: Path, epochs: int = 2, category: str = "brick") -> list[dict]:
+    return [torch.load(p, weights_only=True) for p in checkpoint_paths(folder, run_base_name(1e-4, epochs, 4), category)]
+
+
+def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
+    train_draem.main([*train_args(tiny_mvtec, tmp_path), "--visualize", "--visualize_every", "2"])
+    base = run_base_name(1e-4, 2, 4)
+    assert base == "DRAEM_test_0.0001_2_bs4"
+    rec, seg = checkpoint_paths(tmp_path / "ckpt", base, "brick")
+    assert rec.name == "DRAEM_test_0.0001_2_bs4_brick_.pckl" and rec.is_file()
+    assert seg.name == "DRAEM_test_0.0001_2_bs4_brick__seg.pckl" and seg.is_file()
+    log = [json.loads(line) for line in (tmp_path / "logs" / f"{base}_brick_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    assert list((tmp_path / "logs").glob("*.png")), "--visualize wrote no sample grid"
+
+    results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path",
+                               str(tmp_path / "ckpt"), "--base_model_name", base, "--image_size", "64",
+                               "--output_dir", str(tmp_path / "results"), "--save_images"])
+    assert set(results["brick"]) == set(METRICS)
+    assert all(0.0 <= v <= 1.0 for v in results["brick"].values())
+    table = json.loads((tmp_path / "results" / f"results_{base}.json").read_text())
+    assert [row["category"] for row in table] == ["brick", "mean"]
+    assert all(table[0][m] is not None for m in METRICS)
+    n_test = len(list((tiny_mvtec.mvtec_root / "brick" / "test").glob("*/*.png")))
+    assert len(list((tmp_path / "results" / "overlays" / "brick").glob("*.png"))) == n_test
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_mvtec, tmp_path, monkeypatch):
+    train_draem.main(train_args(tiny_mvtec, tmp_path / "full"))
+
+    real_write = train_draem.atomic_write_text
+    def crash_after_first_epoch(path, text):
+        real_write(path, text)
+        raise KeyboardInterrupt  # as if the process were killed right after epoch 1 was saved
+
+    monkeypatch.setattr(train_draem, "atomic_write_text", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_draem.main(train_args(tiny_mvtec, tmp_path / "cut"))
+    monkeypatch.setattr(train_draem, "atomic_write_text", real_write)
+    train_draem.main([*train_args(tiny_mvtec, tmp_path / "cut"), "--resume"])
+
+    for full, resumed in zip(read_states(tmp_path / "full" / "ckpt"), read_states(tmp_path / "cut" / "ckpt")):
+        assert list(full) == list(resumed)
+        for key in full:
+            torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    logged = (tmp_path / "cut" / "logs" / "DRAEM_test_0.0001_2_bs4_brick_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in logged] == [1, 2]
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_bad_input_is_one_line_and_exit_1(tiny_mvtec, tmp_path):
+    data = str(tiny_mvtec.mvtec_root)
+    assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpte", "--data_path", data), "unknown category 'carpte'")
+    assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet", "--data_path", str(tmp_path / "nowhere")), "does not exist")
+    assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet"), "--data_path")
+    (tmp_path / "mvtec" / "carpet" / "train" / "good").mkdir(parents=True)
+    assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet", "--data_path", str(tmp_path / "mvtec")),
+                          "no .png/.jpg/.jpeg training images")
+    assert_one_line_error(run_script("test_draem.py", "--obj_id", "brick", "--data_path", data, "--checkpoint_path", str(tmp_path)),
+                          "checkpoint not found")
