@@ -1,0 +1,205 @@
+"""The batched device synthesis against the faithful CPU path (augment.py, data_loader.py)."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+import augment
+import data_loader
+import synthesis_gpu
+from data_loader import MAX_BETA, MVTecDRAEMTrainDataset, blend_anomaly
+from synthesis_gpu import (
+    DEVICE_AUGMENTATIONS,
+    RawTrainDataset,
+    augment_sources,
+    draw_augmentation_indices,
+    synthesize_batch,
+    to_float,
+)
+
+
+def train_dir(demo):
+    return demo.mvtec_root / demo.categories[0] / "train" / "good"
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """Four uint8 BGR images of odd, non-square size: two textured, one flat (degenerate histograms), one noise."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:33, 0:47]
+    textured = [np.clip(np.stack([x * 5, y * 7, (x + y) * 3], -1) + rng.integers(0, 40, (33, 47, 3)), 0, 255) for _ in range(2)]
+    flat = np.full((33, 47, 3), 77)
+    noise = rng.integers(0, 256, (33, 47, 3))
+    return np.stack([*textured, flat, noise]).astype(np.uint8)
+
+
+def as_batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+# name -> (two parameter sets, CPU call, device call); images alternate between the two sets.
+PARAMETERS = {
+    "gamma_contrast": (torch.tensor([[0.5, 1.3, 2.0], [0.7, 1.0, 1.9]]), augment.gamma_contrast, synthesis_gpu.gamma_contrast),
+    "brightness": (torch.tensor([[0.8, -30.0], [1.17, 12.5]]), lambda im, p: augment.brightness(im, *p),
+                   lambda x, p: synthesis_gpu.brightness(x, p[:, 0], p[:, 1])),
+    "sharpness": (torch.tensor([0.0, 1.73]), augment.sharpness, synthesis_gpu.sharpness),
+    "hue_saturation": (torch.tensor([[-50, 50], [37, -21]]), lambda im, p: augment.hue_saturation(im, *p),
+                       lambda x, p: synthesis_gpu.hue_saturation(x, p[:, 0], p[:, 1])),
+    "solarize": (torch.tensor([32.0, 100.5]), augment.solarize, synthesis_gpu.solarize),
+    "posterize": (torch.tensor([1, 5]), augment.posterize, synthesis_gpu.posterize),
+    "invert": (torch.zeros(2), lambda im, p: augment.invert(im), lambda x, p: synthesis_gpu.invert(x)),
+    "autocontrast": (torch.tensor([0, 17]), augment.autocontrast, synthesis_gpu.autocontrast),
+    "equalize": (torch.zeros(2), lambda im, p: augment.equalize(im), lambda x, p: synthesis_gpu.equalize(x)),
+    "rotate": (torch.tensor([-45.0, 31.7]), augment.rotate, synthesis_gpu.rotate),
+}
+# Float32 grid_sample vs cv2's fixed-point bilinear, and float HSV->RGB rounding: a level on rare pixels.
+TOLERANCE = {"rotate": 1, "hue_saturation": 1}
+
+
+def test_the_device_registry_has_the_cpu_operations_in_the_same_order():
+    assert list(DEVICE_AUGMENTATIONS) == list(augment.AUGMENTATIONS) == list(PARAMETERS)
+
+
+@pytest.mark.parametrize("name", list(PARAMETERS))
+def test_each_device_operation_matches_its_cpu_counterpart(name, images):
+    values, cpu_op, device_op = PARAMETERS[name]
+    params = values[torch.arange(len(images)) % 2]
+    expected = np.stack([cpu_op(image, p.tolist()) for image, p in zip(images, params)])
+    result = device_op(as_batch(images), params)
+    assert result.dtype == torch.uint8 and result.shape == (len(images), 3, 33, 47)
+    difference = np.abs(result.permute(0, 2, 3, 1).numpy().astype(int) - expected.astype(int))
+    assert difference.max() <= TOLERANCE.get(name, 0)
+    assert (difference > 0).mean() < 0.01
+
+
+def affine_op(k: int):
+    """Stand-in operation number k: x -> 3x + k (mod 256)."""
+    return lambda x, generator: ((x.int() * 3 + k) % 256).to(torch.uint8)
+
+
+def test_three_distinct_operations_per_sample_uniformly_and_applied_in_drawn_order(monkeypatch):
+    chosen = draw_augmentation_indices(3000, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert chosen.shape == (3000, 3)
+    assert (chosen.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct within a sample
+    for position in range(3):
+        frequencies = torch.bincount(chosen[:, position], minlength=10) / 3000
+        assert (frequencies - 0.1).abs().max() < 0.025
+    # Affine maps do not commute: the result tells which operations ran and in which order.
+    affine = {name: affine_op(k) for k, name in enumerate(DEVICE_AUGMENTATIONS)}
+    monkeypatch.setattr(synthesis_gpu, "DEVICE_AUGMENTATIONS", affine)
+    sources = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    result = augment_sources(sources, torch.Generator().manual_seed(3))
+    order = draw_augmentation_indices(64, torch.Generator().manual_seed(3), torch.device("cpu"))
+    expected = sources.int()
+    for step in range(3):
+        expected = (expected * 3 + order[:, step].view(-1, 1, 1, 1)) % 256
+    assert torch.equal(result.int(), expected.int())
+
+
+def test_solarize_is_applied_to_about_half_of_the_samples():
+    bright = torch.full((2000, 3, 2, 2), 200, dtype=torch.uint8)  # above every threshold in [32, 128]
+    result = DEVICE_AUGMENTATIONS["solarize"](bright, torch.Generator().manual_seed(0))
+    inverted = (result == 55).all(dim=(1, 2, 3)).float()
+    assert ((result == 55) | (result == 200)).all()
+    assert 0.45 < inverted.mean() < 0.55
+
+
+def raw_batch(demo, n: int, size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    dataset = RawTrainDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
+    return default_collate([dataset[0] for _ in range(n)])
+
+
+def test_synthesized_batch_follows_the_rules(tiny_mvtec, monkeypatch):
+    betas = []
+
+    def recording_blend(image, source, mask, beta):
+        betas.append(beta.flatten())
+        return blend_anomaly(image, source, mask, beta)
+
+    monkeypatch.setattr(synthesis_gpu, "blend_anomaly", recording_blend)
+    raw = raw_batch(tiny_mvtec, 512)
+    batch = synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0))
+    image, augmented, mask, has = batch["image"], batch["augmented_image"], batch["anomaly_mask"], batch["has_anomaly"]
+    assert image.shape == augmented.shape == (512, 3, 64, 64) and mask.shape == (512, 1, 64, 64) and has.shape == (512, 1)
+    assert all(t.dtype == torch.float32 for t in batch.values())
+    assert augmented.min() >= 0 and augmented.max() <= 1
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    outside = (mask == 0).expand_as(image)
+    assert torch.equal(augmented[outside], image[outside])
+    torch.testing.assert_close(has[:, 0], mask.flatten(1).amax(1), rtol=0, atol=0)
+    normal = has[:, 0] == 0
+    assert torch.equal(augmented[normal], image[normal]) and not mask[normal].any()
+    assert 0.4 <= has.mean() <= 0.6
+    beta = torch.cat(betas)
+    assert beta.numel() == 512 and (beta >= 0).all() and (beta < MAX_BETA).all() and beta.min() < 0.01 and beta.max() > 0.79
+    # Unrotated training images come through exactly (one float conversion); about 30 % are rotated.
+    unrotated = (image == to_float(raw["image"])).flatten(1).all(1)
+    assert 0.63 <= unrotated.float().mean() <= 0.77
+
+
+def test_to_float_gives_the_cpu_paths_values():
+    values = torch.arange(256, dtype=torch.uint8)
+    np.testing.assert_array_equal(to_float(values).numpy(), data_loader.to_float(values.numpy()))
+
+
+def test_seeded_synthesis_is_reproducible_and_seeds_differ(tiny_mvtec):
+    raw = raw_batch(tiny_mvtec, 16)
+    first, again, other = (synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(s)) for s in (5, 5, 6))
+    for key in first:
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(first["augmented_image"], other["augmented_image"])
+
+
+def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
+    sources = []
+
+    def recording_blend(image, source, mask, beta):
+        sources.append(source)
+        return blend_anomaly(image, source, mask, beta)
+
+    monkeypatch.setattr(synthesis_gpu, "blend_anomaly", recording_blend)
+    monkeypatch.setattr(synthesis_gpu, "augment_sources", lambda x, g: x)  # look at the source as drawn
+    images = torch.full((8, 3, 32, 32), 128, dtype=torch.uint8)
+    synthesize_batch(images, None, torch.Generator().manual_seed(0))
+    levels = (sources[0] * 255).round()
+    assert torch.unique(levels).numel() == 256
+    assert abs(levels.mean().item() - 127.5) < 2 and abs(levels.std().item() - 73.9) < 1.5  # uniform on 0..255
+
+
+def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
+    torch.manual_seed(0)
+    dataset = RawTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    batch = next(iter(DataLoader(dataset, batch_size=6)))
+    assert batch["image"].dtype == batch["source"].dtype == torch.uint8
+    assert batch["image"].shape == batch["source"].shape == (6, 3, 64, 64)
+    cached = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
+    assert all((cached == image).flatten(1).all(1).any() for image in batch["image"])
+    without_sources = RawTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
+    assert set(without_sources[0]) == {"image"}
+
+
+def coverage_summary(batch: dict) -> tuple[float, float, float]:
+    """Fraction anomalous; mean and interquartile range of the mask coverage of the anomalous samples."""
+    anomalous = batch["has_anomaly"][:, 0] > 0
+    coverage = batch["anomaly_mask"].flatten(1).mean(1)[anomalous].double()
+    quartiles = torch.quantile(coverage, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    return anomalous.double().mean().item(), coverage.mean().item(), (quartiles[1] - quartiles[0]).item()
+
+
+def test_device_path_statistics_match_the_cpu_path(tiny_mvtec, monkeypatch):
+    """4096 samples per path: the coverage distribution is heavy-tailed, so fewer samples (or the standard
+    deviation as spread) would make "within 10 %" a coin flip. Source augmentation cannot change a mask,
+    so both paths skip it here to keep the test fast (it is compared operation by operation above)."""
+    monkeypatch.setattr(data_loader, "augment_source", lambda image, rng: image)
+    monkeypatch.setattr(synthesis_gpu, "augment_sources", lambda sources, generator: sources)
+    n = 4096
+    torch.manual_seed(0)
+    cpu_dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    cpu = coverage_summary(default_collate([cpu_dataset[0] for _ in range(n)]))
+    raw = raw_batch(tiny_mvtec, n)
+    device = coverage_summary(synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0)))
+    assert 0.4 <= cpu[0] <= 0.6 and 0.4 <= device[0] <= 0.6
+    assert abs(cpu[0] - device[0]) < 0.04
+    for name, c, d in (("mean coverage", cpu[1], device[1]), ("coverage IQR", cpu[2], device[2])):
+        assert abs(d / c - 1) < 0.10, f"{name}: CPU {c:.4f}, device {d:.4f}"
