@@ -1,4 +1,20 @@
-"""MVTec AD data for DRAEM: the category list, THE image preprocessing, and training-sample synthesis (spec §1, §2).
+"""Data for DRAEM: dataset layouts, category lists, THE image preprocessing, training-sample synthesis (spec §1, §2).
+
+Dataset layouts (`LAYOUTS`; the scripts' --dataset), all read into the same two datasets:
+- mvtec: MVTec AD, `<root>/<category>/train/good/*.png`, `test/<good|defect>/*.png`, masks
+  `ground_truth/<defect>/<stem>_mask.png` (0/255, read as value / 255). Every defect image needs its mask.
+- folder: your own images laid out like MVTec AD, `<root>/<category>/train/good/*`,
+  `test/<good|defect>/*` (png, jpg, jpeg, bmp, tif, tiff), optional masks
+  `ground_truth/<defect>/<stem><mask_suffix>.<png|bmp|tif|tiff>` where every non-zero pixel is
+  anomalous (so 0/1 and 0/255 masks both work; JPEG masks are refused: their compression noise
+  would mark stray pixels). A defect image without a mask is allowed: it counts as anomalous
+  with an all-zero mask, so image metrics stay valid while pixel metrics treat its pixels as
+  normal (NaN, with a warning, when no defect image has a mask).
+- visa: VisA as published, `<root>/split_csv/1cls.csv` with the columns object,split,label,image,mask
+  (paths relative to <root>, label `normal` or `anomaly`, mask empty for normal images). VisA's
+  masks mark defects with small non-zero values (1, not 255); like VisA's own preparation script
+  (amazon-science/spot-diff prepare_data.py: mask != 0 becomes 255) every non-zero pixel is
+  anomalous, so masks read as they would after converting VisA to the MVTec layout.
 
 Training samples are random as in the released program (the dataset index is ignored) yet
 reproducible. Each sample draws everything from its own NumPy Generator, seeded by one draw from
@@ -14,8 +30,10 @@ memory); resized anomaly sources go to a bounded cache; the Perlin noise is vect
 image is converted to float32 exactly once; normal samples skip the work whose result they
 would throw away (drawing a source, augmenting it, the Perlin mask).
 """
+import csv
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +56,22 @@ CATEGORIES = (
 TEXTURE_CATEGORIES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECT_CATEGORIES = tuple(c for c in CATEGORIES if c not in TEXTURE_CATEGORIES)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# VisA's objects in its published order (split_csv/1cls.csv).
+VISA_CATEGORIES = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)
+LAYOUTS = ("mvtec", "folder", "visa")
+ImageRecord = tuple[Path, Path | None, int]  # (test image, its mask or None, label: 0 good, 1 anomalous)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # MVTec AD's training and test images, and anomaly sources
+FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+GOOD = "good"
+MVTEC_MASK_SUFFIX = "_mask"
+VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_LABELS = {"normal": 0, "anomaly": 1}
 ROTATE_IMAGE_PROBABILITY = 0.3  # training images are rotated by [-90, 90] degrees with this probability
 IMAGE_ROTATION_DEGREES = 90.0
 ANOMALY_PROBABILITY = 0.5
@@ -109,14 +142,24 @@ def read_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndar
     return to_float(_resize(_decode(path, cv2.IMREAD_GRAYSCALE), resize_shape))[..., None]
 
 
+def read_nonzero_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
+    """A mask whose every non-zero pixel is anomalous (VisA's 0/1, any bit depth, palette or colour), as `read_mask` reads it.
+
+    Binarised to 0/255 at its own size, then resized and scaled exactly like an MVTec AD mask.
+    """
+    mask = _decode(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    anomalous = mask[..., :3].any(axis=2) if mask.ndim == 3 else mask != 0
+    return to_float(_resize(anomalous.astype(np.uint8) * np.uint8(255), resize_shape))[..., None]
+
+
 def to_chw(image: np.ndarray) -> np.ndarray:
     """H x W x C to a contiguous C x H x W array."""
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-def _sorted_images(paths) -> list[Path]:
+def _sorted_images(paths, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files among `paths`, sorted by their path text like the released programs' sorted(glob(...))."""
-    return sorted((p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=str)
+    return sorted((p for p in paths if p.suffix.lower() in suffixes and p.is_file()), key=str)
 
 
 def find_anomaly_sources(path: str | os.PathLike) -> list[Path]:
@@ -188,12 +231,12 @@ def make_training_sample(
     }
 
 
-def _training_image_paths(root_dir: Path) -> list[Path]:
+def _training_image_paths(root_dir: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, root: str = "<mvtec>") -> list[Path]:
     if not root_dir.is_dir():
-        raise DraemInputError(f"training folder {root_dir} does not exist: expected <mvtec>/<category>/train/good")
-    paths = _sorted_images(root_dir.iterdir())
+        raise DraemInputError(f"training folder {root_dir} does not exist: expected {root}/<category>/train/good")
+    paths = _sorted_images(root_dir.iterdir(), suffixes)
     if not paths:
-        raise DraemInputError(f"no .png/.jpg/.jpeg training images in {root_dir}")
+        raise DraemInputError(f"no {'/'.join(suffixes)} training images in {root_dir}")
     return paths
 
 
@@ -205,8 +248,9 @@ def load_images(paths: Sequence[Path], resize_shape: tuple[int, int]) -> np.ndar
 
 
 class MVTecDRAEMTrainDataset(Dataset):
-    """Synthetic-anomaly training samples from `<category>/train/good` (spec §2).
+    """Synthetic-anomaly training samples from `<category>/train/good`, or from a list of images of any layout (spec §2).
 
+    Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (see `make_train_dataset`).
     Each item is a dict: image, augmented_image (float32 3 x H x W, BGR, [0, 1]), anomaly_mask
     (float32 1 x H x W, binary), has_anomaly (float32 (1,)), idx (the training image used).
     Without `anomaly_source_path` the anomaly sources are uniform noise (weaker than DTD).
@@ -215,14 +259,23 @@ class MVTecDRAEMTrainDataset(Dataset):
 
     def __init__(
         self,
-        root_dir: str | os.PathLike,
+        root_dir: str | os.PathLike | None = None,
         anomaly_source_path: str | os.PathLike | None = None,
         resize_shape: tuple[int, int] = (256, 256),
         source_cache_size: int = 512,
+        *,
+        image_paths: Sequence[str | os.PathLike] | None = None,
     ):
-        self.root_dir = Path(root_dir)
+        if (root_dir is None) == (image_paths is None):
+            raise ValueError("give either root_dir or image_paths")
+        self.root_dir = None if root_dir is None else Path(root_dir)
         self.resize_shape = tuple(resize_shape)
-        self.image_paths = _training_image_paths(self.root_dir)
+        if image_paths is None:
+            self.image_paths = _training_image_paths(self.root_dir)
+        else:
+            self.image_paths = [Path(path) for path in image_paths]
+        if not self.image_paths:
+            raise DraemInputError("no training images were given")
         self.source_paths = [] if anomaly_source_path is None else find_anomaly_sources(anomaly_source_path)
         self.images = load_images(self.image_paths, self.resize_shape)
         self.source_cache_size = source_cache_size
@@ -250,51 +303,256 @@ class MVTecDRAEMTrainDataset(Dataset):
 
 
 class MVTecDRAEMTestDataset(Dataset):
-    """Test images of `<category>/test/<defect>/*` sorted, with labels (`good` = 0) and ground-truth masks.
+    """Test images with labels and ground-truth masks: `<category>/test/<defect>/*` sorted, or records of any layout.
 
+    Give `root_dir` (an MVTec AD `test` folder: label `good` = 0, masks
+    `ground_truth/<defect>/<stem>_mask.png`) or `records`, a list of (image, mask or None, label)
+    (see `test_records`); `mask_reader` reads a mask file (`read_nonzero_mask` for 0/1 masks).
     Each item is a dict: image (float32 3 x H x W), has_anomaly (float32 (1,)), mask (float32
     1 x H x W in [0, 1], resized bilinearly and NOT thresholded: the evaluation applies the
-    released uint8 cast), idx, path (str).
+    released uint8 cast; all zeros without a mask file), idx, path (str).
     """
 
-    def __init__(self, root_dir: str | os.PathLike, resize_shape: tuple[int, int] = (256, 256)):
-        self.root_dir = Path(root_dir)
+    def __init__(
+        self,
+        root_dir: str | os.PathLike | None = None,
+        resize_shape: tuple[int, int] = (256, 256),
+        *,
+        records: Sequence[ImageRecord] | None = None,
+        mask_reader: Callable[[Path, tuple[int, int]], np.ndarray] = read_mask,
+    ):
+        if (root_dir is None) == (records is None):
+            raise ValueError("give either root_dir or records")
+        self.root_dir = None if root_dir is None else Path(root_dir)
         self.resize_shape = tuple(resize_shape)
-        if not self.root_dir.is_dir():
-            raise DraemInputError(f"test folder {self.root_dir} does not exist: expected <mvtec>/<category>/test")
-        self.image_paths = _sorted_images(self.root_dir.glob("*/*"))
-        if not self.image_paths:
-            raise DraemInputError(f"no test images in {self.root_dir}/<defect>/ (expected e.g. test/good/000.png)")
-        for path in self.image_paths:
-            mask = self.mask_path(path)
+        self.mask_reader = mask_reader
+        if records is None:
+            records = _mvtec_test_records(self.root_dir)
+        self.records = [(Path(image), None if mask is None else Path(mask), int(label)) for image, mask, label in records]
+        if not self.records:
+            raise DraemInputError("no test images were given")
+        for image, mask, _ in self.records:
+            if not image.is_file():
+                raise DraemInputError(f"test image {image} does not exist")
             if mask is not None and not mask.is_file():
-                raise DraemInputError(f"ground-truth mask {mask} is missing for test image {path}")
+                raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+        self.image_paths = [image for image, _, _ in self.records]
+        self._mask_paths = {image: mask for image, mask, _ in self.records}
 
     def mask_path(self, image_path: Path) -> Path | None:
-        """`<category>/ground_truth/<defect>/<stem>_mask.png`, or None for a `good` image."""
-        defect = image_path.parent.name
-        if defect == "good":
-            return None
-        return self.root_dir.parent / "ground_truth" / defect / f"{image_path.stem}_mask.png"
+        """The ground-truth mask of a test image of this dataset, or None (a `good` image, or a defect without a mask)."""
+        return self._mask_paths[Path(image_path)]
 
     def __len__(self) -> int:
-        return len(self.image_paths)
+        return len(self.records)
 
     def __getitem__(self, idx: int) -> dict:
-        path = self.image_paths[idx]
+        path, mask_path, label = self.records[idx]
         image = read_image(path, self.resize_shape)
-        mask_path = self.mask_path(path)
         if mask_path is None:
             mask = np.zeros((*self.resize_shape, 1), dtype=np.float32)
         else:
-            mask = read_mask(mask_path, self.resize_shape)
+            mask = self.mask_reader(mask_path, self.resize_shape)
         return {
             "image": to_chw(image),
-            "has_anomaly": np.array([float(mask_path is not None)], dtype=np.float32),
+            "has_anomaly": np.array([float(label)], dtype=np.float32),
             "mask": to_chw(mask),
             "idx": idx,
             "path": str(path),
         }
+
+
+# --- dataset layouts: every layout gives training image paths and test records -----------------
+
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise DraemInputError(f"unknown dataset layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def _test_images(test_dir: Path, suffixes: Sequence[str], root: str) -> list[Path]:
+    """`test_dir/<good|defect>/*` images, sorted."""
+    if not test_dir.is_dir():
+        raise DraemInputError(f"test folder {test_dir} does not exist: expected {root}/<category>/test")
+    images = _sorted_images(test_dir.glob("*/*"), suffixes)
+    if not images:
+        raise DraemInputError(f"no test images in {test_dir}/<defect>/ (expected e.g. test/good/000.png)")
+    return images
+
+
+def _mvtec_test_records(test_dir: Path, mask_suffix: str = MVTEC_MASK_SUFFIX) -> list[ImageRecord]:
+    """MVTec AD: `good` images are normal; every other image needs `ground_truth/<defect>/<stem><mask_suffix>.png`."""
+    records = []
+    for image in _test_images(test_dir, IMAGE_SUFFIXES, "<mvtec>"):
+        if image.parent.name == GOOD:
+            records.append((image, None, 0))
+            continue
+        mask = test_dir.parent / "ground_truth" / image.parent.name / f"{image.stem}{mask_suffix}.png"
+        if not mask.is_file():
+            raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+        records.append((image, mask, 1))
+    return records
+
+
+def _folder_mask(mask_dir: Path, image: Path, mask_suffix: str) -> Path | None:
+    """`mask_dir/<stem><mask_suffix>.<png|bmp|tif|tiff>` (either case of the suffix), or None; a JPEG mask is refused."""
+    suffixes = [case for suffix in FOLDER_IMAGE_SUFFIXES for case in (suffix, suffix.upper())]
+    candidates = (mask_dir / f"{image.stem}{mask_suffix}{suffix}" for suffix in suffixes)
+    mask = next((path for path in candidates if path.is_file()), None)
+    if mask is not None and mask.suffix.lower() in LOSSY_SUFFIXES:
+        raise DraemInputError(f"ground-truth mask {mask} is a JPEG, whose compression noise would mark stray pixels: save it as PNG")
+    return mask
+
+
+def _folder_test_records(test_dir: Path, mask_suffix: str) -> list[ImageRecord]:
+    """Generic folder: `good` images are normal, every other one anomalous, with its mask when there is one."""
+    records = []
+    for image in _test_images(test_dir, FOLDER_IMAGE_SUFFIXES, "<data_path>"):
+        if image.parent.name == GOOD:
+            records.append((image, None, 0))
+        else:
+            records.append((image, _folder_mask(test_dir.parent / "ground_truth" / image.parent.name, image, mask_suffix), 1))
+    defects = [mask for _, mask, label in records if label == 1]
+    if defects.count(None):
+        warnings.warn(
+            f"{defects.count(None)} of {len(defects)} defect images in {test_dir} have no ground-truth mask "
+            f"(ground_truth/<defect>/<stem>{mask_suffix}.png): their pixels count as normal in the pixel metrics "
+            "(NaN when no image has a mask); image metrics are unaffected",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return records
+
+
+def _visa_split_file(data_path: str | os.PathLike) -> Path:
+    split_file = Path(data_path) / VISA_SPLIT_FILE
+    if not split_file.is_file():
+        raise DraemInputError(
+            f"VisA split file {split_file} not found: VisA's layout is <root>/split_csv/1cls.csv beside "
+            "<root>/candle/Data/..., as downloaded; point the data path at that root"
+        )
+    return split_file
+
+
+def _check_visa_row(row: dict[str, str], where: str) -> None:
+    """A row of 1cls.csv: an image, train or test, normal or anomaly, no anomaly in train, a mask for every anomaly."""
+    if not row["image"]:
+        raise DraemInputError(f"{where}: no image path")
+    if row["split"] not in ("train", "test"):
+        raise DraemInputError(f"{where}: split {row['split']!r} is neither train nor test")
+    if row["label"] not in VISA_LABELS:
+        raise DraemInputError(f"{where}: label {row['label']!r} is neither normal nor anomaly")
+    anomalous = VISA_LABELS[row["label"]] == 1
+    if anomalous and row["split"] == "train":
+        raise DraemInputError(f"{where}: an anomalous training image; DRAEM trains on normal images only (use 1cls.csv)")
+    if anomalous and not row["mask"]:
+        raise DraemInputError(f"{where}: anomalous image {row['image']} has no mask")
+
+
+def _visa_rows(data_path: str | os.PathLike, category: str, split: str) -> list[ImageRecord]:
+    """The rows of `category` and `split` in VisA's 1cls.csv, in file order, as (image, mask or None, label)."""
+    split_file = _visa_split_file(data_path)
+    with split_file.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.DictReader(file)
+        missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or ())]
+        if missing:
+            raise DraemInputError(f"{split_file} has no column {', '.join(missing)}: VisA's header is {','.join(VISA_COLUMNS)}")
+        rows = [(line, {key: (row[key] or "").strip() for key in VISA_COLUMNS}) for line, row in enumerate(reader, start=2)]
+    objects = sorted({row["object"] for _, row in rows})
+    if category not in objects:
+        raise DraemInputError(f"{split_file} has no rows for object {category!r}; it has {', '.join(objects) or 'none'}")
+    for line, row in rows:
+        _check_visa_row(row, f"{split_file} line {line}")
+    records = []
+    for _, row in rows:
+        if row["object"] == category and row["split"] == split:
+            label = VISA_LABELS[row["label"]]
+            records.append((Path(data_path) / row["image"], Path(data_path) / row["mask"] if label else None, label))
+    if not records:
+        raise DraemInputError(f"{split_file} has no {split} rows for object {category!r}")
+    return records
+
+
+def train_image_paths(layout: str, data_path: str | os.PathLike, category: str) -> list[Path]:
+    """The training (normal) images of `category` in a dataset of `layout` (see LAYOUTS and the module docstring)."""
+    if _check_layout(layout) == "visa":
+        return [image for image, _, _ in _visa_rows(data_path, category, "train")]
+    train_dir = Path(data_path) / category / "train" / GOOD
+    if layout == "mvtec":
+        return _training_image_paths(train_dir)
+    return _training_image_paths(train_dir, FOLDER_IMAGE_SUFFIXES, "<data_path>")
+
+
+def test_records(
+    layout: str, data_path: str | os.PathLike, category: str, mask_suffix: str = MVTEC_MASK_SUFFIX
+) -> list[ImageRecord]:
+    """The test images of `category` as (image, mask or None, label 0 good / 1 anomalous) records.
+
+    `mask_suffix` names masks `<stem><mask_suffix>.<ext>` in the mvtec and folder layouts; VisA's
+    split file names its masks itself.
+    """
+    if _check_layout(layout) == "visa":
+        if mask_suffix != MVTEC_MASK_SUFFIX:
+            raise DraemInputError(f"a mask suffix ({mask_suffix!r}) applies to the mvtec and folder layouts; VisA's 1cls.csv names its masks")
+        return _visa_rows(data_path, category, "test")
+    test_dir = Path(data_path) / category / "test"
+    if layout == "mvtec":
+        return _mvtec_test_records(test_dir, mask_suffix)
+    return _folder_test_records(test_dir, mask_suffix)
+
+
+test_records.__test__ = False  # a library function, not a pytest test, though its name starts with "test_"
+
+
+def make_train_dataset(
+    layout: str,
+    data_path: str | os.PathLike,
+    category: str,
+    anomaly_source_path: str | os.PathLike | None = None,
+    resize_shape: tuple[int, int] = (256, 256),
+) -> MVTecDRAEMTrainDataset:
+    """The synthetic-anomaly training set of `category` in a dataset of `layout`."""
+    paths = train_image_paths(layout, data_path, category)
+    return MVTecDRAEMTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=resize_shape, image_paths=paths)
+
+
+def make_test_dataset(
+    layout: str,
+    data_path: str | os.PathLike,
+    category: str,
+    resize_shape: tuple[int, int] = (256, 256),
+    mask_suffix: str = MVTEC_MASK_SUFFIX,
+) -> MVTecDRAEMTestDataset:
+    """The labelled test set of `category` in a dataset of `layout`; folder and VisA masks count every non-zero pixel."""
+    records = test_records(layout, data_path, category, mask_suffix)
+    mask_reader = read_mask if layout == "mvtec" else read_nonzero_mask
+    return MVTecDRAEMTestDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)
+
+
+def _folder_categories(data_path: str | os.PathLike) -> list[str]:
+    """Sub-folders of `data_path` that hold train/good, sorted."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise DraemInputError(f"data path {root} does not exist: the folder layout is <data_path>/<category>/train/good")
+    return sorted(child.name for child in root.iterdir() if (child / "train" / GOOD).is_dir())
+
+
+def categories_for(layout: str, obj_id: str | int, data_path: str | os.PathLike) -> list[str]:
+    """The categories meant by `obj_id` (a name, an id into the layout's list, or -1 for all of them).
+
+    mvtec: `resolve_categories` over CATEGORIES; visa: over VISA_CATEGORIES; folder: over the
+    sub-folders of data_path that hold train/good (-1: all of them). In every layout a name with a
+    folder under data_path is accepted too.
+    """
+    if _check_layout(layout) == "mvtec":
+        return resolve_categories(obj_id, CATEGORIES, data_path)
+    if layout == "visa":
+        _visa_split_file(data_path)
+        return resolve_categories(obj_id, VISA_CATEGORIES, data_path)
+    known, name = _folder_categories(data_path), str(obj_id).strip()
+    if not known and not (name and (Path(data_path) / name).is_dir()):
+        raise DraemInputError(f"no category folder with train/good under {data_path}: expected <data_path>/<category>/train/good")
+    return resolve_categories(obj_id, known, data_path)
 
 
 def worker_init_fn(worker_id: int) -> None:
