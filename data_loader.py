@@ -307,7 +307,7 @@ class MVTecDRAEMTestDataset(Dataset):
 
     Give `root_dir` (an MVTec AD `test` folder: label `good` = 0, masks
     `ground_truth/<defect>/<stem>_mask.png`) or `records`, a list of (image, mask or None, label)
-    (see `test_records`); `mask_reader` reads a mask file (`read_nonzero_mask` for 0/1 masks).
+    (see `evaluation_records`); `mask_reader` reads a mask file (`read_nonzero_mask` for 0/1 masks).
     Each item is a dict: image (float32 3 x H x W), has_anomaly (float32 (1,)), mask (float32
     1 x H x W in [0, 1], resized bilinearly and NOT thresholded: the evaluation applies the
     released uint8 cast; all zeros without a mask file), idx, path (str).
@@ -483,7 +483,7 @@ def train_image_paths(layout: str, data_path: str | os.PathLike, category: str) 
     return _training_image_paths(train_dir, FOLDER_IMAGE_SUFFIXES, "<data_path>")
 
 
-def test_records(
+def evaluation_records(
     layout: str, data_path: str | os.PathLike, category: str, mask_suffix: str = MVTEC_MASK_SUFFIX
 ) -> list[ImageRecord]:
     """The test images of `category` as (image, mask or None, label 0 good / 1 anomalous) records.
@@ -499,9 +499,6 @@ def test_records(
     if layout == "mvtec":
         return _mvtec_test_records(test_dir, mask_suffix)
     return _folder_test_records(test_dir, mask_suffix)
-
-
-test_records.__test__ = False  # a library function, not a pytest test, though its name starts with "test_"
 
 
 def make_train_dataset(
@@ -524,7 +521,7 @@ def make_test_dataset(
     mask_suffix: str = MVTEC_MASK_SUFFIX,
 ) -> MVTecDRAEMTestDataset:
     """The labelled test set of `category` in a dataset of `layout`; folder and VisA masks count every non-zero pixel."""
-    records = test_records(layout, data_path, category, mask_suffix)
+    records = evaluation_records(layout, data_path, category, mask_suffix)
     mask_reader = read_mask if layout == "mvtec" else read_nonzero_mask
     return MVTecDRAEMTestDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)
 

@@ -16,12 +16,12 @@ from data_loader import (
     MVTecDRAEMTestDataset,
     MVTecDRAEMTrainDataset,
     categories_for,
+    evaluation_records,
     make_test_dataset,
     make_train_dataset,
     read_image,
     read_mask,
     read_nonzero_mask,
-    test_records,  # marked __test__ = False, so pytest does not collect it here
     train_image_paths,
 )
 from errors import DraemInputError
@@ -86,7 +86,7 @@ def test_folder_training_images_are_every_image_of_train_good_sorted(folder_root
 def test_folder_test_records_label_defects_and_find_their_masks(folder_root):
     widget = folder_root / "widget"
     with pytest.warns(RuntimeWarning, match="1 of 3 defect images .* no ground-truth mask"):
-        got = test_records("folder", folder_root, "widget")
+        got = evaluation_records("folder", folder_root, "widget")
     assert got == [
         (widget / "test/crack/c1.png", widget / "ground_truth/crack/c1_mask.png", 1),
         (widget / "test/crack/c2.jpg", widget / "ground_truth/crack/c2_mask.BMP", 1),
@@ -115,9 +115,9 @@ def test_folder_mask_suffix_is_configurable(folder_root):
     for mask in list(crack.iterdir()):
         mask.rename(crack / mask.name.replace("_mask", "_gt"))
     with pytest.warns(RuntimeWarning, match="3 of 3"):
-        assert [mask for _, mask, _ in test_records("folder", folder_root, "widget")][:2] == [None, None]
+        assert [mask for _, mask, _ in evaluation_records("folder", folder_root, "widget")][:2] == [None, None]
     with pytest.warns(RuntimeWarning, match="1 of 3"):
-        found = test_records("folder", folder_root, "widget", mask_suffix="_gt")
+        found = evaluation_records("folder", folder_root, "widget", mask_suffix="_gt")
     assert [mask.name for _, mask, _ in found[:2]] == ["c1_gt.png", "c2_gt.BMP"]
 
 
@@ -140,9 +140,9 @@ def test_folder_without_any_mask_gives_nan_pixel_metrics_and_valid_image_metrics
 
 def test_folder_refuses_jpeg_masks_and_reports_missing_folders(folder_root):
     write_mask(folder_root / "widget" / "ground_truth" / "dent" / "d1_mask.jpg", 255)
-    assert "d1_mask.jpg is a JPEG" in one_line_error(test_records, "folder", folder_root, "widget")
+    assert "d1_mask.jpg is a JPEG" in one_line_error(evaluation_records, "folder", folder_root, "widget")
     assert "<data_path>/<category>/train/good" in one_line_error(train_image_paths, "folder", folder_root, "gadget")
-    assert "<data_path>/<category>/test" in one_line_error(test_records, "folder", folder_root, "nothing")
+    assert "<data_path>/<category>/test" in one_line_error(evaluation_records, "folder", folder_root, "nothing")
 
 
 # --- VisA --------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_visa_training_images_are_the_train_rows_of_the_object_in_file_order(vis
 
 def test_visa_test_records_and_samples(visa_root):
     candle = visa_root / "candle/Data"
-    assert test_records("visa", visa_root, "candle") == [
+    assert evaluation_records("visa", visa_root, "candle") == [
         (candle / "Images/Normal/0790.JPG", None, 0),
         (candle / "Images/Normal/0107.JPG", None, 0),
         (candle / "Images/Anomaly/000.JPG", candle / "Masks/Anomaly/000.png", 1),
@@ -188,7 +188,7 @@ def test_visa_test_records_and_samples(visa_root):
     dataset = make_test_dataset("visa", visa_root, "candle", SHAPE)
     samples = [dataset[i] for i in range(len(dataset))]
     assert [s["has_anomaly"][0] for s in samples] == [0, 0, 1, 1]
-    assert [s["path"] for s in samples] == [str(image) for image, _, _ in test_records("visa", visa_root, "candle")]
+    assert [s["path"] for s in samples] == [str(image) for image, _, _ in evaluation_records("visa", visa_root, "candle")]
     assert not samples[0]["mask"].any() and not samples[1]["mask"].any()
     # The 0/1 VisA mask reads exactly as its 0/255 conversion (VisA's prepare_data.py) reads with read_mask.
     converted = write_mask(visa_root / "converted.png", 255)
@@ -221,8 +221,8 @@ def test_visa_errors_are_one_line(visa_root, tmp_path):
     message = one_line_error(train_image_paths, "visa", tmp_path / "elsewhere", "candle")
     assert str(tmp_path / "elsewhere" / "split_csv" / "1cls.csv") in message and "VisA's layout" in message
     assert "1cls.csv" in one_line_error(categories_for, "visa", "-1", tmp_path / "elsewhere")
-    assert "candle, pcb1" in one_line_error(test_records, "visa", visa_root, "cashew")
-    assert "VisA's 1cls.csv names its masks" in one_line_error(test_records, "visa", visa_root, "candle", mask_suffix="_gt")
+    assert "candle, pcb1" in one_line_error(evaluation_records, "visa", visa_root, "cashew")
+    assert "VisA's 1cls.csv names its masks" in one_line_error(evaluation_records, "visa", visa_root, "candle", mask_suffix="_gt")
     (visa_root / "candle/Data/Images/Normal/0107.JPG").unlink()
     assert "0107.JPG does not exist" in one_line_error(make_test_dataset, "visa", visa_root, "candle", SHAPE)
 
@@ -241,7 +241,7 @@ def test_visa_errors_are_one_line(visa_root, tmp_path):
 def test_a_broken_visa_split_file_is_a_one_line_error_naming_the_line(visa_root, edit, expected):
     split_file = visa_root / "split_csv" / "1cls.csv"
     split_file.write_text(edit(split_file.read_text()))
-    for call in (test_records, train_image_paths):
+    for call in (evaluation_records, train_image_paths):
         with pytest.raises(DraemInputError, match=expected):
             call("visa", visa_root, "candle")
 
@@ -256,7 +256,7 @@ def test_mvtec_through_the_factories_is_exactly_the_mvtec_classes(tiny_mvtec):
          int(p.parent.name != "good"))
         for p in sorted(test_dir.glob("*/*.png"), key=str)
     ]
-    assert test_records("mvtec", root, category) == expected
+    assert evaluation_records("mvtec", root, category) == expected
     ours, classic = make_test_dataset("mvtec", root, category, SHAPE), MVTecDRAEMTestDataset(test_dir, SHAPE)
     assert len(ours) == len(classic) == len(expected)
     for i in range(len(ours)):
@@ -285,9 +285,9 @@ def test_a_missing_mask_is_an_error_for_mvtec_and_a_warning_for_folder(tiny_mvte
     shutil.copytree(tiny_mvtec.mvtec_root / "brick", tmp_path / "brick")
     mask = next((tmp_path / "brick" / "ground_truth").glob("*/001_mask.png"))
     mask.unlink()
-    assert f"{mask} is missing" in one_line_error(test_records, "mvtec", tmp_path, "brick")
+    assert f"{mask} is missing" in one_line_error(evaluation_records, "mvtec", tmp_path, "brick")
     with pytest.warns(RuntimeWarning, match="1 of 4 defect images"):
-        got = test_records("folder", tmp_path, "brick")
+        got = evaluation_records("folder", tmp_path, "brick")
     assert (tmp_path / "brick" / "test" / mask.parent.name / "001.png", None, 1) in got
 
 
@@ -326,7 +326,7 @@ def test_categories_for_each_layout(folder_root, visa_root, tiny_mvtec):
     "call",
     [
         lambda root: train_image_paths("mvtecad", root, "brick"),
-        lambda root: test_records("MVTec", root, "brick"),
+        lambda root: evaluation_records("MVTec", root, "brick"),
         lambda root: make_train_dataset("imagenet", root, "brick"),
         lambda root: make_test_dataset("", root, "brick"),
         lambda root: categories_for("voc", "-1", root),
