@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoints import model_from_checkpoint, run_base_name
-from data_loader import CATEGORIES, MVTecDRAEMTestDataset, resolve_categories
+from data_loader import LAYOUTS, categories_for, make_test_dataset
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from model_unet import DraemModel, anomaly_map
@@ -32,26 +32,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     released.add_argument("--base_model_name", default=run_base_name(1e-4, 700, 8),
                           help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl "
                                "(default: what train_draem.py writes with the paper's settings)")
-    released.add_argument("--data_path", required=True, help="MVTec AD root holding <category>/test and <category>/ground_truth")
+    released.add_argument("--data_path", required=True, help="dataset root: for mvtec, the folder holding <category>/test and <category>/ground_truth")
     released.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pairs")
     extra = parser.add_argument_group("additions")
+    extra.add_argument("--dataset", choices=LAYOUTS, default="mvtec",
+                       help="layout of --data_path: mvtec | folder (<root>/<category>/train/good, test/<good|defect>, optional "
+                            "ground_truth/<defect>/<stem><mask_suffix>.png) | visa (<root>/split_csv/1cls.csv)")
+    extra.add_argument("--mask_suffix", default="_mask", help="mask file name ending for mvtec/folder: ground_truth/<defect>/<stem><suffix>.png")
     extra.add_argument("--obj_id", default="-1", help="category name, released integer id (0 capsule .. 14 wood), or -1 for all")
     extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
     extra.add_argument("--image_size", type=int, default=256, help="side the test images and masks are resized to (released: 256)")
     extra.add_argument("--batch_size", type=int, default=1, help="test batch size (released: 1; larger is faster, same scores)")
     extra.add_argument("--output_dir", default="results", help="folder for the results tables and the overlays")
     extra.add_argument("--save_images", action="store_true", help="save a heat-map overlay (image, ground-truth contour, anomaly map) per test image")
-    extra.add_argument("--demo", action="store_true", help="categories are the demo dataset's (see make_demo_data.py), not MVTec AD's")
     return parser.parse_args(argv)
 
 
 @torch.no_grad()
 def evaluate_category(
     model: DraemModel, data_path: str | Path, category: str, image_size: int, device: torch.device,
-    batch_size: int = 1, overlay_dir: Path | None = None,
+    batch_size: int = 1, overlay_dir: Path | None = None, layout: str = "mvtec", mask_suffix: str = "_mask",
 ) -> dict[str, float]:
     """Run the released protocol on one category's test set; optionally save an overlay per image."""
-    dataset = MVTecDRAEMTestDataset(Path(data_path) / category / "test", resize_shape=(image_size, image_size))
+    dataset = make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
     evaluator = DraemEvaluator(len(dataset), image_size, image_size)
     model.eval().to(device)
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"test {category}", leave=False, dynamic_ncols=True):
@@ -70,14 +73,9 @@ def evaluate_category(
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
-    known = CATEGORIES
-    if args.demo:
-        from make_demo_data import DEMO_CATEGORIES
-
-        known = DEMO_CATEGORIES
-    categories = resolve_categories(args.obj_id, known, args.data_path)
     if not Path(args.data_path).is_dir():
-        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD root folder)")
+        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
+    categories = categories_for(args.dataset, args.obj_id, args.data_path)
     if args.image_size % 32:
         raise DraemInputError(f"--image_size must be a multiple of 32, got {args.image_size}")
     device = select_device(args.device, args.gpu_id)
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for category in categories:
         model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, category)
         per_category[category] = evaluate_category(model, args.data_path, category, args.image_size, device,
-                                                   args.batch_size, overlay_dir)
+                                                   args.batch_size, overlay_dir, args.dataset, args.mask_suffix)
     rows = results_rows(per_category)
     written = write_results(rows, args.output_dir, f"results_{args.base_model_name}")
     print(format_markdown(rows))
