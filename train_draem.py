@@ -2,9 +2,10 @@
 
     python train_draem.py --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
     python train_draem.py --demo      # makes a small dataset, trains a small model on CPU, tests it
+    torchrun --nproc_per_node 4 train_draem.py --obj_id carpet --data_path ...   # one process per GPU (DDP)
 
 Defaults are the paper's: batch 8, Adam lr 1e-4 on both subnetworks, 700 epochs, learning rate ×0.2
-at 80 % and 90 % of the epochs, loss = L2 + SSIM + focal.
+at 80 % and 90 % of the epochs, loss = L2 + SSIM + focal. Under torchrun --bs is per process.
 """
 import argparse
 import json
@@ -18,13 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import distributed
+import validation
 from atomic import atomic_torch_save, atomic_write_text
 from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
 from data_loader import CATEGORIES, MVTecDRAEMTrainDataset, resolve_categories, seed_everything, worker_init_fn
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map
-from runtime import select_device
 from visualize import save_png, training_grid
 
 DEMO_ROOT = Path("datasets/demo")
@@ -55,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
     extra.add_argument("--sspcab_lambda", type=float, default=0.1, help="weight of the SSPCAB loss")
     extra.add_argument("--demo", action="store_true", help="make the demo dataset if absent, train small models on CPU and test them; other flags keep their meaning")
+    val = parser.add_argument_group("validation during training (off by default: then every training image is trained on, as in the paper)")
+    val.add_argument("--val_every", type=int, default=0, help="evaluate on held-out synthetic anomalies every N epochs and after the last; 0: off")
+    val.add_argument("--val_fraction", type=float, default=0.1, help="fraction of the training images held out, never trained on (at least 1; chosen by --seed)")
+    val.add_argument("--val_samples", type=int, default=64, help="synthetic samples made once from the held-out images, the training mix (about half anomalous)")
+    val.add_argument("--val_test", action="store_true", help="also report the test-set metrics (released protocol) when <data_path>/<category>/test exists")
+    val.add_argument("--save_best", action="store_true", help="also keep the checkpoint pair with the best validation pixel AP, base name <base>_best")
+    ddp = parser.add_argument_group("multi-GPU: run under torchrun --nproc_per_node N (one process per GPU, DDP; --bs is per process)")
+    ddp.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm statistics across the processes (SyncBatchNorm; CUDA only)")
     args = parser.parse_args(argv)
     if args.demo:
         apply_demo_defaults(args, parser)
@@ -62,7 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--data_path is required (or use --demo)")
     if args.image_size % 32:
         parser.error(f"--image_size must be a multiple of 32, got {args.image_size}")
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
+    check_validation_args(args, parser)
     return args
+
+
+def check_validation_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.val_every < 0 or args.val_samples < 1 or not 0 < args.val_fraction < 1:
+        parser.error("validation needs --val_every >= 0, --val_samples >= 1 and 0 < --val_fraction < 1")
+    if (args.save_best or args.val_test) and not args.val_every:
+        parser.error("--save_best and --val_test need validation: add --val_every N")
 
 
 def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -79,46 +99,88 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
         make_demo_dataset(DEMO_ROOT)
 
 
-def make_loader(args: argparse.Namespace, category: str, generator: torch.Generator) -> DataLoader:
+def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
+    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
     dataset = MVTecDRAEMTrainDataset(
         Path(args.data_path) / category / "train" / "good", args.anomaly_source_path, resize_shape=(args.image_size, args.image_size)
     )
-    return DataLoader(dataset, batch_size=args.bs, shuffle=True, num_workers=args.workers, generator=generator,
-                      worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available(), drop_last=False)
+    if not args.val_every:
+        return dataset, None
+    held_paths, held_images = validation.hold_out(dataset, args.val_fraction, args.seed)  # on every rank: none trains on them
+    if not distributed.is_main():
+        return dataset, None
+    val_set = validation.synthesize(held_images, dataset.draw_source, args.val_samples, args.seed)
+    print(f"{category}: validating on {len(val_set.labels)} samples ({int(val_set.labels.sum())} anomalous) made from "
+          f"{len(held_paths)} held-out training images ({', '.join(p.name for p in held_paths)})")
+    return dataset, val_set
 
 
-def rng_state(generator: torch.Generator) -> dict:
+def make_loader(args: argparse.Namespace, dataset: MVTecDRAEMTrainDataset, generator: torch.Generator) -> DataLoader:
+    sampler = distributed.rank_sampler(dataset)  # None in a single process: shuffle as released
+    return DataLoader(dataset, batch_size=args.bs, shuffle=sampler is None, sampler=sampler, num_workers=args.workers,
+                      generator=generator, worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "loader": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["loader"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def resume_path(args: argparse.Namespace, base_name: str, category: str) -> Path:
-    return checkpoint_paths(args.checkpoint_path, base_name, category)[0].with_suffix(".resume.pt")
+def resume_path(checkpoint_dir: str | Path, base_name: str, category: str) -> Path:
+    """The file with everything needed to continue a run (weights, optimizer, RNG states of every rank, log)."""
+    return checkpoint_paths(checkpoint_dir, base_name, category)[0].with_suffix(".resume.pt")
 
 
-def first_nonfinite_step(losses: list[torch.Tensor]) -> int | None:
+def first_nonfinite_step(losses: torch.Tensor) -> int | None:
     """Index of the first non-finite loss, checked in one device sync for many steps."""
-    bad = ~torch.isfinite(torch.stack(losses))
+    bad = ~torch.isfinite(losses)
     return int(bad.nonzero()[0, 0]) if bad.any() else None
 
 
+def resume(path: Path, model: DraemModel, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+           generator: torch.Generator, device: torch.device) -> tuple[int, list[str], float | None]:
+    """Restore a run from its resume file; return (epochs done, log lines, best validation pixel AP)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_state_dict_checked(model, state["model"], str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if len(state["rng"]) != distributed.world_size():
+        raise DraemInputError(f"{path} was written by {len(state['rng'])} training process(es), this run has "
+                              f"{distributed.world_size()}: resume with the same number of processes, or leave out --resume")
+    set_rng_state(state["rng"][distributed.rank()], generator, device)  # each rank continues its own random stream
+    return state["epoch"], state["log_lines"], state["best_val_pixel_ap"]
+
+
+def validate(args: argparse.Namespace, model: DraemModel, val_set: validation.ValidationSet, category: str,
+             device: torch.device) -> dict[str, float]:
+    """Validation metrics of the model now (`val_*`; `test_*` too with --val_test) and the seconds they took."""
+    started = time.time()
+    record = validation.evaluate(model, val_set, device, args.bs)
+    if args.val_test:
+        record.update(validation.evaluate_test_set(model, args.data_path, category, args.image_size, device, args.bs))
+    record["val_seconds"] = round(time.time() - started, 2)
+    return record
+
+
 def train_category(args: argparse.Namespace, category: str, device: torch.device) -> None:
-    """Train one category from scratch (or from its resume file) and write its checkpoints every epoch."""
-    seed_everything(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    """Train one category from scratch (or from its resume file) and write its checkpoints every epoch (rank 0)."""
+    seed = args.seed + distributed.rank()  # each rank its own random streams; a single process uses --seed itself
+    seed_everything(seed)
+    generator = torch.Generator().manual_seed(seed)
     base_name = run_base_name(args.lr, args.epochs, args.bs)
-    loader = make_loader(args, category, generator)
+    dataset, val_set = make_datasets(args, category)
+    loader = make_loader(args, dataset, generator)
     model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # Released milestones: 80 % and 90 % of the epochs. The released float milestones are never reached when
@@ -127,27 +189,24 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
     criterion = DraemLoss(args.sspcab_lambda)
     log_file = Path(args.log_path) / f"{base_name}_{category}_log.jsonl"
-    log_lines: list[str] = []
-    start_epoch = 0
-    if args.resume and resume_path(args, base_name, category).is_file():
-        state = torch.load(resume_path(args, base_name, category), map_location="cpu", weights_only=False)
-        load_state_dict_checked(model, state["model"], str(resume_path(args, base_name, category)))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], generator)
-        start_epoch, log_lines = state["epoch"], state["log_lines"]
-        print(f"{category}: resuming after epoch {start_epoch}/{args.epochs}")
+    start_epoch, log_lines, best = 0, [], None
+    resume_file = resume_path(args.checkpoint_path, base_name, category)
+    if args.resume and resume_file.is_file():
+        start_epoch, log_lines, best = resume(resume_file, model, optimizer, scheduler, generator, device)
+        if distributed.is_main():
+            print(f"{category}: resuming after epoch {start_epoch}/{args.epochs}")
+    net = distributed.wrap_model(model, device, args.sync_bn)  # what the loop calls; `model` is what is saved
 
     step = start_epoch * len(loader)
     for epoch in range(start_epoch, args.epochs):
-        model.train()
+        net.train()
         started, losses, part_sums = time.time(), [], {}
-        progress = tqdm(loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        progress = tqdm(loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
         for batch in progress:
             image = batch["image"].to(device, non_blocking=True)
             augmented = batch["augmented_image"].to(device, non_blocking=True)
             mask = batch["anomaly_mask"].to(device, non_blocking=True)
-            reconstruction, logits = model(augmented)
+            reconstruction, logits = net(augmented)
             loss, parts = criterion(reconstruction, image, logits, mask, model.sspcab_io)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,11 +215,13 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0.0) + value
             step += 1
-            if args.visualize and step % args.visualize_every == 0:
+            if args.visualize and distributed.is_main() and step % args.visualize_every == 0:
                 grid = training_grid(augmented, reconstruction.detach(), image, mask, anomaly_map(logits.detach()))
                 save_png(Path(args.log_path) / f"{base_name}_{category}_step{step:07d}.png", grid)
             if len(losses) % 10 == 0:
                 progress.set_postfix(loss=f"{losses[-1].item():.4f}")
+        losses = distributed.average(torch.stack(losses))  # per step, over the ranks: every rank sees the same values
+        part_means = distributed.average(torch.stack(list(part_sums.values()))) / len(losses)
         bad = first_nonfinite_step(losses)
         if bad is not None:
             raise DraemInputError(
@@ -168,16 +229,24 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
                 f"stopped, the last good checkpoint (epoch {epoch}) is kept in {args.checkpoint_path} (try a lower --lr)"
             )
         scheduler.step()
+        rng_states = distributed.gather_objects(rng_state(generator, device))  # all ranks' streams, so each resumes its own
+        if not distributed.is_main():
+            continue
         record = {"category": category, "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                  "loss": torch.stack(losses).mean().item(), **{k: (v / len(losses)).item() for k, v in part_sums.items()},
-                  "seconds": round(time.time() - started, 2)}
+                  "loss": losses.mean().item(), **dict(zip(part_sums, part_means.tolist())), "seconds": round(time.time() - started, 2)}
+        if validation.due(epoch + 1, args.val_every, args.epochs):
+            record.update(validate(args, model, val_set, category, device))
+            if args.save_best and validation.improves(record["val_pixel_ap"], best):
+                best = record["val_pixel_ap"]
+                save_checkpoint(model, args.checkpoint_path, validation.best_base_name(base_name), category)
         log_lines.append(json.dumps(record))
         save_checkpoint(model, args.checkpoint_path, base_name, category)
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "rng": rng_state(generator), "epoch": epoch + 1, "log_lines": log_lines, "args": vars(args)},
-                          resume_path(args, base_name, category))
+                           "rng": rng_states, "epoch": epoch + 1, "log_lines": log_lines, "best_val_pixel_ap": best, "args": vars(args)},
+                          resume_file)
         atomic_write_text(log_file, "\n".join(log_lines) + "\n")
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    distributed.barrier()  # rank 0's last files are written before any rank moves on
 
 
 @exit_on_input_error
@@ -191,18 +260,20 @@ def main(argv: list[str] | None = None) -> None:
     categories = resolve_categories(args.obj_id, known, args.data_path)
     if not Path(args.data_path).is_dir():
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD root folder)")
-    if args.anomaly_source_path is None:
-        print("warning: no --anomaly_source_path: anomalies are cut from random noise, which the paper found weaker than DTD textures")
-    device = select_device(args.device, args.gpu_id)
-    print(f"training {', '.join(categories)} on {device} for {args.epochs} epochs")
-    for category in categories:
-        train_category(args, category, device)
-    if args.demo:
-        import test_draem
+    with distributed.process_group(args.device, args.gpu_id) as device:
+        if distributed.is_main():
+            if args.anomaly_source_path is None:
+                print("warning: no --anomaly_source_path: anomalies are cut from random noise, which the paper found weaker than DTD textures")
+            processes = f" in {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+            print(f"training {', '.join(categories)} on {device} for {args.epochs} epochs{processes}")
+        for category in categories:
+            train_category(args, category, device)
+        if args.demo and distributed.is_main():
+            import test_draem
 
-        test_draem.main(["--data_path", args.data_path, "--checkpoint_path", args.checkpoint_path, "--obj_id", args.obj_id,
-                         "--base_model_name", run_base_name(args.lr, args.epochs, args.bs), "--image_size", str(args.image_size),
-                         "--output_dir", "results/demo", "--device", str(device.type), "--demo"])
+            test_draem.main(["--data_path", args.data_path, "--checkpoint_path", args.checkpoint_path, "--obj_id", args.obj_id,
+                             "--base_model_name", run_base_name(args.lr, args.epochs, args.bs), "--image_size", str(args.image_size),
+                             "--output_dir", "results/demo", "--device", str(device.type), "--demo"])
 
 
 if __name__ == "__main__":
