@@ -23,7 +23,7 @@ import distributed
 import validation
 from atomic import atomic_torch_save, atomic_write_text
 from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
-from data_loader import CATEGORIES, MVTecDRAEMTrainDataset, resolve_categories, seed_everything, worker_init_fn
+from data_loader import LAYOUTS, MVTecDRAEMTrainDataset, categories_for, make_train_dataset, seed_everything, worker_init_fn
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map
@@ -35,17 +35,21 @@ DEMO_ROOT = Path("datasets/demo")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     released = parser.add_argument_group("flags of the released program")
-    released.add_argument("--obj_id", default="-1", help="category name, released integer id (0 capsule .. 14 wood), or -1 for all 15")
+    released.add_argument("--obj_id", default="-1", help="category name, released integer id (0 capsule .. 14 wood), or -1 for all of the layout's categories")
     released.add_argument("--bs", type=int, default=8, help="batch size (paper: 8)")
     released.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of both subnetworks (paper: 1e-4)")
     released.add_argument("--epochs", type=int, default=700, help="training epochs per category (paper: 700)")
     released.add_argument("--gpu_id", type=int, default=0, help="CUDA device index when training on a GPU")
-    released.add_argument("--data_path", help="MVTec AD root holding <category>/train/good")
+    released.add_argument("--data_path", help="dataset root: for mvtec, the folder holding <category>/train/good")
     released.add_argument("--anomaly_source_path", help="texture folder (DTD) searched recursively for images; omitted: random-noise anomalies (weaker than DTD)")
     released.add_argument("--checkpoint_path", default="checkpoints", help="folder for the .pckl checkpoints and the resume files")
     released.add_argument("--log_path", default="logs", help="folder for the per-epoch JSONL log and the sample grids")
     released.add_argument("--visualize", action="store_true", help="save a PNG grid (input, reconstruction, target, true and predicted mask) every --visualize_every steps")
     extra = parser.add_argument_group("additions")
+    extra.add_argument("--dataset", choices=LAYOUTS, default="mvtec",
+                       help="layout of --data_path: mvtec | folder (<root>/<category>/train/good, test/<good|defect>, optional "
+                            "ground_truth/<defect>/<stem><mask_suffix>.png) | visa (<root>/split_csv/1cls.csv)")
+    extra.add_argument("--mask_suffix", default="_mask", help="mask file name ending for mvtec/folder test sets (--demo, --val_test)")
     extra.add_argument("--visualize_every", type=int, default=200, help="steps between sample grids with --visualize")
     extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
     extra.add_argument("--seed", type=int, default=0, help="seed of every random stream (model init, sampling, synthesis)")
@@ -89,7 +93,7 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
     """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
     from make_demo_data import make_demo_dataset
 
-    demo = {"data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"), "epochs": 40,
+    demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"), "epochs": 40,
             "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
     for name, value in demo.items():
@@ -101,9 +105,7 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
     """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
-    dataset = MVTecDRAEMTrainDataset(
-        Path(args.data_path) / category / "train" / "good", args.anomaly_source_path, resize_shape=(args.image_size, args.image_size)
-    )
+    dataset = make_train_dataset(args.dataset, args.data_path, category, args.anomaly_source_path, (args.image_size, args.image_size))
     if not args.val_every:
         return dataset, None
     held_paths, held_images = validation.hold_out(dataset, args.val_fraction, args.seed)  # on every rank: none trains on them
@@ -168,7 +170,8 @@ def validate(args: argparse.Namespace, model: DraemModel, val_set: validation.Va
     started = time.time()
     record = validation.evaluate(model, val_set, device, args.bs)
     if args.val_test:
-        record.update(validation.evaluate_test_set(model, args.data_path, category, args.image_size, device, args.bs))
+        record.update(validation.evaluate_test_set(model, args.data_path, category, args.image_size, device, args.bs,
+                                                   args.dataset, args.mask_suffix))
     record["val_seconds"] = round(time.time() - started, 2)
     return record
 
@@ -252,14 +255,9 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    known = CATEGORIES
-    if args.demo:
-        from make_demo_data import DEMO_CATEGORIES
-
-        known = DEMO_CATEGORIES
-    categories = resolve_categories(args.obj_id, known, args.data_path)
     if not Path(args.data_path).is_dir():
-        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD root folder)")
+        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
+    categories = categories_for(args.dataset, args.obj_id, args.data_path)
     with distributed.process_group(args.device, args.gpu_id) as device:
         if distributed.is_main():
             if args.anomaly_source_path is None:
@@ -273,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
 
             test_draem.main(["--data_path", args.data_path, "--checkpoint_path", args.checkpoint_path, "--obj_id", args.obj_id,
                              "--base_model_name", run_base_name(args.lr, args.epochs, args.bs), "--image_size", str(args.image_size),
-                             "--output_dir", "results/demo", "--device", str(device.type), "--demo"])
+                             "--output_dir", "results/demo", "--device", str(device.type), "--dataset", args.dataset,
+                             "--mask_suffix", args.mask_suffix])
 
 
 if __name__ == "__main__":

@@ -92,12 +92,17 @@ def evaluate(model: DraemModel, val_set: ValidationSet, device: torch.device, ba
 
 
 def evaluate_test_set(
-    model: DraemModel, data_path: str | Path, category: str, image_size: int, device: torch.device, batch_size: int
+    model: DraemModel, data_path: str | Path, category: str, image_size: int, device: torch.device, batch_size: int,
+    layout: str = "mvtec", mask_suffix: str = "_mask",
 ) -> dict[str, float]:
-    """The released test protocol on `<data_path>/<category>/test`, keys `test_*`; {} when there is no test folder."""
-    if not (Path(data_path) / category / "test").is_dir():
+    """The released test protocol on the category's test set, keys `test_*`; {} when the layout has no test folder for it.
+
+    VisA always has a test split (its CSV lists it); mvtec and folder need `<data_path>/<category>/test`.
+    """
+    if layout != "visa" and not (Path(data_path) / category / "test").is_dir():
         return {}
-    return prefixed(evaluate_category(model, data_path, category, image_size, device, batch_size), "test_")
+    metrics = evaluate_category(model, data_path, category, image_size, device, batch_size, layout=layout, mask_suffix=mask_suffix)
+    return prefixed(metrics, "test_")
 
 
 def improves(value: float, best: float | None) -> bool:
