@@ -39,17 +39,20 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor") -> nn.Module:
     """Apply the fast-path options to `model` in place and return it.
 
     Both keep the checkpoint format: channels-last changes only the weights' strides (shapes and keys
     stay; loading copies into any layout), and `nn.Module.compile` compiles the forward in place, so
     `state_dict()` has no `_orig_mod.` prefix, unlike the wrapper `torch.compile(model)` returns.
+    Compilation happens at the first forward (and again when the train/eval mode or the input shape
+    changes). `compile_backend="aot_eager"` traces and differentiates the same graphs without
+    generating kernels: a quick check that the model compiles, or a way to tell an inductor bug.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.compile()
+        model.compile(backend=compile_backend)
     return model
 
 

@@ -18,6 +18,15 @@ from synthesis_gpu import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared 2-core machine: a second OpenMP thread makes these tests slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_dir(demo):
     return demo.mvtec_root / demo.categories[0] / "train" / "good"
 
