@@ -20,6 +20,7 @@ float32 HSV -> RGB step may round differently from OpenCV's vectorised code.
 The training image and anomaly source of each item are drawn uniformly at random by the loader, as on
 the CPU path (the dataset index is ignored).
 """
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,7 @@ from data_loader import (
     MVTecDRAEMTrainDataset,
     blend_anomaly,
     to_chw,
+    train_image_paths,
 )
 from perlin import perlin_mask_batch, rotate_maps
 
@@ -291,10 +293,12 @@ def synthesize_batch(
 class RawTrainDataset(MVTecDRAEMTrainDataset):
     """What the DataLoader hands to `synthesize_batch`: decoded, resized uint8 images, nothing else.
 
-    Items are {"image": uint8 3×H×W, "source": uint8 3×H×W} (no "source" without a source folder:
-    the device draws the noise). Training images are decoded once when the dataset is built and
-    shared with forked workers; sources go through the CPU dataset's bounded cache. As on the CPU
-    path the index is ignored: image and source are drawn uniformly from torch's (per-worker) stream.
+    The CPU-path training set (same constructor, same image list, so validation.hold_out works on it
+    too) with another item: {"image": uint8 3×H×W, "source": uint8 3×H×W}, without "source" when
+    there is no source folder (the device draws the noise). Training images are decoded once when the
+    dataset is built and shared with forked workers; sources go through the CPU dataset's bounded
+    cache. As on the CPU path the index is ignored: image and source are drawn uniformly from torch's
+    (per-worker) random stream.
     """
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -303,6 +307,18 @@ class RawTrainDataset(MVTecDRAEMTrainDataset):
         if self.source_paths:
             item["source"] = torch.from_numpy(to_chw(self.draw_source(rng)))
         return item
+
+
+def make_raw_train_dataset(
+    layout: str,
+    data_path: str | os.PathLike,
+    category: str,
+    anomaly_source_path: str | os.PathLike | None = None,
+    resize_shape: tuple[int, int] = (256, 256),
+) -> RawTrainDataset:
+    """data_loader.make_train_dataset for the device path: the raw training set of `category` in a dataset of `layout`."""
+    paths = train_image_paths(layout, data_path, category)
+    return RawTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=resize_shape, image_paths=paths)
 
 
 def device_generator(device: torch.device, seed: int) -> torch.Generator:

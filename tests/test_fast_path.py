@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from test_synthesis_gpu import one_thread  # noqa: F401  (an autouse fixture: these tests run on one thread too)
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from errors import DraemInputError
@@ -14,15 +15,6 @@ from synthesis_gpu import synthesize_batch
 
 CPU = torch.device("cpu")
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: a second OpenMP thread makes these tests ~10x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def relative_error(approximate: torch.Tensor, exact: torch.Tensor) -> float:

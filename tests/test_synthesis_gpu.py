@@ -13,6 +13,7 @@ from synthesis_gpu import (
     RawTrainDataset,
     augment_sources,
     draw_augmentation_indices,
+    make_raw_train_dataset,
     synthesize_batch,
     to_float,
 )
@@ -178,12 +179,17 @@ def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
 
 def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     torch.manual_seed(0)
-    dataset = RawTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    dataset = make_raw_train_dataset("mvtec", tiny_mvtec.mvtec_root, tiny_mvtec.categories[0], tiny_mvtec.texture_root, (64, 64))
+    assert isinstance(dataset, RawTrainDataset) and len(dataset) == 6
     batch = next(iter(DataLoader(dataset, batch_size=6)))
     assert batch["image"].dtype == batch["source"].dtype == torch.uint8
     assert batch["image"].shape == batch["source"].shape == (6, 3, 64, 64)
-    cached = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
-    assert all((cached == image).flatten(1).all(1).any() for image in batch["image"])
+    sources = torch.stack([torch.from_numpy(dataset.draw_source(np.random.default_rng(i))).permute(2, 0, 1) for i in range(64)])
+    assert all((sources == source).flatten(1).all(1).any() for source in batch["source"])
+    dataset.images = dataset.images[1:]  # as validation.hold_out does: only what is left is drawn
+    kept = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
+    images = next(iter(DataLoader(dataset, batch_size=64)))["image"]
+    assert all((kept == image).flatten(1).all(1).any() for image in images)
     without_sources = RawTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
     assert set(without_sources[0]) == {"image"}
 
