@@ -73,7 +73,8 @@ def train_step(
     """
     with autocast(image.device, precision):
         reconstruction, logits = model(to_memory_format(augmented, channels_last))
-    loss, parts = criterion(reconstruction, image, logits, mask, model.sspcab_io)
+    unwrapped = getattr(model, "module", model)  # DistributedDataParallel keeps the DraemModel as .module
+    loss, parts = criterion(reconstruction, image, logits, mask, unwrapped.sspcab_io)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -21,7 +21,7 @@ from data_loader import LAYOUTS, categories_for, make_test_dataset
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from model_unet import DraemModel, anomaly_map
-from runtime import select_device
+from runtime import PRECISIONS, autocast, prepare_model, select_device, to_memory_format
 from visualize import heatmap_overlay, save_png
 
 
@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
     extra.add_argument("--image_size", type=int, default=256, help="side the test images and masks are resized to (released: 256)")
     extra.add_argument("--batch_size", type=int, default=1, help="test batch size (released: 1; larger is faster, same scores)")
+    extra.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: forward under bf16 autocast (metrics stay fp32)")
+    extra.add_argument("--channels_last", action="store_true", help="channels-last memory layout for weights and inputs")
+    extra.add_argument("--compile", action="store_true", help="torch.compile the model (slow first batch; needs a C compiler)")
     extra.add_argument("--output_dir", default="results", help="folder for the results tables and the overlays")
     extra.add_argument("--save_images", action="store_true", help="save a heat-map overlay (image, ground-truth contour, anomaly map) per test image")
     return parser.parse_args(argv)
@@ -52,14 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate_category(
     model: DraemModel, data_path: str | Path, category: str, image_size: int, device: torch.device,
     batch_size: int = 1, overlay_dir: Path | None = None, layout: str = "mvtec", mask_suffix: str = "_mask",
+    precision: str = "fp32", channels_last: bool = False,
 ) -> dict[str, float]:
     """Run the released protocol on one category's test set; optionally save an overlay per image."""
     dataset = make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
     evaluator = DraemEvaluator(len(dataset), image_size, image_size)
     model.eval().to(device)
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"test {category}", leave=False, dynamic_ncols=True):
-        image = batch["image"].to(device)
-        _, logits = model(image)
+        image = to_memory_format(batch["image"].to(device), channels_last)
+        with autocast(device, precision):
+            _, logits = model(image)
         amap = anomaly_map(logits)
         evaluator.update(amap, batch["mask"], batch["has_anomaly"])
         if overlay_dir is not None:
@@ -82,9 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     overlay_dir = Path(args.output_dir) / "overlays" if args.save_images else None
     per_category = {}
     for category in categories:
-        model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, category)
-        per_category[category] = evaluate_category(model, args.data_path, category, args.image_size, device,
-                                                   args.batch_size, overlay_dir, args.dataset, args.mask_suffix)
+        model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category).to(device),
+                              args.channels_last, args.compile)
+        per_category[category] = evaluate_category(model, args.data_path, category, args.image_size, device, args.batch_size,
+                                                   overlay_dir, args.dataset, args.mask_suffix, args.precision, args.channels_last)
     rows = results_rows(per_category)
     written = write_results(rows, args.output_dir, f"results_{args.base_model_name}")
     print(format_markdown(rows))

@@ -27,6 +27,8 @@ from data_loader import LAYOUTS, MVTecDRAEMTrainDataset, categories_for, make_tr
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map
+from runtime import PRECISIONS, loader_settings, prepare_model, train_step
+from synthesis_gpu import device_generator, make_raw_train_dataset, synthesize_batch
 from visualize import save_png, training_grid
 
 DEMO_ROOT = Path("datasets/demo")
@@ -61,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
     extra.add_argument("--sspcab_lambda", type=float, default=0.1, help="weight of the SSPCAB loss")
     extra.add_argument("--demo", action="store_true", help="make the demo dataset if absent, train small models on CPU and test them; other flags keep their meaning")
+    fast = parser.add_argument_group("fast path (off by default; checkpoints keep the released format)")
+    fast.add_argument("--synthesis", choices=("cpu", "gpu"), default="cpu",
+                      help="cpu: the faithful per-sample synthesis in the loader workers; gpu: batched on the training device "
+                           "(same distributions; workers only decode; persistent workers, so --resume is seeded but not bitwise)")
+    fast.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: forward under bf16 autocast; losses stay fp32")
+    fast.add_argument("--channels_last", action="store_true", help="channels-last memory layout for weights and inputs")
+    fast.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step; needs a C compiler)")
     val = parser.add_argument_group("validation during training (off by default: then every training image is trained on, as in the paper)")
     val.add_argument("--val_every", type=int, default=0, help="evaluate on held-out synthetic anomalies every N epochs and after the last; 0: off")
     val.add_argument("--val_fraction", type=float, default=0.1, help="fraction of the training images held out, never trained on (at least 1; chosen by --seed)")
@@ -105,7 +114,8 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
     """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
-    dataset = make_train_dataset(args.dataset, args.data_path, category, args.anomaly_source_path, (args.image_size, args.image_size))
+    make = make_raw_train_dataset if args.synthesis == "gpu" else make_train_dataset
+    dataset = make(args.dataset, args.data_path, category, args.anomaly_source_path, (args.image_size, args.image_size))
     if not args.val_every:
         return dataset, None
     held_paths, held_images = validation.hold_out(dataset, args.val_fraction, args.seed)  # on every rank: none trains on them
@@ -117,26 +127,42 @@ def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTr
     return dataset, val_set
 
 
-def make_loader(args: argparse.Namespace, dataset: MVTecDRAEMTrainDataset, generator: torch.Generator) -> DataLoader:
+def make_loader(args: argparse.Namespace, dataset: MVTecDRAEMTrainDataset, generator: torch.Generator, device: torch.device) -> DataLoader:
     sampler = distributed.rank_sampler(dataset)  # None in a single process: shuffle as released
-    return DataLoader(dataset, batch_size=args.bs, shuffle=sampler is None, sampler=sampler, num_workers=args.workers,
-                      generator=generator, worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available(), drop_last=False)
+    if args.synthesis == "gpu":
+        settings = loader_settings(device, args.workers)
+    else:  # fresh workers each epoch, reseeded from `generator`: what makes --resume bitwise exact
+        settings = {"num_workers": args.workers, "pin_memory": device.type == "cuda"}
+    return DataLoader(dataset, batch_size=args.bs, shuffle=sampler is None, sampler=sampler, generator=generator,
+                      worker_init_fn=worker_init_fn, drop_last=False, **settings)
 
 
-def rng_state(generator: torch.Generator, device: torch.device) -> dict:
+def training_batch(batch: dict, device: torch.device, synthesis: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """(image, augmented image, mask) on the device: moved from the loader, or synthesised there with --synthesis gpu."""
+    if synthesis is not None:
+        source = batch["source"].to(device, non_blocking=True) if "source" in batch else None
+        batch = synthesize_batch(batch["image"].to(device, non_blocking=True), source, synthesis)
+    return tuple(batch[key].to(device, non_blocking=True) for key in ("image", "augmented_image", "anomaly_mask"))
+
+
+def rng_state(generator: torch.Generator, device: torch.device, synthesis: torch.Generator | None) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "loader": generator.get_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if synthesis is not None:
+        state["synthesis"] = synthesis.get_state()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device, synthesis: torch.Generator | None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["loader"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+    if synthesis is not None and "synthesis" in state:
+        synthesis.set_state(state["synthesis"])
 
 
 def resume_path(checkpoint_dir: str | Path, base_name: str, category: str) -> Path:
@@ -151,7 +177,7 @@ def first_nonfinite_step(losses: torch.Tensor) -> int | None:
 
 
 def resume(path: Path, model: DraemModel, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-           generator: torch.Generator, device: torch.device) -> tuple[int, list[str], float | None]:
+           generator: torch.Generator, device: torch.device, synthesis: torch.Generator | None) -> tuple[int, list[str], float | None]:
     """Restore a run from its resume file; return (epochs done, log lines, best validation pixel AP)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     load_state_dict_checked(model, state["model"], str(path))
@@ -160,7 +186,7 @@ def resume(path: Path, model: DraemModel, optimizer: torch.optim.Optimizer, sche
     if len(state["rng"]) != distributed.world_size():
         raise DraemInputError(f"{path} was written by {len(state['rng'])} training process(es), this run has "
                               f"{distributed.world_size()}: resume with the same number of processes, or leave out --resume")
-    set_rng_state(state["rng"][distributed.rank()], generator, device)  # each rank continues its own random stream
+    set_rng_state(state["rng"][distributed.rank()], generator, device, synthesis)  # each rank continues its own random stream
     return state["epoch"], state["log_lines"], state["best_val_pixel_ap"]
 
 
@@ -183,7 +209,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     generator = torch.Generator().manual_seed(seed)
     base_name = run_base_name(args.lr, args.epochs, args.bs)
     dataset, val_set = make_datasets(args, category)
-    loader = make_loader(args, dataset, generator)
+    loader = make_loader(args, dataset, generator, device)
+    synthesis = device_generator(device, seed) if args.synthesis == "gpu" else None
     model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # Released milestones: 80 % and 90 % of the epochs. The released float milestones are never reached when
@@ -195,9 +222,10 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     start_epoch, log_lines, best = 0, [], None
     resume_file = resume_path(args.checkpoint_path, base_name, category)
     if args.resume and resume_file.is_file():
-        start_epoch, log_lines, best = resume(resume_file, model, optimizer, scheduler, generator, device)
+        start_epoch, log_lines, best = resume(resume_file, model, optimizer, scheduler, generator, device, synthesis)
         if distributed.is_main():
             print(f"{category}: resuming after epoch {start_epoch}/{args.epochs}")
+    prepare_model(model, args.channels_last, args.compile)  # in place: the state-dict keys stay the released ones
     net = distributed.wrap_model(model, device, args.sync_bn)  # what the loop calls; `model` is what is saved
 
     step = start_epoch * len(loader)
@@ -206,20 +234,15 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         started, losses, part_sums = time.time(), [], {}
         progress = tqdm(loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
         for batch in progress:
-            image = batch["image"].to(device, non_blocking=True)
-            augmented = batch["augmented_image"].to(device, non_blocking=True)
-            mask = batch["anomaly_mask"].to(device, non_blocking=True)
-            reconstruction, logits = net(augmented)
-            loss, parts = criterion(reconstruction, image, logits, mask, model.sspcab_io)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
+            image, augmented, mask = training_batch(batch, device, synthesis)
+            loss, parts, reconstruction, logits = train_step(net, criterion, optimizer, image, augmented, mask,
+                                                             args.precision, args.channels_last)
+            losses.append(loss)
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0.0) + value
             step += 1
             if args.visualize and distributed.is_main() and step % args.visualize_every == 0:
-                grid = training_grid(augmented, reconstruction.detach(), image, mask, anomaly_map(logits.detach()))
+                grid = training_grid(augmented, reconstruction.float(), image, mask, anomaly_map(logits))
                 save_png(Path(args.log_path) / f"{base_name}_{category}_step{step:07d}.png", grid)
             if len(losses) % 10 == 0:
                 progress.set_postfix(loss=f"{losses[-1].item():.4f}")
@@ -232,7 +255,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
                 f"stopped, the last good checkpoint (epoch {epoch}) is kept in {args.checkpoint_path} (try a lower --lr)"
             )
         scheduler.step()
-        rng_states = distributed.gather_objects(rng_state(generator, device))  # all ranks' streams, so each resumes its own
+        rng_states = distributed.gather_objects(rng_state(generator, device, synthesis))  # all ranks' streams, so each resumes its own
         if not distributed.is_main():
             continue
         record = {"category": category, "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],

@@ -90,3 +90,33 @@ def test_bad_input_is_one_line_and_exit_1(tiny_mvtec, tmp_path):
                           "no .png/.jpg/.jpeg training images")
     assert_one_line_error(run_script("test_draem.py", "--obj_id", "brick", "--data_path", data, "--checkpoint_path", str(tmp_path)),
                           "checkpoint not found")
+
+
+def test_fast_options_train_and_their_checkpoints_load_in_the_plain_path(tiny_mvtec, tmp_path):
+    fast = ["--synthesis", "gpu", "--precision", "bf16", "--channels_last"]
+    train_draem.main([*train_args(tiny_mvtec, tmp_path), *fast])
+    log = [json.loads(line) for line in (tmp_path / "logs" / "DRAEM_test_0.0001_2_bs4_brick_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(0 < r["loss"] < 10 for r in log)
+    results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path",
+                               str(tmp_path / "ckpt"), "--base_model_name", "DRAEM_test_0.0001_2_bs4", "--image_size", "64",
+                               "--output_dir", str(tmp_path / "results")])
+    assert all(0.0 <= v <= 1.0 for v in results["brick"].values())
+
+
+def test_device_synthesis_resumes_exactly_without_workers(tiny_mvtec, tmp_path, monkeypatch):
+    args = lambda out: [*train_args(tiny_mvtec, out), "--synthesis", "gpu"]  # noqa: E731
+    train_draem.main(args(tmp_path / "full"))
+    real_write = train_draem.atomic_write_text
+
+    def crash_after_first_epoch(path, text):
+        real_write(path, text)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_draem, "atomic_write_text", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_draem.main(args(tmp_path / "cut"))
+    monkeypatch.setattr(train_draem, "atomic_write_text", real_write)
+    train_draem.main([*args(tmp_path / "cut"), "--resume"])
+    for full, resumed in zip(read_states(tmp_path / "full" / "ckpt"), read_states(tmp_path / "cut" / "ckpt")):
+        for key in full:
+            torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
