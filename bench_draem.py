@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from atomic import atomic_write_text
 from data_loader import MVTecDRAEMTrainDataset, seed_everything
-from errors import exit_on_input_error
+from errors import ArgumentParser, exit_on_input_error
 from loss import DraemLoss
 from make_demo_data import make_demo_dataset
 from model_unet import DraemModel
@@ -68,7 +68,7 @@ DEFAULTS = {"cuda": (8, 20, 3, 20, 512, 8192), "cpu": (2, 3, 1, 2, 32, 512)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_width", type=int, default=128, help="reconstructive network width (paper: 128)")
     parser.add_argument("--seg_base_width", type=int, default=64, help="discriminative network width (paper: 64)")
     parser.add_argument("--image_size", type=int, default=256, help="side of the square images; a multiple of 32 (paper: 256)")
@@ -134,12 +134,13 @@ def matmul_tflops(device: torch.device, side: int, dtype: torch.dtype) -> float:
     return 2 * side**3 * calls / elapsed / 1e12
 
 
-def demo_data(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path | None]:
-    """The train/good folder and texture folder the synthesis rows read."""
-    if args.data_path is not None:
-        return Path(args.data_path), args.anomaly_source_path
+def benchmark_data(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path]:
+    """The train/good folder and texture folder the synthesis reads: the flags', else demo data made in `scratch`."""
+    if args.data_path is not None and args.anomaly_source_path is not None:
+        return Path(args.data_path), Path(args.anomaly_source_path)
     demo = make_demo_dataset(scratch, image_size=args.image_size, n_train=16, n_test_good=1, n_test_per_defect=1, n_sources=8)
-    return demo.mvtec_root / demo.categories[0] / "train" / "good", demo.texture_root
+    train_dir = demo.mvtec_root / demo.categories[0] / "train" / "good"
+    return Path(args.data_path or train_dir), Path(args.anomaly_source_path or demo.texture_root)
 
 
 def raw_batch(dataset: RawTrainDataset, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -248,7 +249,7 @@ TRAIN_COLUMNS = (
 
 
 def table_row(name: str, cells: list[str]) -> str:
-    return f"{name:44s}" + "".join(f"{cell:>11s}" for cell in cells)
+    return f"{name:52s}" + "".join(f"{cell:>11s}" for cell in cells)
 
 
 def format_table(results: dict) -> str:
@@ -267,7 +268,7 @@ def format_table(results: dict) -> str:
         values = {**row, "speedup": row["samples_per_s"] / base, "percent_of_bf16_matmul": 100 * row["fraction_of_bf16_matmul"],
                   "percent_of_fp32_matmul": 100 * row["fraction_of_fp32_matmul"]}
         lines.append(table_row(row["config"], [fmt.format(values[key]) for _, key, fmt in TRAIN_COLUMNS]))
-    lines += [f"{name:44s} skipped: {reason}" for name, reason in results["skipped"].items()]
+    lines += [f"{name:52s}skipped: {reason}" for name, reason in results["skipped"].items()]
     synthesis = results["synthesis"]
     lines += [
         "",
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
                "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width], "image_size": args.image_size,
                "batch_size": args.batch_size, "args": vars(args), "matmul_tflops": matmul, "skipped": {}, "train": [], "inference": []}
     with tempfile.TemporaryDirectory() as scratch:
-        train_dir, sources = demo_data(args, Path(scratch))
+        train_dir, sources = benchmark_data(args, Path(scratch))
         size = (args.image_size, args.image_size)
         cpu_dataset, raw_dataset = MVTecDRAEMTrainDataset(train_dir, sources, size), RawTrainDataset(train_dir, sources, size)
         raw = raw_batch(raw_dataset, args.batch_size, device)
