@@ -84,12 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(native bf16; CPUs without it emulate bf16 tens of times slower)")
     parser.add_argument("--data_path", help="a train/good folder for the synthesis rows (default: demo images made in a temp folder)")
     parser.add_argument("--anomaly_source_path", help="texture folder for the synthesis rows (default: the demo textures)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a CPU shared with other jobs, "
+                                                     "1 (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning against each other")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch and the synthesis")
     parser.add_argument("--output", default="results/bench_draem.json", help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
     if args.image_size % 32:
         parser.error(f"--image_size must be a multiple of 32, got {args.image_size}")
-    for name in ("base_width", "seg_base_width", "batch_size", "steps"):
+    for name in ("base_width", "seg_base_width", "batch_size", "steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
@@ -302,6 +304,8 @@ def skip_reasons(options: Options, compile_on: bool, bf16_on: bool, matmul: dict
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = select_device(args.device, args.gpu_id)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_size, steps, warmup, repeats, synthesis_samples, matmul_side = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.batch_size = args.batch_size or batch_size
     args.steps = args.steps or steps
