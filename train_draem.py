@@ -102,7 +102,7 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
     """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
     from make_demo_data import make_demo_dataset
 
-    demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"), "epochs": 40,
+    demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"), "epochs": 32,
             "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
     for name, value in demo.items():

@@ -48,24 +48,29 @@ def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
     assert len(list((tmp_path / "results" / "overlays" / "brick").glob("*.png"))) == n_test
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_mvtec, tmp_path, monkeypatch):
-    train_draem.main(train_args(tiny_mvtec, tmp_path / "full"))
-
+def assert_resume_reproduces_an_uninterrupted_run(argv: list[str], tmp_path: Path, monkeypatch) -> None:
+    """Train 2 epochs straight; train again but kill after epoch 1, then --resume: same final weights."""
+    train_draem.main([*argv, "--checkpoint_path", str(tmp_path / "full" / "ckpt"), "--log_path", str(tmp_path / "full" / "logs")])
+    cut = [*argv, "--checkpoint_path", str(tmp_path / "cut" / "ckpt"), "--log_path", str(tmp_path / "cut" / "logs")]
     real_write = train_draem.atomic_write_text
+
     def crash_after_first_epoch(path, text):
         real_write(path, text)
         raise KeyboardInterrupt  # as if the process were killed right after epoch 1 was saved
 
     monkeypatch.setattr(train_draem, "atomic_write_text", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_draem.main(train_args(tiny_mvtec, tmp_path / "cut"))
+        train_draem.main(cut)
     monkeypatch.setattr(train_draem, "atomic_write_text", real_write)
-    train_draem.main([*train_args(tiny_mvtec, tmp_path / "cut"), "--resume"])
-
+    train_draem.main([*cut, "--resume"])
     for full, resumed in zip(read_states(tmp_path / "full" / "ckpt"), read_states(tmp_path / "cut" / "ckpt")):
         assert list(full) == list(resumed)
         for key in full:
             torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_mvtec, tmp_path, monkeypatch):
+    assert_resume_reproduces_an_uninterrupted_run(train_args(tiny_mvtec, tmp_path), tmp_path, monkeypatch)
     logged = (tmp_path / "cut" / "logs" / "DRAEM_test_0.0001_2_bs4_brick_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in logged] == [1, 2]
 
@@ -104,19 +109,5 @@ def test_fast_options_train_and_their_checkpoints_load_in_the_plain_path(tiny_mv
 
 
 def test_device_synthesis_resumes_exactly_without_workers(tiny_mvtec, tmp_path, monkeypatch):
-    args = lambda out: [*train_args(tiny_mvtec, out), "--synthesis", "gpu"]  # noqa: E731
-    train_draem.main(args(tmp_path / "full"))
-    real_write = train_draem.atomic_write_text
-
-    def crash_after_first_epoch(path, text):
-        real_write(path, text)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_draem, "atomic_write_text", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_draem.main(args(tmp_path / "cut"))
-    monkeypatch.setattr(train_draem, "atomic_write_text", real_write)
-    train_draem.main([*args(tmp_path / "cut"), "--resume"])
-    for full, resumed in zip(read_states(tmp_path / "full" / "ckpt"), read_states(tmp_path / "cut" / "ckpt")):
-        for key in full:
-            torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    argv = [*train_args(tiny_mvtec, tmp_path), "--synthesis", "gpu"]
+    assert_resume_reproduces_an_uninterrupted_run(argv, tmp_path, monkeypatch)
