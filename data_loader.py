@@ -507,10 +507,14 @@ def make_train_dataset(
     category: str,
     anomaly_source_path: str | os.PathLike | None = None,
     resize_shape: tuple[int, int] = (256, 256),
+    dataset_class: type[MVTecDRAEMTrainDataset] = MVTecDRAEMTrainDataset,
 ) -> MVTecDRAEMTrainDataset:
-    """The synthetic-anomaly training set of `category` in a dataset of `layout`."""
+    """The synthetic-anomaly training set of `category` in a dataset of `layout`.
+
+    `dataset_class` may be a subclass with other items, e.g. synthesis_gpu.RawTrainDataset.
+    """
     paths = train_image_paths(layout, data_path, category)
-    return MVTecDRAEMTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=resize_shape, image_paths=paths)
+    return dataset_class(anomaly_source_path=anomaly_source_path, resize_shape=resize_shape, image_paths=paths)
 
 
 def make_test_dataset(

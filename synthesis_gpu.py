@@ -20,7 +20,6 @@ float32 HSV -> RGB step may round differently from OpenCV's vectorised code.
 The training image and anomaly source of each item are drawn uniformly at random by the loader, as on
 the CPU path (the dataset index is ignored).
 """
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -36,7 +35,6 @@ from data_loader import (
     MVTecDRAEMTrainDataset,
     blend_anomaly,
     to_chw,
-    train_image_paths,
 )
 from perlin import perlin_mask_batch, rotate_maps
 
@@ -307,18 +305,6 @@ class RawTrainDataset(MVTecDRAEMTrainDataset):
         if self.source_paths:
             item["source"] = torch.from_numpy(to_chw(self.draw_source(rng)))
         return item
-
-
-def make_raw_train_dataset(
-    layout: str,
-    data_path: str | os.PathLike,
-    category: str,
-    anomaly_source_path: str | os.PathLike | None = None,
-    resize_shape: tuple[int, int] = (256, 256),
-) -> RawTrainDataset:
-    """data_loader.make_train_dataset for the device path: the raw training set of `category` in a dataset of `layout`."""
-    paths = train_image_paths(layout, data_path, category)
-    return RawTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=resize_shape, image_paths=paths)
 
 
 def device_generator(device: torch.device, seed: int) -> torch.Generator:

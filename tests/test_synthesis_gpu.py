@@ -7,13 +7,12 @@ from torch.utils.data import DataLoader, default_collate
 import augment
 import data_loader
 import synthesis_gpu
-from data_loader import MAX_BETA, MVTecDRAEMTrainDataset, blend_anomaly
+from data_loader import MAX_BETA, MVTecDRAEMTrainDataset, blend_anomaly, make_train_dataset
 from synthesis_gpu import (
     DEVICE_AUGMENTATIONS,
     RawTrainDataset,
     augment_sources,
     draw_augmentation_indices,
-    make_raw_train_dataset,
     synthesize_batch,
     to_float,
 )
@@ -179,7 +178,8 @@ def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
 
 def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     torch.manual_seed(0)
-    dataset = make_raw_train_dataset("mvtec", tiny_mvtec.mvtec_root, tiny_mvtec.categories[0], tiny_mvtec.texture_root, (64, 64))
+    dataset = make_train_dataset("mvtec", tiny_mvtec.mvtec_root, tiny_mvtec.categories[0], tiny_mvtec.texture_root, (64, 64),
+                                 dataset_class=RawTrainDataset)
     assert isinstance(dataset, RawTrainDataset) and len(dataset) == 6
     batch = next(iter(DataLoader(dataset, batch_size=6)))
     assert batch["image"].dtype == batch["source"].dtype == torch.uint8
