@@ -11,6 +11,7 @@ import torch
 
 import test_draem
 from checkpoints import model_from_checkpoint, save_checkpoint
+from data_loader import MVTecDRAEMTestDataset
 from metrics import DraemEvaluator
 from model_unet import DraemModel
 from predict import main
@@ -78,7 +79,7 @@ def protocol_scores(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(test_draem, "DraemEvaluator", RecordingEvaluator)
     model = model_from_checkpoint(setup["checkpoints"], BASE_NAME, CATEGORY)
     test_draem.evaluate_category(model, setup["data"], CATEGORY, SIZE, torch.device("cpu"), batch_size=1)
-    dataset = test_draem.MVTecDRAEMTestDataset(setup["test"], resize_shape=(SIZE, SIZE))
+    dataset = MVTecDRAEMTestDataset(setup["test"], resize_shape=(SIZE, SIZE))
     paths = [str(Path(dataset[i]["path"]).resolve()) for i in range(len(dataset))]
     (evaluator,) = evaluators
     return dict(zip(paths, evaluator.scores[: evaluator.count].tolist()))
