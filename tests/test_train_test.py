@@ -111,3 +111,23 @@ def test_fast_options_train_and_their_checkpoints_load_in_the_plain_path(tiny_mv
 def test_device_synthesis_resumes_exactly_without_workers(tiny_mvtec, tmp_path, monkeypatch):
     argv = [*train_args(tiny_mvtec, tmp_path), "--synthesis", "gpu"]
     assert_resume_reproduces_an_uninterrupted_run(argv, tmp_path, monkeypatch)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_mvtec, tmp_path, monkeypatch, capsys):
+    class LossThatExplodes(train_draem.DraemLoss):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            total, parts = super().forward(*args, **kwargs)
+            LossThatExplodes.calls += 1
+            return (total * float("nan") if LossThatExplodes.calls == 3 else total), parts
+
+    monkeypatch.setattr(train_draem, "DraemLoss", LossThatExplodes)
+    with pytest.raises(SystemExit) as stopped:
+        train_draem.main(train_args(tiny_mvtec, tmp_path))  # 6 images, batch 4: 2 steps per epoch
+    assert stopped.value.code == 1
+    assert "loss became nan at epoch 2, step 3" in capsys.readouterr().err.strip().splitlines()[-1]
+    log = (tmp_path / "logs" / "DRAEM_test_0.0001_2_bs4_brick_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1]
+    for state in read_states(tmp_path / "ckpt"):
+        assert all(torch.isfinite(v.float()).all() for v in state.values())
