@@ -39,7 +39,7 @@ from data_loader import MVTecDRAEMTrainDataset, seed_everything
 from errors import ArgumentParser, exit_on_input_error
 from loss import DraemLoss
 from make_demo_data import make_demo_dataset
-from model_unet import DraemModel
+from model_unet import DraemModel, check_image_size
 from runtime import autocast, prepare_model, select_device, to_memory_format, train_step
 from synthesis_gpu import RawTrainDataset, device_generator, synthesize_batch
 
@@ -89,8 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch and the synthesis")
     parser.add_argument("--output", default="results/bench_draem.json", help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
-    if args.image_size % 32:
-        parser.error(f"--image_size must be a multiple of 32, got {args.image_size}")
+    check_image_size(args.image_size)
     for name in ("base_width", "seg_base_width", "batch_size", "steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -26,7 +26,8 @@ import torch
 from atomic import atomic_write_bytes
 from checkpoints import model_from_checkpoint
 from errors import DraemInputError, exit_on_input_error
-from predict import DraemScorer, add_checkpoint_args, check_image_size
+from model_unet import check_image_size
+from predict import DraemScorer, add_checkpoint_args
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")

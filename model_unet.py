@@ -43,6 +43,12 @@ def check_divisible(x: torch.Tensor, factor: int) -> None:
         )
 
 
+def check_image_size(image_size: int) -> None:
+    """A --image_size flag: the discriminative U-Net pools five times, so a positive multiple of 32."""
+    if image_size < 32 or image_size % 32:
+        raise DraemInputError(f"--image_size must be a positive multiple of 32 (e.g. 256), got {image_size}")
+
+
 class SSPCAB(nn.Module):
     """Self-supervised predictive convolutional attentive block (Ristea et al., CVPR 2022).
 

@@ -28,7 +28,7 @@ from checkpoints import model_from_checkpoint
 from data_loader import read_image, to_chw
 from errors import DraemInputError, exit_on_input_error
 from metrics import image_scores
-from model_unet import DraemModel, anomaly_map
+from model_unet import DraemModel, anomaly_map, check_image_size
 from runtime import select_device
 from visualize import heatmap_overlay, save_png
 
@@ -51,12 +51,6 @@ class DraemScorer(nn.Module):
         _, logits = self.model(image)
         amap = anomaly_map(logits)
         return amap, image_scores(amap)
-
-
-def check_image_size(image_size: int) -> None:
-    """The U-Nets pool five times, so the image side must be a positive multiple of 32."""
-    if image_size < 32 or image_size % 32:
-        raise DraemInputError(f"--image_size must be a positive multiple of 32 (e.g. 256), got {image_size}")
 
 
 def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:

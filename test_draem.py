@@ -19,8 +19,8 @@ from tqdm import tqdm
 from checkpoints import model_from_checkpoint, run_base_name
 from data_loader import LAYOUTS, categories_for, make_test_dataset
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
-from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
-from model_unet import DraemModel, anomaly_map
+from metrics import DraemEvaluator, format_markdown, results_rows, write_results
+from model_unet import DraemModel, anomaly_map, check_image_size
 from runtime import PRECISIONS, autocast, prepare_model, select_device, to_memory_format
 from visualize import heatmap_overlay, save_png
 
@@ -68,7 +68,8 @@ def evaluate_category(
         amap = anomaly_map(logits)
         evaluator.update(amap, batch["mask"], batch["has_anomaly"])
         if overlay_dir is not None:
-            for i, score in enumerate(image_scores(amap).tolist()):
+            batch_scores = evaluator.scores[evaluator.count - len(amap) : evaluator.count]  # just computed by update()
+            for i, score in enumerate(batch_scores.tolist()):
                 path = Path(batch["path"][i])
                 overlay = heatmap_overlay(batch["image"][i], amap[i].cpu(), batch["mask"][i], score=score)
                 save_png(overlay_dir / category / f"{path.parent.name}_{path.stem}.png", overlay)
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if not Path(args.data_path).is_dir():
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
-    if args.image_size % 32:
-        raise DraemInputError(f"--image_size must be a multiple of 32, got {args.image_size}")
+    check_image_size(args.image_size)
     device = select_device(args.device, args.gpu_id)
     overlay_dir = Path(args.output_dir) / "overlays" if args.save_images else None
     per_category = {}

@@ -26,7 +26,7 @@ from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name
 from data_loader import LAYOUTS, MVTecDRAEMTrainDataset, categories_for, make_train_dataset, seed_everything, worker_init_fn
 from errors import ArgumentParser, DraemInputError, exit_on_input_error
 from loss import DraemLoss
-from model_unet import DraemModel, anomaly_map
+from model_unet import DraemModel, anomaly_map, check_image_size
 from runtime import PRECISIONS, loader_settings, prepare_model, train_step
 from synthesis_gpu import RawTrainDataset, device_generator, synthesize_batch
 from visualize import save_png, training_grid
@@ -83,8 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         apply_demo_defaults(args, parser)
     if args.data_path is None:
         parser.error("--data_path is required (or use --demo)")
-    if args.image_size % 32:
-        parser.error(f"--image_size must be a multiple of 32, got {args.image_size}")
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
     check_validation_args(args, parser)
@@ -279,6 +277,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_image_size(args.image_size)
     if not Path(args.data_path).is_dir():
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
