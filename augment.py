@@ -1,4 +1,4 @@
-"""The 10 operations DRAEM applies to an anomaly source image, and the "3 distinct, in drawn order" sampler (spec §2.3).
+"""The 10 operations DRAEM applies to an anomaly source image, and the "3 distinct, in drawn order" sampler (METHOD.md §2).
 
 Every operation takes and returns a uint8 H x W x 3 array in OpenCV layout and never modifies its
 input (the data loader caches sources). They use torchvision.transforms.v2.functional where it
@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 AUGMENTATIONS_PER_SOURCE = 3
@@ -106,20 +107,61 @@ def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     return rotated.reshape(image.shape)
 
 
+def rotate_maps(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate maps (B, H, W) about their centre by degrees (B,), bilinear with zero fill.
+
+    Same convention as `rotate` (OpenCV: positive angles turn the content counter-clockwise
+    on screen), so the CPU and the device path rotate alike.
+    """
+    height, width = maps.shape[-2:]
+    theta = torch.deg2rad(degrees.to(maps.dtype))
+    cos, sin = theta.cos(), theta.sin()
+    # affine_grid maps output to input positions in [-1, 1] coordinates; the aspect ratio terms keep
+    # the rotation rigid in pixel space for non-square maps.
+    affine = torch.zeros(maps.shape[0], 2, 3, dtype=maps.dtype, device=maps.device)
+    affine[:, 0, 0] = cos
+    affine[:, 0, 1] = -sin * height / width
+    affine[:, 1, 0] = sin * width / height
+    affine[:, 1, 1] = cos
+    grid = F.affine_grid(affine, [maps.shape[0], 1, height, width], align_corners=False)
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+# The released program's parameter ranges (imgaug), METHOD.md §2: one table for the CPU path below
+# and the device path (synthesis_gpu.py). Float ranges are [low, high); integer ranges are [low, high)
+# as NumPy's and torch's integer draws take them (so (-50, 51) is -50..50).
+RANGES = {
+    "gamma": (0.5, 2.0),  # gamma_contrast, one gamma per channel
+    "brightness_multiply": (0.8, 1.2),
+    "brightness_add": (-30.0, 30.0),  # on the 0..255 scale
+    "sharpness": (0.0, 2.0),
+    "hue_shift": (-50, 51),  # integers on OpenCV's 0..255 full hue circle
+    "saturation_shift": (-50, 51),  # integers
+    "solarize_probability": 0.5,  # imgaug's Solarize(0.5, ...): a skipped coin flip still counts as one of the three
+    "solarize_threshold": (32.0, 128.0),
+    "posterize_bits": (1, 9),  # integers: 1..8 bits kept
+    "autocontrast_cutoff": (0, 21),  # integer percent
+    "rotate_degrees": (-45.0, 45.0),
+}
+
 # Each entry draws its parameters from the generator, then applies the named operation.
-# Ranges are the released program's (imgaug) ones, spec §2.3.
 AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "gamma_contrast": lambda img, rng: gamma_contrast(img, rng.uniform(0.5, 2.0, size=3)),
-    "brightness": lambda img, rng: brightness(img, rng.uniform(0.8, 1.2), rng.uniform(-30.0, 30.0)),
-    "sharpness": lambda img, rng: sharpness(img, rng.uniform(0.0, 2.0)),
-    "hue_saturation": lambda img, rng: hue_saturation(img, int(rng.integers(-50, 51)), int(rng.integers(-50, 51))),
-    # imgaug's Solarize(0.5, ...) still counts as one of the three when its coin flip says "skip".
-    "solarize": lambda img, rng: solarize(img, rng.uniform(32.0, 128.0)) if rng.random() < 0.5 else img,
-    "posterize": lambda img, rng: posterize(img, int(rng.integers(1, 9))),
+    "gamma_contrast": lambda img, rng: gamma_contrast(img, rng.uniform(*RANGES["gamma"], size=3)),
+    "brightness": lambda img, rng: brightness(
+        img, rng.uniform(*RANGES["brightness_multiply"]), rng.uniform(*RANGES["brightness_add"])
+    ),
+    "sharpness": lambda img, rng: sharpness(img, rng.uniform(*RANGES["sharpness"])),
+    "hue_saturation": lambda img, rng: hue_saturation(
+        img, int(rng.integers(*RANGES["hue_shift"])), int(rng.integers(*RANGES["saturation_shift"]))
+    ),
+    "solarize": lambda img, rng: (
+        solarize(img, rng.uniform(*RANGES["solarize_threshold"])) if rng.random() < RANGES["solarize_probability"] else img
+    ),
+    "posterize": lambda img, rng: posterize(img, int(rng.integers(*RANGES["posterize_bits"]))),
     "invert": lambda img, rng: invert(img),
-    "autocontrast": lambda img, rng: autocontrast(img, int(rng.integers(0, 21))),
+    "autocontrast": lambda img, rng: autocontrast(img, int(rng.integers(*RANGES["autocontrast_cutoff"]))),
     "equalize": lambda img, rng: equalize(img),
-    "rotate": lambda img, rng: rotate(img, rng.uniform(-45.0, 45.0)),
+    "rotate": lambda img, rng: rotate(img, rng.uniform(*RANGES["rotate_degrees"])),
 }
 
 

@@ -35,13 +35,16 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from atomic import atomic_write_text
-from data_loader import MVTecDRAEMTrainDataset, seed_everything
-from errors import ArgumentParser, exit_on_input_error
+from cli import ArgumentParser, at_least
+from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything
+from errors import one_line_errors
+from evaluation import DraemScorer
 from loss import DraemLoss
 from make_demo_data import make_demo_dataset
 from model_unet import DraemModel, check_image_size
-from runtime import autocast, prepare_model, select_device, to_memory_format, train_step
-from synthesis_gpu import RawTrainDataset, device_generator, synthesize_batch
+from runtime import prepare_model, select_device
+from synthesis_gpu import device_generator, synthesize_batch
+from train_draem import train_step
 
 
 @dataclass(frozen=True)
@@ -61,32 +64,37 @@ class Options:
 
 
 FAST = Options("bf16", channels_last=True, compile=True)
-TRAIN_CONFIGS = (Options(), Options("bf16"), Options(channels_last=True), Options(compile=True), FAST, replace(FAST, device_synthesis=True))
+TRAIN_CONFIGS = (Options(), Options("bf16"), Options(channels_last=True), Options(compile=True), FAST,
+                 replace(FAST, device_synthesis=True))
 INFERENCE_CONFIGS = (Options(), FAST)
 # Per device type: batch size, timed steps, warm-up steps, latency repeats, synthesis samples, matmul side.
 DEFAULTS = {"cuda": (8, 20, 3, 20, 512, 8192), "cpu": (2, 3, 1, 2, 32, 512)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base_width", type=int, default=128, help="reconstructive network width (paper: 128)")
-    parser.add_argument("--seg_base_width", type=int, default=64, help="discriminative network width (paper: 64)")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--base_width", type=at_least(1), default=128, help="reconstructive network width (paper: 128)")
+    parser.add_argument("--seg_base_width", type=at_least(1), default=64, help="discriminative network width (paper: 64)")
     parser.add_argument("--image_size", type=int, default=256, help="side of the square images; a multiple of 32 (paper: 256)")
-    parser.add_argument("--batch_size", type=int, help="training batch size (default: 8 on CUDA, 2 on CPU)")
-    parser.add_argument("--steps", type=int, help="timed training steps per configuration (default: 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--batch_size", type=at_least(1), help="training batch size (default: 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--steps", type=at_least(1),
+                        help="timed training steps per configuration (default: 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=at_least(0),
+                        help="untimed steps first, compilation included (default: 3 on CUDA, 1 on CPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
-    parser.add_argument("--gpu_id", type=int, default=0, help="CUDA device index")
+    parser.add_argument("--gpu_id", type=at_least(0), default=0, help="CUDA device index")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="include torch.compile: auto = on CUDA only (on CPU the C++ build takes minutes)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="include bf16 autocast: auto = where the measured bf16 matmul rate is at least half the fp32 one "
                              "(native bf16; CPUs without it emulate bf16 tens of times slower)")
-    parser.add_argument("--data_path", help="a train/good folder for the synthesis rows (default: demo images made in a temp folder)")
+    parser.add_argument("--data_path",
+                        help="a train/good folder for the synthesis rows (default: demo images made in a temp folder)")
     parser.add_argument("--anomaly_source_path", help="texture folder for the synthesis rows (default: the demo textures)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a CPU shared with other jobs, "
-                                                     "1 (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning against each other")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch and the synthesis")
+    parser.add_argument("--threads", type=at_least(1),
+                        help="CPU threads for torch (default: torch's choice); on a CPU shared with other jobs, "
+                             "1 (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning against each other")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the weights, the batch and the synthesis")
     parser.add_argument("--output", default="results/bench_draem.json", help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
     check_image_size(args.image_size)
@@ -160,13 +168,13 @@ def count_train_flops(args: argparse.Namespace, device: torch.device, batch: dic
     model = make_model(args, device, False, False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     with FlopCounterMode(display=False) as counter:
-        train_step(model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"], batch["anomaly_mask"])
+        train_step(model, model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"], batch["anomaly_mask"])
     return counter.get_total_flops()
 
 
 def bench_training(
-    args: argparse.Namespace, device: torch.device, options: Options, batch: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
-    step_flops: int, matmul: dict[str, float],
+    args: argparse.Namespace, device: torch.device, options: Options, batch: dict[str, torch.Tensor],
+    raw: dict[str, torch.Tensor], step_flops: int, matmul: dict[str, float],
 ) -> dict:
     """Time one training configuration; every configuration starts from the same weights and batch."""
     model = make_model(args, device, options.channels_last, options.compile)
@@ -176,8 +184,8 @@ def bench_training(
 
     def step() -> None:
         samples = synthesize_batch(raw["image"], raw.get("source"), generator) if options.device_synthesis else batch
-        loss, *_ = train_step(model, criterion, optimizer, samples["image"], samples["augmented_image"], samples["anomaly_mask"],
-                              options.precision, options.channels_last)
+        loss, *_ = train_step(model, model, criterion, optimizer, samples["image"], samples["augmented_image"],
+                              samples["anomaly_mask"], options.precision, options.channels_last)
         losses.append(loss)
 
     reset_peak_memory(device)
@@ -194,26 +202,24 @@ def bench_training(
     }
 
 
-def forward_pass(model: DraemModel, image: torch.Tensor, precision: str) -> None:
-    with autocast(image.device, precision):
-        model(image)
-
-
 @torch.no_grad()
 def bench_inference(args: argparse.Namespace, device: torch.device, options: Options, repeats: int) -> dict:
-    """Latency of one forward pass (eval mode) at batch 1 and batch 8."""
-    model = make_model(args, device, options.channels_last, options.compile).eval()
+    """Latency of scoring a batch (forward in eval mode, anomaly map, image scores) at batch 1 and batch 8."""
+    scorer = DraemScorer(make_model(args, device, options.channels_last, options.compile), options.precision,
+                         options.channels_last)
+    scorer.eval()
     row = {"config": options.label()}
     for batch_size in (1, 8):
-        image = to_memory_format(torch.rand(batch_size, 3, args.image_size, args.image_size, device=device), options.channels_last)
-        forward = functools.partial(forward_pass, model, image, options.precision)
+        image = torch.rand(batch_size, 3, args.image_size, args.image_size, device=device)
+        forward = functools.partial(scorer, image)
         seconds_per_call(forward, 1, device)  # warm-up (and compilation for this shape)
         row[f"batch{batch_size}_ms"] = 1000 * seconds_per_call(forward, repeats, device)
     return row
 
 
 def bench_synthesis(
-    args: argparse.Namespace, device: torch.device, cpu_dataset: MVTecDRAEMTrainDataset, raw_dataset: RawTrainDataset, samples: int
+    args: argparse.Namespace, device: torch.device, cpu_dataset: MVTecDRAEMTrainDataset, raw_dataset: RawTrainDataset,
+    samples: int
 ) -> dict:
     """Samples/s of the CPU path and of the device path, at the training image size, with warm source caches."""
     for dataset in (cpu_dataset, raw_dataset):
@@ -294,12 +300,13 @@ def skip_reasons(options: Options, compile_on: bool, bf16_on: bool, matmul: dict
     if options.compile and not compile_on:
         reasons.append("torch.compile is off (--compile auto leaves it out on CPU, where inductor's C++ build takes minutes)")
     if options.precision == "bf16" and not bf16_on:
-        reasons.append(f"bf16 is emulated here (bf16 matmul {1e3 * matmul['bf16']:.1f} GFLOP/s vs fp32 {1e3 * matmul['fp32']:.1f}; "
+        reasons.append(f"bf16 is emulated here (bf16 matmul {1e3 * matmul['bf16']:.1f} GFLOP/s "
+                       f"vs fp32 {1e3 * matmul['fp32']:.1f}; "
                        "--bf16 on measures it anyway)")
     return reasons
 
 
-@exit_on_input_error
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = select_device(args.device, args.gpu_id)
@@ -310,13 +317,16 @@ def main(argv: list[str] | None = None) -> dict:
     args.steps = args.steps or steps
     args.warmup = warmup if args.warmup is None else args.warmup
     seed_everything(args.seed)
-    matmul = {"bf16": matmul_tflops(device, matmul_side, torch.bfloat16), "fp32": matmul_tflops(device, matmul_side, torch.float32)}
+    matmul = {"bf16": matmul_tflops(device, matmul_side, torch.bfloat16),
+              "fp32": matmul_tflops(device, matmul_side, torch.float32)}
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     # Native bf16 doubles the fp32 rate or better; emulated bf16 (CPUs without AVX512-BF16/AMX) is many times slower.
     bf16_on = args.bf16 == "on" or (args.bf16 == "auto" and matmul["bf16"] >= 0.5 * matmul["fp32"])
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    results = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                          else f"cpu ({torch.get_num_threads()} threads)"),
                "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width], "image_size": args.image_size,
-               "batch_size": args.batch_size, "args": vars(args), "matmul_tflops": matmul, "skipped": {}, "train": [], "inference": []}
+               "batch_size": args.batch_size, "args": vars(args), "matmul_tflops": matmul, "skipped": {}, "train": [],
+               "inference": []}
     with tempfile.TemporaryDirectory() as scratch:
         train_dir, sources = benchmark_data(args, Path(scratch))
         size = (args.image_size, args.image_size)

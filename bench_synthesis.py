@@ -28,19 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from atomic import atomic_write_text
 from augment import augment_source, rotate
-from data_loader import (
-    ANOMALY_PROBABILITY,
-    IMAGE_ROTATION_DEGREES,
-    MAX_BETA,
-    ROTATE_IMAGE_PROBABILITY,
-    MVTecDRAEMTrainDataset,
-    read_image_uint8,
-    to_chw,
-    worker_init_fn,
-)
-from errors import DraemInputError, exit_on_input_error
+from cli import ArgumentParser, at_least
+from data_loader import MVTecDRAEMTrainDataset, worker_init_fn
+from errors import DraemInputError, one_line_errors
+from images import read_image_uint8, to_chw, to_float
 from make_demo_data import make_demo_dataset
 from perlin import MASK_ROTATION_DEGREES, MASK_THRESHOLD, PERLIN_SCALE_EXPONENTS
+from synthesis import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
 
 
 def released_style_perlin(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -80,11 +74,11 @@ class ReleasedStyleDataset(Dataset):
         source = read_image_uint8(self.source_paths[int(rng.integers(len(self.source_paths)))], self.resize_shape)
         source = augment_source(source, rng)
         res = tuple(2 ** rng.integers(*PERLIN_SCALE_EXPONENTS, size=2))
-        noise = rotate(released_style_perlin(self.resize_shape, res, rng), rng.uniform(-MASK_ROTATION_DEGREES, MASK_ROTATION_DEGREES))
+        noise = rotate(released_style_perlin(self.resize_shape, res, rng),
+                       rng.uniform(-MASK_ROTATION_DEGREES, MASK_ROTATION_DEGREES))
         mask = np.where(noise > MASK_THRESHOLD, 1.0, 0.0)[..., None]
         beta = rng.uniform(0.0, MAX_BETA)
-        augmented = image * (1 - mask) + (1 - beta) * (source.astype(np.float32) * mask / 255.0) + beta * image * mask
-        augmented = (mask * augmented + (1 - mask) * image).astype(np.float32)
+        augmented = blend_anomaly(image, to_float(source), mask, beta).astype(np.float32)
         if not anomalous:
             augmented, mask = image, np.zeros_like(mask)
         return {"image": to_chw(image), "augmented_image": to_chw(augmented), "anomaly_mask": to_chw(mask.astype(np.float32)),
@@ -104,18 +98,20 @@ def samples_per_second(dataset: Dataset, samples: int, workers: int, batch_size:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--train_dir", help="a <category>/train/good folder; default: demo images made in a temp folder")
     parser.add_argument("--anomaly_source_path", help="anomaly source folder (e.g. dtd/images); default: the demo textures")
-    parser.add_argument("--size", type=int, default=256, help="training resolution, pixels per side (default: 256)")
-    parser.add_argument("--samples", type=int, default=200, help="samples timed per measurement (default: 200)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--size", type=at_least(32), default=256, help="training resolution, pixels per side (default: 256)")
+    parser.add_argument("--samples", type=at_least(1), default=200, help="samples timed per measurement (default: 200)")
+    parser.add_argument("--workers", type=at_least(0), default=os.cpu_count() or 1,
                         help="DataLoader workers for the multi-worker rows (default: CPU count)")
-    parser.add_argument("--batch_size", type=int, default=8, help="DataLoader batch size (default: 8, the released one)")
-    parser.add_argument("--demo_image_size", type=int, default=1024,
+    parser.add_argument("--batch_size", type=at_least(1), default=8, help="DataLoader batch size (default: 8, the released one)")
+    parser.add_argument("--demo_image_size", type=at_least(32), default=1024,
                         help="side of the demo images when no --train_dir is given (default: 1024, as MVTec's textures)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of torch's generator, hence of the samples drawn (default: 0)")
-    parser.add_argument("--out", default="results/bench_synthesis.json", help="JSON file for the results (default: results/bench_synthesis.json)")
+    parser.add_argument("--seed", type=at_least(0), default=0,
+                        help="seed of torch's generator, hence of the samples drawn (default: 0)")
+    parser.add_argument("--output", "--out", dest="output", default="results/bench_synthesis.json",
+                        help="JSON file for the results (default: results/bench_synthesis.json)")
     return parser.parse_args(argv)
 
 
@@ -135,14 +131,15 @@ def run(args: argparse.Namespace, train_dir: Path, source_dir: Path) -> dict:
     single = {r["path"]: r["samples_per_s"] for r in rows if r["workers"] == 0}
     return {
         "train_dir": str(train_dir), "anomaly_source_path": str(source_dir), "size": args.size,
-        "images": len(ours), "sources": len(ours.source_paths), "original_image_shape": list(cv2.imread(str(ours.image_paths[0])).shape),
+        "images": len(ours), "sources": len(ours.source_paths),
+        "original_image_shape": list(cv2.imread(str(ours.image_paths[0])).shape),
         "samples": args.samples, "batch_size": args.batch_size, "one_off_load_s": load_seconds,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "rows": rows,
         "speedup_per_core": single["ours"] / single["released-style"],
     }
 
 
-@exit_on_input_error
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # One thread per process, so "main" is one core and N workers are N cores.
@@ -151,17 +148,19 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         if args.train_dir is None:
             print(f"making demo images ({args.demo_image_size} px) in a temporary folder ...")
-            demo = make_demo_dataset(scratch, image_size=args.demo_image_size, categories=("brick",), n_test_good=0, n_test_per_defect=0)
+            demo = make_demo_dataset(scratch, image_size=args.demo_image_size, categories=("brick",), n_test_good=0,
+                                     n_test_per_defect=0)
             train_dir, source_dir = demo.mvtec_root / "brick" / "train" / "good", demo.texture_root
         elif args.anomaly_source_path is None:
-            raise DraemInputError("--train_dir needs --anomaly_source_path too: the released-style path reads a source per sample")
+            raise DraemInputError("--train_dir needs --anomaly_source_path too: "
+                                  "the released-style path reads a source per sample")
         else:
             train_dir, source_dir = Path(args.train_dir), args.anomaly_source_path
         print(f"{'path':15s} {'workers':>7} {'samples/s':>12} {'per core':>10}")
         result = run(args, train_dir, source_dir)
     print(f"speed-up per core (main process): {result['speedup_per_core']:.1f}x")
-    atomic_write_text(args.out, json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    atomic_write_text(args.output, json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
     return result
 
 

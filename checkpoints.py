@@ -1,11 +1,10 @@
-"""Checkpoint naming and I/O, in one place (spec §5).
+"""Checkpoint naming and I/O, in one place (METHOD.md §5).
 
 Two plain state dicts per category, in the released naming:
 `<dir>/<base_name>_<category>_.pckl` (reconstructive) and `<dir>/<base_name>_<category>__seg.pckl`
 (discriminative). Our runs use the base name `DRAEM_test_<lr>_<epochs>_bs<bs>`; the authors'
 pretrained set uses `DRAEM_seg_large_ae_large_0.0001_800_bs8`.
 """
-import argparse
 import os
 import pickle
 from pathlib import Path
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 
 from atomic import atomic_torch_save
-from errors import DraemInputError, exit_on_input_error
+from cli import ArgumentParser
+from errors import DraemInputError, one_line_errors
 from model_unet import DraemModel
 
 RELEASED_BASE_NAME = "DRAEM_seg_large_ae_large_0.0001_800_bs8"
@@ -136,16 +136,18 @@ def convert_anomalib_checkpoint(
     return rec_path, seg_path
 
 
-@exit_on_input_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert an anomalib DRAEM checkpoint to the released two-file format.")
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description="Convert an anomalib DRAEM checkpoint to the released two-file format.")
     parser.add_argument("anomalib_checkpoint", help="anomalib .ckpt (Lightning) or a plain state dict with model.* keys")
     parser.add_argument("--checkpoint_path", required=True, help="folder to write the .pckl pair into")
-    parser.add_argument("--category", required=True, help="category name used in the file names, e.g. carpet")
+    parser.add_argument("--obj_id", "--category", dest="obj_id", required=True,
+                        help="category name used in the file names, e.g. carpet")
     parser.add_argument("--base_model_name", default="DRAEM_anomalib", help="base name of the written files")
     parser.add_argument("--trust", action="store_true", help="unpickle non-tensor objects (only for files you trust)")
-    args = parser.parse_args()
-    for written in convert_anomalib_checkpoint(args.anomalib_checkpoint, args.checkpoint_path, args.base_model_name, args.category, args.trust):
+    args = parser.parse_args(argv)
+    for written in convert_anomalib_checkpoint(args.anomalib_checkpoint, args.checkpoint_path, args.base_model_name,
+                                               args.obj_id, args.trust):
         print(f"wrote {written}")
 
 

@@ -74,7 +74,8 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) ->
         return model
     if sync_bn:
         if device.type != "cuda":
-            raise DraemInputError("--sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU implementation (leave it out on the CPU)")
+            raise DraemInputError("--sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU implementation "
+                                  "(leave it out on the CPU)")
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

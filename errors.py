@@ -1,5 +1,8 @@
-"""User-facing errors: bad input is reported as one line and a non-zero exit, never a traceback."""
-import argparse
+"""Errors that end a program with one line: the user's mistakes, and runs that cannot go on.
+
+Everything else (a broken contract between our own modules, a bug) is an ordinary exception and
+keeps its traceback.
+"""
 import functools
 import sys
 from collections.abc import Callable
@@ -8,27 +11,31 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-class DraemInputError(Exception):
-    """Something the user gave (a path, a category, a file, a checkpoint) is wrong; the message says how to fix it."""
+class DraemStop(Exception):
+    """A run ends here with a one-line message that says what happened and what to do; not a bug."""
 
 
-def exit_on_input_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a script's main so a DraemInputError prints `error: <message>` on stderr and exits 1."""
+class DraemInputError(DraemStop):
+    """Something the user gave (a flag, a path, a category, a file, a checkpoint) is wrong; the message says how to fix it."""
+
+
+class TrainingDiverged(DraemStop):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ParityCheckFailed(DraemStop):
+    """An exported model computes something other than the PyTorch model it came from."""
+
+
+def one_line_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a program's main so a DraemStop prints `error: <message>` on stderr and exits 1, without a traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except DraemInputError as exc:
+        except DraemStop as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 1, like every other input error."""
-
-    def error(self, message: str) -> None:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(1)

@@ -1,7 +1,7 @@
 """Export a DRAEM checkpoint as one ONNX graph: image → anomaly map and image score, then check parity.
 
     python export_onnx.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
-        --category carpet --output draem_carpet.onnx
+        --obj_id carpet --output draem_carpet.onnx
 
 The graph holds both subnetworks and the test protocol's scoring:
   input  `image`        float32 batch×3×S×S, BGR in [0, 1], resized to S = --image_size (as predict.py reads images)
@@ -25,9 +25,10 @@ import torch
 
 from atomic import atomic_write_bytes
 from checkpoints import model_from_checkpoint
-from errors import DraemInputError, exit_on_input_error
+from cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
+from errors import ParityCheckFailed, one_line_errors
+from evaluation import DraemScorer
 from model_unet import check_image_size
-from predict import DraemScorer, add_checkpoint_args
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
@@ -57,7 +58,9 @@ def onnx_bytes(scorer: DraemScorer, image_size: int, opset: int = DEFAULT_OPSET)
 
 
 @torch.no_grad()
-def parity(scorer: DraemScorer, model_bytes: bytes, image_size: int, batch_sizes=PARITY_BATCH_SIZES, seed: int = 0) -> dict[str, float]:
+def parity(
+    scorer: DraemScorer, model_bytes: bytes, image_size: int, batch_sizes=PARITY_BATCH_SIZES, seed: int = 0
+) -> dict[str, float]:
     """Largest absolute difference between onnxruntime (CPU) and PyTorch per output, over seeded random batches."""
     session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     scorer = scorer.eval().cpu()
@@ -68,27 +71,30 @@ def parity(scorer: DraemScorer, model_bytes: bytes, image_size: int, batch_sizes
         onnx_outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
         for name, expected, got in zip(OUTPUT_NAMES, scorer(images), onnx_outputs):
             if got.shape != tuple(expected.shape):
-                raise DraemInputError(f"ONNX output {name} has shape {got.shape} at batch {batch_size}, PyTorch {tuple(expected.shape)}")
+                raise ParityCheckFailed(f"ONNX output {name} has shape {got.shape} at batch {batch_size}, "
+                                        f"PyTorch {tuple(expected.shape)}")
             worst[name] = max(worst[name], float(np.abs(got - expected.numpy()).max()))
     return worst
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_args(parser)
+    parser = ArgumentParser(description=__doc__)
+    add_checkpoint_flags(parser)
     parser.add_argument("--output", required=True, help="ONNX file to write, e.g. draem_carpet.onnx")
-    parser.add_argument("--image_size", type=int, default=256, help="image side the graph takes, a multiple of 32 (released: 256)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest ONNX-vs-PyTorch difference accepted in the parity check")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random images of the parity check")
+    parser.add_argument("--image_size", type=int, default=256,
+                        help="image side the graph takes, a multiple of 32 (released: 256)")
+    parser.add_argument("--opset", type=at_least(7), default=DEFAULT_OPSET, help="ONNX opset version")
+    parser.add_argument("--tolerance", type=positive_float, default=1e-4,
+                        help="largest ONNX-vs-PyTorch difference accepted in the parity check")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the random images of the parity check")
     return parser.parse_args(argv)
 
 
-@exit_on_input_error
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.category))
+    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id))
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
     atomic_write_bytes(args.output, model_bytes)
     print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): "
@@ -99,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"parity with PyTorch (onnxruntime {onnxruntime.__version__}, CPU, random images, batch sizes {sizes}): "
           + ", ".join(f"{name} max |diff| {value:.2e}" for name, value in worst.items()))
     if max(worst.values()) > args.tolerance:
-        raise DraemInputError(f"ONNX output differs from PyTorch by {max(worst.values()):.2e} > --tolerance {args.tolerance:g}; "
-                              f"try another --opset")
+        raise ParityCheckFailed(f"ONNX output differs from PyTorch by {max(worst.values()):.2e} "
+                                f"> --tolerance {args.tolerance:g}; "
+                                f"try another --opset")
     return worst
 
 

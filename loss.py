@@ -1,4 +1,4 @@
-"""DRAEM's losses (spec §4): L2 + SSIM for the reconstruction, focal loss for the segmentation.
+"""DRAEM's losses (METHOD.md §4): L2 + SSIM for the reconstruction, focal loss for the segmentation.
 
 Call signatures follow the released code so users' scripts port unchanged: `SSIM()(a, b)` returns
 the loss `1 − SSIM`, and `FocalLoss()(probabilities, mask)` takes the softmax output. Statistics are
@@ -17,7 +17,9 @@ def gaussian_window(window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
-def ssim_map(img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+def ssim_map(
+    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
     """Per-pixel, per-channel SSIM (N×C×H×W) with a Gaussian window and zero padding, as released."""
     img1, img2 = img1.float(), img2.float()
     channels = img1.shape[1]

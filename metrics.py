@@ -1,4 +1,4 @@
-"""Evaluation: the released DRAEM protocol (spec §6), plus AUPRO and image F1-max, and results tables.
+"""Evaluation: the released DRAEM protocol (METHOD.md §6), plus AUPRO and image F1-max, and results tables.
 
 Protocol, as in the authors' test program:
 - the pixel map is softmax channel 1 of the discriminative output;
@@ -23,7 +23,6 @@ from skimage.measure import label as label_regions
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from atomic import atomic_write_text
-from errors import DraemInputError
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
 PAPER_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
@@ -37,7 +36,7 @@ POOL_SIZE = 21
 def image_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
     """Image anomaly scores (N,) from pixel maps N×1×H×W: max of the 21×21 average-pooled map."""
     if anomaly_map.dim() != 4 or anomaly_map.shape[1] != 1:
-        raise DraemInputError(f"anomaly map must be N×1×H×W (softmax channel 1), got {tuple(anomaly_map.shape)}")
+        raise ValueError(f"anomaly map must be N×1×H×W (softmax channel 1), got {tuple(anomaly_map.shape)}")
     pooled = F.avg_pool2d(anomaly_map.detach().float(), POOL_SIZE, stride=1, padding=POOL_SIZE // 2)
     return pooled.flatten(1).amax(dim=1)
 
@@ -46,7 +45,7 @@ def released_mask_cast(mask: torch.Tensor) -> np.ndarray:
     """Cast a float mask in [0, 1] to uint8 as the released program does: only exact 1.0 becomes 1."""
     mask = mask.detach().cpu().float()
     if mask.numel() and (mask.min() < 0 or mask.max() > 1):
-        raise DraemInputError("ground-truth masks must be floats in [0, 1]: divide 0/255 mask images by 255")
+        raise ValueError("ground-truth masks must be floats in [0, 1]: divide 0/255 mask images by 255")
     return mask.numpy().astype(np.uint8)
 
 
@@ -71,28 +70,33 @@ class DraemEvaluator:
 
     def __init__(self, num_images: int, height: int, width: int):
         if num_images < 1 or height < 1 or width < 1:
-            raise DraemInputError(f"evaluator needs at least one image of positive size, got {num_images}×{height}×{width}")
+            raise ValueError(f"evaluator needs at least one image of positive size, got {num_images}×{height}×{width}")
         self.maps = np.zeros((num_images, height, width), dtype=np.float32)
         self.masks = np.zeros((num_images, height, width), dtype=np.uint8)
         self.scores = np.zeros(num_images, dtype=np.float32)
         self.labels = np.zeros(num_images, dtype=np.uint8)
         self.count = 0
 
-    def update(self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor) -> None:
-        """Add a batch: maps N×1×H×W, float masks N×1×H×W in [0, 1], labels (N,) or (N, 1) of 0/1."""
+    def update(
+        self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch: maps N×1×H×W, float masks N×1×H×W in [0, 1], labels (N,) or (N, 1) of 0/1.
+
+        `scores` are the maps' image scores when the caller has them already (`image_scores(anomaly_map)`).
+        """
         n = anomaly_map.shape[0]
         expected = (n, 1, *self.maps.shape[1:])
         if tuple(anomaly_map.shape) != expected or tuple(mask.shape) != expected:
-            raise DraemInputError(
+            raise ValueError(
                 f"expected anomaly map and mask of shape {expected}, got {tuple(anomaly_map.shape)} and {tuple(mask.shape)}"
             )
         labels = label.detach().cpu().reshape(-1)
         if labels.numel() != n or not bool(((labels == 0) | (labels == 1)).all()):
-            raise DraemInputError(f"expected {n} labels of 0 (good) or 1 (anomalous), got {label.tolist()}")
+            raise ValueError(f"expected {n} labels of 0 (good) or 1 (anomalous), got {label.tolist()}")
         if self.count + n > len(self.maps):
-            raise DraemInputError(f"evaluator was sized for {len(self.maps)} images, got more")
+            raise ValueError(f"evaluator was sized for {len(self.maps)} images, got more")
         batch = slice(self.count, self.count + n)
-        self.scores[batch] = image_scores(anomaly_map).cpu().numpy()
+        self.scores[batch] = (image_scores(anomaly_map) if scores is None else scores).cpu().numpy()
         self.maps[batch] = anomaly_map.detach()[:, 0].cpu().float().numpy()
         self.masks[batch] = released_mask_cast(mask[:, 0])
         self.labels[batch] = labels.numpy().astype(np.uint8)
@@ -101,7 +105,7 @@ class DraemEvaluator:
     def compute(self) -> dict[str, float]:
         """All metrics as fractions in [0, 1]; NaN (with a warning) where only one class is present."""
         if self.count == 0:
-            raise DraemInputError("no test images were evaluated")
+            raise ValueError("no test images were evaluated")
         return {**self._image_metrics(), **self._pixel_metrics()}
 
     def _image_metrics(self) -> dict[str, float]:
@@ -185,9 +189,9 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     map gives fpr_limit / 2 (the curve is the diagonal). NaN with a warning without both classes.
     """
     if not 0 < fpr_limit <= 1:
-        raise DraemInputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if maps.shape != masks.shape or maps.ndim != 3:
-        raise DraemInputError(f"maps and masks must both be N×H×W, got {maps.shape} and {masks.shape}")
+        raise ValueError(f"maps and masks must both be N×H×W, got {maps.shape} and {masks.shape}")
     masks = (masks > 0).astype(np.uint8)
     if not _has_both_classes(masks, "AUPRO masks"):
         return math.nan
@@ -232,7 +236,7 @@ def results_rows(per_category: dict[str, dict[str, float]]) -> list[dict]:
     A NaN metric stays empty in its row and makes the mean empty too.
     """
     if not per_category:
-        raise DraemInputError("no categories were evaluated, so there is no results table")
+        raise ValueError("no categories were evaluated, so there is no results table")
     ours = {c: {m: _percent(values[m]) for m in METRICS} for c, values in per_category.items()}
     rows = [_row(c, ours[c], [c]) for c in ours]
     mean = {m: _percent(float(np.mean([per_category[c][m] for c in ours]))) for m in METRICS}

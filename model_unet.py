@@ -1,8 +1,8 @@
-"""DRAEM's two subnetworks (spec §3), with the state-dict keys of the authors' released checkpoints.
+"""DRAEM's two subnetworks (METHOD.md §3), with the state-dict keys of the authors' released checkpoints.
 
 Every layer name below is load-bearing: `ReconstructiveSubNetwork().state_dict()` and
 `DiscriminativeSubNetwork().state_dict()` must equal the released `.pckl` files key for key, in order
-(see ../shared/reference/draem_state_dict_manifest.json). Max-pool layers have no parameters, so
+(see tests/data/draem_state_dict_manifest.json). Max-pool layers have no parameters, so
 they may be plain modules without disturbing the keys.
 """
 import torch
@@ -37,7 +37,7 @@ def check_divisible(x: torch.Tensor, factor: int) -> None:
     """The U-Nets pool `log2(factor)` times; other sizes would break the skip concatenations."""
     height, width = x.shape[-2:]
     if height % factor or width % factor:
-        raise DraemInputError(
+        raise ValueError(
             f"image size {height}x{width} is not divisible by {factor}; resize inputs to a multiple of "
             f"{factor} (e.g. --image_size 256)"
         )

@@ -1,4 +1,4 @@
-"""2-D Perlin (gradient) noise and the thresholded Perlin masks that shape DRAEM's anomalies (spec §2.4).
+"""2-D Perlin (gradient) noise and the thresholded Perlin masks that shape DRAEM's anomalies (METHOD.md §2).
 
 The noise is written once for a batch of maps that may each have their own resolution, in code
 that runs on NumPy arrays (the CPU data loader: plain NumPy, no thread pool to compete with) and
@@ -13,9 +13,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from augment import rotate
+from augment import rotate, rotate_maps
 
 PERLIN_SCALE_EXPONENTS = (0, 6)  # a, b uniform integers in [0, 6): 2**a x 2**b cells, i.e. 1..32 per axis
 MAX_PERLIN_CELLS = 2 ** (PERLIN_SCALE_EXPONENTS[1] - 1)
@@ -28,7 +27,9 @@ def fade(t: float | np.ndarray | torch.Tensor) -> float | np.ndarray | torch.Ten
     return 6 * t**5 - 15 * t**4 + 10 * t**3
 
 
-def lerp(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def lerp(
+    a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor
+) -> np.ndarray | torch.Tensor:
     """Linear interpolation from a (weight 0) to b (weight 1), in the released program's operation order."""
     return (b - a) * weight + a
 
@@ -117,26 +118,6 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     noise = perlin_noise(shape, res, gradients_from_angles(angles))
     noise = rotate(noise, rng.uniform(-MASK_ROTATION_DEGREES, MASK_ROTATION_DEGREES))
     return (noise > MASK_THRESHOLD).astype(np.float32)[..., None]
-
-
-def rotate_maps(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Rotate maps (B, H, W) about their centre by degrees (B,), bilinear with zero fill.
-
-    Same convention as `augment.rotate` (OpenCV: positive angles turn the content counter-clockwise
-    on screen), so CPU and GPU masks follow one distribution.
-    """
-    height, width = maps.shape[-2:]
-    theta = torch.deg2rad(degrees.to(maps.dtype))
-    cos, sin = theta.cos(), theta.sin()
-    # affine_grid maps output to input positions in [-1, 1] coordinates; the aspect ratio terms keep
-    # the rotation rigid in pixel space for non-square maps.
-    affine = torch.zeros(maps.shape[0], 2, 3, dtype=maps.dtype, device=maps.device)
-    affine[:, 0, 0] = cos
-    affine[:, 0, 1] = -sin * height / width
-    affine[:, 1, 0] = sin * width / height
-    affine[:, 1, 1] = cos
-    grid = F.affine_grid(affine, [maps.shape[0], 1, height, width], align_corners=False)
-    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
 def perlin_mask_batch(

@@ -1,7 +1,7 @@
 """Score your own images with a trained DRAEM checkpoint: one image score per file, optional heat maps.
 
     python predict.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
-        --category carpet --input my_images --output_dir predictions --threshold 0.5 --save_images
+        --obj_id carpet --input my_images --output_dir predictions --threshold 0.5 --save_images
 
 Every image under --input (recursively: png, jpg, jpeg, bmp, tif, tiff; or one image file) is
 read and resized exactly as the test program reads test images, and scored with the test
@@ -19,38 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from atomic import atomic_write_text
 from checkpoints import model_from_checkpoint
-from data_loader import read_image, to_chw
-from errors import DraemInputError, exit_on_input_error
-from metrics import image_scores
-from model_unet import DraemModel, anomaly_map, check_image_size
-from runtime import select_device
+from cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
+from errors import DraemInputError, one_line_errors
+from evaluation import DraemScorer
+from images import FOLDER_IMAGE_SUFFIXES, read_image, to_chw
+from model_unet import check_image_size
+from runtime import prepare_model, select_device
 from visualize import heatmap_overlay, save_png
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CSV_NAME = "scores.csv"
 OVERLAY_DIR = "overlays"
-
-
-class DraemScorer(nn.Module):
-    """The test protocol as one module: image N×3×H×W → (anomaly map N×1×H×W, image score (N,)).
-
-    predict.py scores with it and export_onnx.py exports it, so both give test_draem.py's numbers.
-    """
-
-    def __init__(self, model: DraemModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, logits = self.model(image)
-        amap = anomaly_map(logits)
-        return amap, image_scores(amap)
 
 
 def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
@@ -61,18 +44,19 @@ def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> l
     """
     input_path = Path(input_path)
     if input_path.is_file():
-        if input_path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise DraemInputError(f"--input {input_path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        if input_path.suffix.lower() not in FOLDER_IMAGE_SUFFIXES:
+            raise DraemInputError(f"--input {input_path} is not an image file "
+                                  f"(expected one of {', '.join(FOLDER_IMAGE_SUFFIXES)})")
         return [input_path]
     if not input_path.is_dir():
         raise DraemInputError(f"--input {input_path} does not exist (give an image file or a folder of images)")
     skip = Path(skip_dir).resolve() if skip_dir is not None else None
     images = sorted(
         p for p in input_path.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and (skip is None or skip not in p.resolve().parents)
+        if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and (skip is None or skip not in p.resolve().parents)
     )
     if not images:
-        raise DraemInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under --input {input_path}")
+        raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --input {input_path}")
     return images
 
 
@@ -144,48 +128,41 @@ def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str],
     return buffer.getvalue()
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that name one category's checkpoint pair (shared with export_onnx.py)."""
-    parser.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pair")
-    parser.add_argument("--base_model_name", required=True,
-                        help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl")
-    parser.add_argument("--category", required=True, help="the category part of the checkpoint file names, e.g. carpet")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_args(parser)
+    parser = ArgumentParser(description=__doc__)
+    add_checkpoint_flags(parser)
     parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
     parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
     parser.add_argument("--threshold", type=float, default=None,
                         help="add an is_anomalous column: 1 where image score >= threshold, else 0")
-    parser.add_argument("--save_images", action="store_true", help="save a heat-map overlay per image under <output_dir>/overlays")
+    parser.add_argument("--save_images", action="store_true",
+                        help="save a heat-map overlay per image under <output_dir>/overlays")
     parser.add_argument("--image_size", type=int, default=256,
                         help="side images are resized to, a multiple of 32 (use the size the model was tested at; released: 256)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (any value gives the same scores)")
-    parser.add_argument("--num_workers", type=int, default=0, help="image-reading worker processes (0: read in the main process)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
-    parser.add_argument("--gpu_id", type=int, default=0, help="CUDA device index with --device cuda or auto")
+    parser.add_argument("--batch_size", type=at_least(1), default=8,
+                        help="images per forward pass (any value gives the same scores)")
+    parser.add_argument("--workers", "--num_workers", dest="workers", type=at_least(0), default=0,
+                        help="image-reading worker processes (0: read in the main process)")
+    add_device_flags(parser)
+    add_fast_flags(parser)
     return parser.parse_args(argv)
 
 
-@exit_on_input_error
+@one_line_errors
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    if args.batch_size < 1:
-        raise DraemInputError(f"--batch_size must be a positive integer, got {args.batch_size}")
-    if args.num_workers < 0:
-        raise DraemInputError(f"--num_workers must be 0 or more, got {args.num_workers}")
     paths = find_images(args.input, skip_dir=args.output_dir)
     device = select_device(args.device, args.gpu_id)
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.category))
+    model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id).to(device),
+                          args.channels_last, args.compile)
+    scorer = DraemScorer(model, args.precision, args.channels_last)
     output_dir = Path(args.output_dir)
 
     def save_overlay(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
         save_png(overlay_path(output_dir, Path(args.input), paths[index]), heatmap_overlay(image, amap, score=score))
 
-    scores, errors = predict(scorer, paths, args.image_size, device, args.batch_size, args.num_workers,
+    scores, errors = predict(scorer, paths, args.image_size, device, args.batch_size, args.workers,
                              on_scored=save_overlay if args.save_images else None)
     csv_path = output_dir / CSV_NAME
     atomic_write_text(csv_path, scores_csv(paths, scores, errors, args.threshold))

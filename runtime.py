@@ -1,4 +1,4 @@
-"""Where and how the networks run: device selection (and, with the fast path, precision and compilation)."""
+"""Where and how the networks run: device selection and the fast-path options (precision, memory layout, compilation)."""
 import contextlib
 
 import torch
@@ -11,6 +11,8 @@ def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:
     """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise DraemInputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:<index>")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
@@ -28,7 +30,7 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
     window) would run in bf16, and the loss statistics are meant to stay in fp32.
     """
     if precision not in PRECISIONS:
-        raise DraemInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -39,7 +41,9 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor") -> nn.Module:
+def prepare_model(
+    model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor"
+) -> nn.Module:
     """Apply the fast-path options to `model` in place and return it.
 
     Both keep the checkpoint format: channels-last changes only the weights' strides (shapes and keys
@@ -54,43 +58,3 @@ def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool =
     if compile:
         model.compile(backend=compile_backend)
     return model
-
-
-def train_step(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    image: torch.Tensor,
-    augmented: torch.Tensor,
-    mask: torch.Tensor,
-    precision: str = "fp32",
-    channels_last: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch already on the model's device; the fast options are applied here.
-
-    The forward runs under `autocast(precision)`; the loss is computed outside it, in fp32. Returns the
-    detached loss, its detached parts, and the reconstruction and logits (for sample grids).
-    """
-    with autocast(image.device, precision):
-        reconstruction, logits = model(to_memory_format(augmented, channels_last))
-    unwrapped = getattr(model, "module", model)  # DistributedDataParallel keeps the DraemModel as .module
-    loss, parts = criterion(reconstruction, image, logits, mask, unwrapped.sspcab_io)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), parts, reconstruction.detach(), logits.detach()
-
-
-def loader_settings(device: torch.device, workers: int, prefetch_factor: int = 4) -> dict:
-    """DataLoader keyword arguments that keep an accelerator fed.
-
-    Pinned memory (page-locked, so `.to(device, non_blocking=True)` overlaps the copy) only for CUDA;
-    with workers, they persist across epochs (no re-fork, caches stay warm) and each keeps
-    `prefetch_factor` batches ready. Persistent workers continue their random streams from epoch to
-    epoch instead of reseeding from the loader's generator, so a resumed run does not redraw the
-    exact samples of an uninterrupted one (it is still seeded and reproducible from its start).
-    """
-    settings: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if workers > 0:
-        settings.update(persistent_workers=True, prefetch_factor=prefetch_factor)
-    return settings

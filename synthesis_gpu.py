@@ -1,4 +1,4 @@
-"""Training-sample synthesis (spec §2) batched on the training device: the `--synthesis gpu` path.
+"""Training-sample synthesis (METHOD.md §2) batched on the training device: the `--synthesis gpu` path.
 
 The DataLoader only hands over decoded uint8 training images and anomaly sources (`RawTrainDataset`);
 `synthesize_batch` then does on the device, for the whole batch at once and with per-sample random
@@ -22,27 +22,20 @@ the CPU path (the dataset index is ignored).
 """
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from augment import AUGMENTATIONS_PER_SOURCE
-from data_loader import (
-    ANOMALY_PROBABILITY,
-    IMAGE_ROTATION_DEGREES,
-    MAX_BETA,
-    ROTATE_IMAGE_PROBABILITY,
-    MVTecDRAEMTrainDataset,
-    blend_anomaly,
-    to_chw,
-)
-from perlin import perlin_mask_batch, rotate_maps
+from augment import AUGMENTATIONS_PER_SOURCE, RANGES, rotate_maps
+from perlin import perlin_mask_batch
+from synthesis import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
 
 YCRCB_SHIFT = 14  # OpenCV's fixed-point RGB <-> YCrCb for uint8: coefficients scaled by 2**14
 HSV_SHIFT = 12  # OpenCV's fixed-point RGB -> HSV for uint8
 
 
-def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _uniform(
+    low: float, high: float, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """float32 uniform in [low, high) from `generator` (which must live on `device`)."""
     return torch.empty(shape, device=device).uniform_(low, high, generator=generator)
 
@@ -203,8 +196,8 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 def _solarize_half(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Solarize with probability 0.5 per sample (a skipped coin flip still counts as one of the three)."""
     n, device = images.shape[0], images.device
-    applied = _per_sample(_uniform(0.0, 1.0, (n,), generator, device) < 0.5)
-    return torch.where(applied, solarize(images, _uniform(32.0, 128.0, (n,), generator, device)), images)
+    applied = _per_sample(_uniform(0.0, 1.0, (n,), generator, device) < RANGES["solarize_probability"])
+    return torch.where(applied, solarize(images, _draw("solarize_threshold", images, generator)), images)
 
 
 def _integers(low: int, high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -212,19 +205,27 @@ def _integers(low: int, high: int, n: int, generator: torch.Generator | None, de
     return torch.randint(low, high, (n,), generator=generator, device=device)
 
 
-# Same names, order and parameter ranges as augment.AUGMENTATIONS; each entry draws one parameter set
-# per sample from the generator, then applies the operation to the whole batch.
+def _draw(name: str, x: torch.Tensor, g: torch.Generator | None, *shape: int) -> torch.Tensor:
+    """One parameter per sample (and per entry of `shape`) from the shared range `augment.RANGES[name]`."""
+    low, high = RANGES[name]
+    if isinstance(low, int):
+        return _integers(low, high, x.shape[0], g, x.device)
+    return _uniform(low, high, (x.shape[0], *shape), g, x.device)
+
+
+# Same names, order and parameter ranges (augment.RANGES) as augment.AUGMENTATIONS; each entry draws one
+# parameter set per sample from the generator, then applies the operation to the whole batch.
 DEVICE_AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = {
-    "gamma_contrast": lambda x, g: gamma_contrast(x, _uniform(0.5, 2.0, (x.shape[0], 3), g, x.device)),
-    "brightness": lambda x, g: brightness(x, _uniform(0.8, 1.2, (x.shape[0],), g, x.device), _uniform(-30.0, 30.0, (x.shape[0],), g, x.device)),
-    "sharpness": lambda x, g: sharpness(x, _uniform(0.0, 2.0, (x.shape[0],), g, x.device)),
-    "hue_saturation": lambda x, g: hue_saturation(x, _integers(-50, 51, x.shape[0], g, x.device), _integers(-50, 51, x.shape[0], g, x.device)),
+    "gamma_contrast": lambda x, g: gamma_contrast(x, _draw("gamma", x, g, 3)),
+    "brightness": lambda x, g: brightness(x, _draw("brightness_multiply", x, g), _draw("brightness_add", x, g)),
+    "sharpness": lambda x, g: sharpness(x, _draw("sharpness", x, g)),
+    "hue_saturation": lambda x, g: hue_saturation(x, _draw("hue_shift", x, g), _draw("saturation_shift", x, g)),
     "solarize": _solarize_half,
-    "posterize": lambda x, g: posterize(x, _integers(1, 9, x.shape[0], g, x.device)),
+    "posterize": lambda x, g: posterize(x, _draw("posterize_bits", x, g)),
     "invert": lambda x, g: invert(x),
-    "autocontrast": lambda x, g: autocontrast(x, _integers(0, 21, x.shape[0], g, x.device)),
+    "autocontrast": lambda x, g: autocontrast(x, _draw("autocontrast_cutoff", x, g)),
     "equalize": lambda x, g: equalize(x),
-    "rotate": lambda x, g: rotate(x, _uniform(-45.0, 45.0, (x.shape[0],), g, x.device)),
+    "rotate": lambda x, g: rotate(x, _draw("rotate_degrees", x, g)),
 }
 
 
@@ -263,7 +264,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def synthesize_batch(
     images: torch.Tensor, sources: torch.Tensor | None = None, generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
-    """A batch of training samples (spec §2) from uint8 training images N×3×H×W and uint8 sources (or None).
+    """A batch of training samples (METHOD.md §2) from uint8 training images N×3×H×W and uint8 sources (or None).
 
     Returns what the CPU dataset's collated batch holds: image and augmented_image (float32 N×3×H×W
     in [0, 1]), anomaly_mask (float32 N×1×H×W, binary) and has_anomaly (float32 N×1), on the
@@ -286,25 +287,6 @@ def synthesize_batch(
         # An anomalous draw whose mask came out empty is a normal sample, as on the CPU path.
         "has_anomaly": mask.flatten(1).amax(1, keepdim=True),
     }
-
-
-class RawTrainDataset(MVTecDRAEMTrainDataset):
-    """What the DataLoader hands to `synthesize_batch`: decoded, resized uint8 images, nothing else.
-
-    The CPU-path training set (same constructor, same image list, so validation.hold_out works on it
-    too) with another item: {"image": uint8 3×H×W, "source": uint8 3×H×W}, without "source" when
-    there is no source folder (the device draws the noise). Training images are decoded once when the
-    dataset is built and shared with forked workers; sources go through the CPU dataset's bounded
-    cache. As on the CPU path the index is ignored: image and source are drawn uniformly from torch's
-    (per-worker) random stream.
-    """
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng(int(torch.randint(2**62, ()).item()))
-        item = {"image": torch.from_numpy(to_chw(self.images[int(rng.integers(len(self.images)))]))}
-        if self.source_paths:
-            item["source"] = torch.from_numpy(to_chw(self.draw_source(rng)))
-        return item
 
 
 def device_generator(device: torch.device, seed: int) -> torch.Generator:

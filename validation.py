@@ -1,28 +1,26 @@
 """Validation during training: held-out synthetic anomalies, and optionally the category's real test set.
 
 The validation set is made once per run, before training:
-1. a seeded fraction of the category's training images (at least one) is held out, and the training
-   dataset samples only from the rest from then on;
+1. a seeded fraction of the category's training image paths (at least one) is held out before the
+   training dataset is built, so it never sees them (`split_paths`);
 2. `num_samples` samples are synthesised from the held-out images by the training synthesis itself
-   (data_loader.make_training_sample, spec §2). They follow the training mix, about half anomalous and
+   (synthesis.make_training_sample, METHOD.md §2). They follow the training mix, about half anomalous and
    half normal, so the image metrics are defined as well as the pixel ones.
 Both steps draw from NumPy generators seeded by --seed alone (not by the training streams), so the set
 is identical in every run and on every rank with the same seed. The anomaly sources (DTD) are shared
 with training: what is held out is the object images the model must learn to reconstruct.
 """
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from data_loader import MVTecDRAEMTrainDataset, make_training_sample
 from errors import DraemInputError
-from metrics import DraemEvaluator
-from model_unet import DraemModel, anomaly_map
-from test_draem import evaluate_category
+from evaluation import DraemScorer, evaluate, evaluate_category
+from synthesis import make_training_sample
 
 # Tags that give the split and the synthesis streams of their own, apart from each other and from training.
 SPLIT_STREAM = 1
@@ -36,24 +34,21 @@ class ValidationSet(NamedTuple):
     labels: torch.Tensor  # (N,) 1 for a sample with an anomaly, else 0
 
 
-def hold_out(dataset: MVTecDRAEMTrainDataset, fraction: float, seed: int) -> tuple[list[Path], np.ndarray]:
-    """Take a seeded `fraction` of the dataset's images out of it; return their paths and uint8 N×H×W×3 images.
+def split_paths(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(kept, held out): a seeded `fraction` of the training image paths held out, at least one, and at least one kept.
 
-    At least one image is held out and at least one kept. The dataset reads a whole folder, so the split is
-    applied to the constructed dataset's `image_paths` and `images` (what it samples from and counts).
+    Both lists keep the order of `paths`.
     """
-    n = len(dataset.image_paths)
+    n = len(paths)
     if n < 2:
         raise DraemInputError(
-            f"validation holds out training images, but there {'is' if n == 1 else 'are'} only {n}: add images or leave out --val_every"
+            f"validation holds out training images, but there {'is' if n == 1 else 'are'} only {n}: "
+            "add images or leave out --val_every"
         )
     count = min(n - 1, max(1, round(fraction * n)))
     order = np.random.default_rng([SPLIT_STREAM, seed]).permutation(n)
     held, kept = np.sort(order[:count]), np.sort(order[count:])
-    held_paths, held_images = [dataset.image_paths[i] for i in held], dataset.images[held]
-    dataset.image_paths = [dataset.image_paths[i] for i in kept]
-    dataset.images = dataset.images[kept]
-    return held_paths, held_images
+    return [paths[i] for i in kept], [paths[i] for i in held]
 
 
 def synthesize(
@@ -78,21 +73,16 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in metrics.items()}
 
 
-@torch.no_grad()
-def evaluate(model: DraemModel, val_set: ValidationSet, device: torch.device, batch_size: int) -> dict[str, float]:
-    """The test protocol's metrics (metrics.DraemEvaluator) on the validation set, keys `val_*`; leaves `model` in eval mode."""
+def evaluate_synthetic(scorer: DraemScorer, val_set: ValidationSet, device: torch.device, batch_size: int) -> dict[str, float]:
+    """The test protocol's metrics on the validation set, keys `val_*`; leaves the model in eval mode."""
     n, _, height, width = val_set.images.shape
-    evaluator = DraemEvaluator(n, height, width)
-    model.eval()
-    for start in range(0, n, batch_size):
-        batch = slice(start, start + batch_size)
-        _, logits = model(val_set.images[batch].to(device))
-        evaluator.update(anomaly_map(logits), val_set.masks[batch], val_set.labels[batch])
-    return prefixed(evaluator.compute(), "val_")
+    batches = ({"image": val_set.images[i : i + batch_size], "mask": val_set.masks[i : i + batch_size],
+                "has_anomaly": val_set.labels[i : i + batch_size]} for i in range(0, n, batch_size))
+    return prefixed(evaluate(scorer, batches, n, (height, width), device, desc="validate"), "val_")
 
 
 def evaluate_test_set(
-    model: DraemModel, data_path: str | Path, category: str, image_size: int, device: torch.device, batch_size: int,
+    scorer: DraemScorer, data_path: str | Path, category: str, image_size: int, device: torch.device, batch_size: int,
     layout: str = "mvtec", mask_suffix: str = "_mask",
 ) -> dict[str, float]:
     """The released test protocol on the category's test set, keys `test_*`; {} when the layout has no test folder for it.
@@ -101,7 +91,7 @@ def evaluate_test_set(
     """
     if layout != "visa" and not (Path(data_path) / category / "test").is_dir():
         return {}
-    metrics = evaluate_category(model, data_path, category, image_size, device, batch_size, layout=layout, mask_suffix=mask_suffix)
+    metrics = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout, mask_suffix)
     return prefixed(metrics, "test_")
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from atomic import atomic_write_bytes
-from errors import DraemInputError
 
 GAP = 2  # separator width in pixels
 GAP_VALUE = 255  # white separators
@@ -37,7 +36,7 @@ def _to_bgr(x: ArrayLike) -> np.ndarray:
     """A C×H×W image in [0, 1] (C = 3 BGR, or 1 shown as gray) as an H×W×3 uint8 image."""
     x = _to_numpy(x)
     if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise DraemInputError(f"expected a 1×H×W or 3×H×W image, got shape {x.shape}")
+        raise ValueError(f"expected a 1×H×W or 3×H×W image, got shape {x.shape}")
     return np.ascontiguousarray(np.repeat(_to_uint8(x), 3 // x.shape[0], axis=0).transpose(1, 2, 0))
 
 
@@ -47,7 +46,7 @@ def _to_plane(x: ArrayLike, shape: tuple[int, ...], name: str) -> np.ndarray:
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
     if x.shape != shape:
-        raise DraemInputError(f"{name} must be H×W or 1×H×W matching the image {shape}, got {x.shape}")
+        raise ValueError(f"{name} must be H×W or 1×H×W matching the image {shape}, got {x.shape}")
     return x
 
 
@@ -77,7 +76,7 @@ def training_grid(
     """
     columns = (augmented, reconstruction, target, true_mask, pred_mask)
     if len({(c.shape[0], *c.shape[2:]) for c in columns}) != 1 or max_rows < 1:
-        raise DraemInputError(
+        raise ValueError(
             f"training grid needs tensors with equal N, H, W and max_rows >= 1, got {[tuple(c.shape) for c in columns]}"
         )
     rows = [_join([_to_bgr(c[i]) for c in columns], axis=1) for i in range(min(len(augmented), max_rows))]
@@ -142,5 +141,5 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a BGR uint8 image as PNG atomically (never a half-written file)."""
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
-        raise DraemInputError(f"could not encode an image of shape {image.shape} and dtype {image.dtype} as PNG for {path}")
+        raise RuntimeError(f"could not encode an image of shape {image.shape} and dtype {image.dtype} as PNG for {path}")
     atomic_write_bytes(path, encoded.tobytes())

@@ -7,26 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import data_loader
+import synthesis
 from bench_synthesis import ReleasedStyleDataset
-from data_loader import (
-    CATEGORIES,
-    MAX_BETA,
-    OBJECT_CATEGORIES,
-    TEXTURE_CATEGORIES,
-    MVTecDRAEMTestDataset,
-    MVTecDRAEMTrainDataset,
-    blend_anomaly,
-    find_anomaly_sources,
-    make_training_sample,
-    read_image,
-    read_image_uint8,
-    read_mask,
-    resolve_categories,
-    seed_everything,
-    worker_init_fn,
-)
+from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, seed_everything, worker_init_fn
 from errors import DraemInputError
+from images import read_image, read_image_uint8, read_mask
+from layouts import CATEGORIES, OBJECT_CATEGORIES, TEXTURE_CATEGORIES, find_anomaly_sources, resolve_categories
+from synthesis import MAX_BETA, blend_anomaly, make_training_sample
 
 
 def train_dir(demo, category="brick"):
@@ -100,7 +87,9 @@ def test_anomaly_sources_are_found_recursively_and_sorted(tmp_path):
         (tmp_path / name).write_bytes(pixel)
     (tmp_path / "images" / "a" / "notes.txt").write_text("not an image")
     found = find_anomaly_sources(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["images/a/0.png", "images/a/1.JPEG", "images/b/2.jpg", "top.jpg"]
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "images/a/0.png", "images/a/1.JPEG", "images/b/2.jpg", "top.jpg"
+    ]
     assert len(find_anomaly_sources(tmp_path / "images")) == 3
     (tmp_path / "void").mkdir()
     for folder in (tmp_path / "void", tmp_path / "absent"):
@@ -136,7 +125,7 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
         betas.append(beta)
         return blend_anomaly(image, source, mask, beta)
 
-    monkeypatch.setattr(data_loader, "blend_anomaly", recording_blend)
+    monkeypatch.setattr(synthesis, "blend_anomaly", recording_blend)
     torch.manual_seed(0)
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     assert len(dataset) == 6
@@ -172,7 +161,8 @@ def test_caching_changes_no_sample(tiny_mvtec):
 
     for seed in range(60):
         cached = make_training_sample(np.random.default_rng(seed), len(dataset), dataset.images.__getitem__, dataset.draw_source)
-        uncached = make_training_sample(np.random.default_rng(seed), len(paths), lambda i: read_image_uint8(paths[i], shape), read_source)
+        uncached = make_training_sample(np.random.default_rng(seed), len(paths), lambda i: read_image_uint8(paths[i], shape),
+                                        read_source)
         for key in ("image", "augmented_image", "anomaly_mask", "has_anomaly"):
             np.testing.assert_array_equal(cached[key], uncached[key])
         assert cached["idx"] == uncached["idx"]

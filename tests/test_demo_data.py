@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, find_anomaly_sources, resolve_categories
+from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset
 from errors import DraemInputError
+from layouts import find_anomaly_sources, resolve_categories
 from make_demo_data import CATEGORY_STYLES, DEFECT_TYPES, DEMO_CATEGORIES, draw_defect, main, make_demo_dataset, texture_image
 
 

@@ -151,7 +151,8 @@ def test_ddp_resume_continues_every_rank_where_it_stopped(ddp_runs):
         assert resumed == full[len(full) // EPOCHS:], f"rank {rank} drew other samples in epoch 2 after resuming"
     for run_dir in ("full", "cut"):
         assert (ddp_runs / run_dir / "ckpt" / f"{BASE}_best_brick_.pckl").is_file()
-    full_logs, cut_logs = ((ddp_runs / run / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines() for run in ("full", "cut"))
+    full_logs, cut_logs = ((ddp_runs / run / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()
+                           for run in ("full", "cut"))
     assert [json.loads(line)["epoch"] for line in cut_logs] == [1, 2]
     for full_line, cut_line in zip(full_logs, cut_logs):
         full_record, cut_record = json.loads(full_line), json.loads(cut_line)

@@ -15,8 +15,8 @@ onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r
 # Imported after the skips: export_onnx itself imports onnx and onnxruntime.
 from test_predict import SIZE, calibrated_model
 
+from evaluation import DraemScorer
 from export_onnx import main, onnx_bytes
-from predict import DraemScorer
 
 WIDTH = 4
 TOLERANCE = 1e-4

@@ -7,11 +7,12 @@ import torch
 from test_synthesis_gpu import one_thread  # noqa: F401  (an autouse fixture: these tests run on one thread too)
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-from errors import DraemInputError
+from data_loader import train_loader
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map
-from runtime import autocast, loader_settings, prepare_model, to_memory_format, train_step
+from runtime import autocast, prepare_model, to_memory_format
 from synthesis_gpu import synthesize_batch
+from train_draem import train_step
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -30,7 +31,7 @@ def synthetic_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def step(model, optimizer, batch, precision="fp32", channels_last=False):
-    return train_step(model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"], batch["anomaly_mask"],
+    return train_step(model, model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"], batch["anomaly_mask"],
                       precision, channels_last)
 
 
@@ -41,7 +42,7 @@ def test_autocast_is_bf16_only_when_asked():
         assert conv(x).dtype == torch.float32
     with autocast(CPU, "bf16"):
         assert conv(x).dtype == torch.bfloat16
-    with pytest.raises(DraemInputError, match="--precision"):
+    with pytest.raises(ValueError, match="--precision"):
         autocast(CPU, "fp16")
 
 
@@ -142,13 +143,18 @@ def test_a_compiled_train_step_runs_on_cpu_and_matches_eager(trained_state):
     compiled_steps_match_eager(trained_state, "aot_eager")
 
 
-@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"), reason="inductor's cold C++ build takes ~2.5 min on 2 cores; set DRAEM_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"),
+                    reason="inductor's cold C++ build takes ~2.5 min on 2 cores; set DRAEM_SLOW_TESTS=1")
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler on CPU")
 def test_an_inductor_compiled_train_step_runs_on_cpu_and_matches_eager(trained_state):
     compiled_steps_match_eager(trained_state, "inductor")
 
 
-def test_loader_settings_pin_memory_for_cuda_and_keep_workers():
-    assert loader_settings(CPU, 0) == {"num_workers": 0, "pin_memory": False}
-    settings = loader_settings(torch.device("cuda"), 4)
-    assert settings == {"num_workers": 4, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
+def test_train_loader_pins_memory_for_cuda_and_keeps_workers_only_when_asked():
+    data, generator = list(range(8)), torch.Generator()
+    plain = train_loader(data, 2, 0, generator, CPU)
+    assert (plain.num_workers, plain.pin_memory, plain.persistent_workers) == (0, False, False)
+    fresh = train_loader(data, 2, 4, generator, torch.device("cuda"))
+    assert (fresh.num_workers, fresh.pin_memory, fresh.persistent_workers) == (4, True, False)
+    kept = train_loader(data, 2, 4, generator, torch.device("cuda"), persistent_workers=True)
+    assert (kept.persistent_workers, kept.prefetch_factor) == (True, 4)

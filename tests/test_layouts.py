@@ -9,22 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import (
-    CATEGORIES,
-    LAYOUTS,
-    VISA_CATEGORIES,
-    MVTecDRAEMTestDataset,
-    MVTecDRAEMTrainDataset,
-    categories_for,
-    evaluation_records,
-    make_test_dataset,
-    make_train_dataset,
-    read_image,
-    read_mask,
-    read_nonzero_mask,
-    train_image_paths,
-)
+from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, make_test_dataset, make_train_dataset
 from errors import DraemInputError
+from images import read_image, read_mask, read_nonzero_mask
+from layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
 from metrics import DraemEvaluator
 
 SHAPE = (32, 32)
@@ -107,7 +95,8 @@ def test_folder_test_samples_have_labels_and_masks_whatever_their_value_conventi
     np.testing.assert_array_equal(samples[1]["mask"][0], reference)  # the 0/1 mask reads as the 0/255 one
     for s in samples[2:]:  # the defect without a mask, and the good images
         assert s["mask"].shape == (1, *SHAPE) and not s["mask"].any()
-    np.testing.assert_array_equal(samples[4]["image"], read_image(folder_root / "widget/test/good/g2.tif", SHAPE).transpose(2, 0, 1))
+    np.testing.assert_array_equal(samples[4]["image"],
+                                  read_image(folder_root / "widget/test/good/g2.tif", SHAPE).transpose(2, 0, 1))
 
 
 def test_folder_mask_suffix_is_configurable(folder_root):
@@ -156,7 +145,8 @@ def visa_root(tmp_path) -> Path:
     Rows are not sorted, as in the published file."""
     root = tmp_path / "VisA"
     rows = [VISA_HEADER]
-    for i, (split, name) in enumerate([("train", "0836"), ("test", "0790"), ("train", "0451"), ("train", "0001"), ("test", "0107")]):
+    for i, (split, name) in enumerate([("train", "0836"), ("test", "0790"), ("train", "0451"), ("train", "0001"),
+                                       ("test", "0107")]):
         write_image(root / "candle/Data/Images/Normal" / f"{name}.JPG", i)
         rows.append(f"candle,{split},normal,candle/Data/Images/Normal/{name}.JPG,")
     for i, name in enumerate(["000", "001"]):

@@ -1,4 +1,4 @@
-"""The evaluation protocol (spec §6), AUPRO, F1-max and the results tables."""
+"""The evaluation protocol (METHOD.md §6), AUPRO, F1-max and the results tables."""
 import csv
 import itertools
 import json
@@ -11,7 +11,6 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from errors import DraemInputError
 from metrics import (
     METRICS,
     PAPER_RESULTS,
@@ -62,7 +61,7 @@ def test_image_score_is_max_of_21x21_average_pooled_map():
 
 
 def test_image_scores_rejects_two_channel_maps():
-    with pytest.raises(DraemInputError, match="N×1×H×W"):
+    with pytest.raises(ValueError, match="N×1×H×W"):
         image_scores(torch.zeros(1, 2, 8, 8))
 
 
@@ -125,7 +124,7 @@ def test_single_class_gives_nan_with_warning():
     ],
 )
 def test_evaluator_rejects_bad_batches(maps, masks, labels, message):
-    with pytest.raises(DraemInputError, match=message):
+    with pytest.raises(ValueError, match=message):
         DraemEvaluator(2, SIZE, SIZE).update(maps, masks, labels)
 
 
@@ -167,7 +166,7 @@ def test_aupro_matches_threshold_loop_with_8_connected_regions():
 
 def test_aupro_rejects_bad_limit_and_warns_without_defects():
     masks = np.zeros((1, 4, 4), np.uint8)
-    with pytest.raises(DraemInputError, match="fpr_limit"):
+    with pytest.raises(ValueError, match="fpr_limit"):
         aupro(masks.astype(np.float32), masks, fpr_limit=0)
     with pytest.warns(RuntimeWarning):
         assert math.isnan(aupro(masks.astype(np.float32), masks))

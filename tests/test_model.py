@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from errors import DraemInputError
 from model_unet import SSPCAB, DiscriminativeSubNetwork, DraemModel, ReconstructiveSubNetwork, anomaly_map
 
-# A copy of ../shared/reference/draem_state_dict_manifest.json: the keys and shapes of the released checkpoints.
+# Every parameter's key and shape in the authors' released checkpoints (a manifest shipped with the tests).
 MANIFEST = Path(__file__).resolve().parent / "data" / "draem_state_dict_manifest.json"
 
 
@@ -70,7 +69,7 @@ def test_small_forward_shapes_and_anomaly_map():
 @pytest.mark.parametrize("size", [(64, 80), (100, 64), (48, 48)])
 def test_size_not_divisible_by_32_is_a_clear_error(size):
     model = DraemModel(base_width=4, seg_base_width=4)
-    with pytest.raises(DraemInputError, match="divisible by 32"):
+    with pytest.raises(ValueError, match="divisible by 32"):
         model(torch.rand(1, 3, *size))
 
 

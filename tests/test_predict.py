@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import test_draem
+import evaluation
 from checkpoints import model_from_checkpoint, save_checkpoint
 from data_loader import MVTecDRAEMTestDataset
+from evaluation import DraemScorer
 from metrics import DraemEvaluator
 from model_unet import DraemModel
 from predict import main
@@ -68,7 +69,7 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
 
 
 def protocol_scores(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    """Image scores test_draem.evaluate_category computes for the category, by image path."""
+    """Image scores evaluation.evaluate_category computes for the category (what test_draem.py reports), by image path."""
     evaluators = []
 
     class RecordingEvaluator(DraemEvaluator):
@@ -76,9 +77,9 @@ def protocol_scores(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> 
             super().__init__(*args, **kwargs)
             evaluators.append(self)
 
-    monkeypatch.setattr(test_draem, "DraemEvaluator", RecordingEvaluator)
+    monkeypatch.setattr(evaluation, "DraemEvaluator", RecordingEvaluator)
     model = model_from_checkpoint(setup["checkpoints"], BASE_NAME, CATEGORY)
-    test_draem.evaluate_category(model, setup["data"], CATEGORY, SIZE, torch.device("cpu"), batch_size=1)
+    evaluation.evaluate_category(DraemScorer(model), setup["data"], CATEGORY, SIZE, torch.device("cpu"), batch_size=1)
     dataset = MVTecDRAEMTestDataset(setup["test"], resize_shape=(SIZE, SIZE))
     paths = [str(Path(dataset[i]["path"]).resolve()) for i in range(len(dataset))]
     (evaluator,) = evaluators

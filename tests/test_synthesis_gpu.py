@@ -5,17 +5,12 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 import augment
-import data_loader
+import synthesis
 import synthesis_gpu
-from data_loader import MAX_BETA, MVTecDRAEMTrainDataset, blend_anomaly, make_train_dataset
-from synthesis_gpu import (
-    DEVICE_AUGMENTATIONS,
-    RawTrainDataset,
-    augment_sources,
-    draw_augmentation_indices,
-    synthesize_batch,
-    to_float,
-)
+from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, make_train_dataset
+from images import to_float as cpu_to_float
+from synthesis import MAX_BETA, blend_anomaly
+from synthesis_gpu import DEVICE_AUGMENTATIONS, augment_sources, draw_augmentation_indices, synthesize_batch, to_float
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +144,7 @@ def test_synthesized_batch_follows_the_rules(tiny_mvtec, monkeypatch):
 
 def test_to_float_gives_the_cpu_paths_values():
     values = torch.arange(256, dtype=torch.uint8)
-    np.testing.assert_array_equal(to_float(values).numpy(), data_loader.to_float(values.numpy()))
+    np.testing.assert_array_equal(to_float(values).numpy(), cpu_to_float(values.numpy()))
 
 
 def test_seeded_synthesis_is_reproducible_and_seeds_differ(tiny_mvtec):
@@ -186,7 +181,7 @@ def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     assert batch["image"].shape == batch["source"].shape == (6, 3, 64, 64)
     sources = torch.stack([torch.from_numpy(dataset.draw_source(np.random.default_rng(i))).permute(2, 0, 1) for i in range(64)])
     assert all((sources == source).flatten(1).all(1).any() for source in batch["source"])
-    dataset.images = dataset.images[1:]  # as validation.hold_out does: only what is left is drawn
+    dataset.images = dataset.images[1:]  # only what the dataset holds is drawn
     kept = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
     images = next(iter(DataLoader(dataset, batch_size=64)))["image"]
     assert all((kept == image).flatten(1).all(1).any() for image in images)
@@ -206,7 +201,7 @@ def test_device_path_statistics_match_the_cpu_path(tiny_mvtec, monkeypatch):
     """4096 samples per path: the coverage distribution is heavy-tailed, so fewer samples (or the standard
     deviation as spread) would make "within 10 %" a coin flip. Source augmentation cannot change a mask,
     so both paths skip it here to keep the test fast (it is compared operation by operation above)."""
-    monkeypatch.setattr(data_loader, "augment_source", lambda image, rng: image)
+    monkeypatch.setattr(synthesis, "augment_source", lambda image, rng: image)
     monkeypatch.setattr(synthesis_gpu, "augment_sources", lambda sources, generator: sources)
     n = 4096
     torch.manual_seed(0)

@@ -88,12 +88,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
 def test_bad_input_is_one_line_and_exit_1(tiny_mvtec, tmp_path):
     data = str(tiny_mvtec.mvtec_root)
     assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpte", "--data_path", data), "unknown category 'carpte'")
-    assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet", "--data_path", str(tmp_path / "nowhere")), "does not exist")
+    assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet", "--data_path", str(tmp_path / "nowhere")),
+                          "does not exist")
     assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet"), "--data_path")
     (tmp_path / "mvtec" / "carpet" / "train" / "good").mkdir(parents=True)
     assert_one_line_error(run_script("train_draem.py", "--obj_id", "carpet", "--data_path", str(tmp_path / "mvtec")),
                           "no .png/.jpg/.jpeg training images")
-    assert_one_line_error(run_script("test_draem.py", "--obj_id", "brick", "--data_path", data, "--checkpoint_path", str(tmp_path)),
+    assert_one_line_error(run_script("test_draem.py", "--obj_id", "brick", "--data_path", data, "--checkpoint_path",
+                                     str(tmp_path)),
                           "checkpoint not found")
 
 

@@ -1,6 +1,7 @@
 """Validation during training: a fixed held-out synthetic set, never trained on, and the best checkpoint."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import checkpoints
 import train_draem
 import validation
 from checkpoints import checkpoint_paths, load_checkpoint, model_from_checkpoint, run_base_name
-from data_loader import MVTecDRAEMTrainDataset, load_images, to_chw, to_float
+from data_loader import MVTecDRAEMTrainDataset
 from errors import DraemInputError
+from evaluation import DraemScorer
+from images import load_images, to_chw, to_float
 from model_unet import DraemModel
 
 SIZE = 64
@@ -58,14 +61,14 @@ def test_held_out_images_are_never_trained_on(tiny_mvtec, tmp_path):
         assert not any(np.array_equal(drawn, image) for image in held_images), "a training sample used a held-out image"
 
 
-def test_hold_out_keeps_at_least_one_image_on_each_side(tiny_mvtec, tmp_path):
-    train = MVTecDRAEMTrainDataset(tiny_mvtec.mvtec_root / "brick" / "train" / "good", resize_shape=(SIZE, SIZE))
-    held_paths, held_images = validation.hold_out(train, 0.01, seed=0)
-    assert len(held_paths) == len(held_images) == 1 and len(train.image_paths) == 5
-    validation.hold_out(train, 0.99, seed=0)
-    assert len(train.image_paths) == len(train.images) == 1
+def test_split_paths_keeps_at_least_one_image_on_each_side_in_order():
+    paths = [Path(f"{i:03d}.png") for i in range(6)]
+    kept, held = validation.split_paths(paths, 0.01, seed=0)
+    assert len(held) == 1 and len(kept) == 5 and sorted(kept + held) == paths and kept == sorted(kept)
+    kept, held = validation.split_paths(paths, 0.99, seed=0)
+    assert len(kept) == 1 and len(held) == 5 and held == sorted(held)
     with pytest.raises(DraemInputError, match="only 1"):
-        validation.hold_out(train, 0.5, seed=0)
+        validation.split_paths(paths[:1], 0.5, seed=0)
 
 
 def test_save_best_survives_resume_and_loads(tiny_mvtec, tmp_path, monkeypatch):
@@ -98,12 +101,12 @@ def test_save_best_survives_resume_and_loads(tiny_mvtec, tmp_path, monkeypatch):
     load_checkpoint(DraemModel(4, 4), tmp_path / "ckpt", best_base, "brick")
     model = model_from_checkpoint(tmp_path / "ckpt", best_base, "brick")
     _, val_set = datasets(tiny_mvtec, tmp_path, *flags)
-    rescored = validation.evaluate(model, val_set, torch.device("cpu"), batch_size=4)
+    rescored = validation.evaluate_synthetic(DraemScorer(model), val_set, torch.device("cpu"), batch_size=4)
     assert rescored["val_pixel_ap"] == pytest.approx(best, abs=1e-6), "the best pair is not the model that scored best"
 
 
 def test_val_test_reports_test_metrics_when_the_test_folder_exists(tiny_mvtec, tmp_path):
-    model = DraemModel(4, 4)
+    model = DraemScorer(DraemModel(4, 4))
     found = validation.evaluate_test_set(model, tiny_mvtec.mvtec_root, "brick", SIZE, torch.device("cpu"), 4)
     assert {"test_pixel_ap", "test_image_auroc"} <= set(found)
     shutil.copytree(tiny_mvtec.mvtec_root / "brick" / "train", tmp_path / "brick" / "train")

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from errors import DraemInputError
 from visualize import GAP, heatmap_overlay, save_png, training_grid
 
 SIZE = 16
@@ -40,7 +39,7 @@ def test_training_grid_with_fewer_samples_than_rows():
 
 def test_training_grid_rejects_mismatched_tensors():
     augmented, reconstruction, target, true_mask, _ = grid_inputs(2)
-    with pytest.raises(DraemInputError, match="equal N, H, W"):
+    with pytest.raises(ValueError, match="equal N, H, W"):
         training_grid(augmented, reconstruction, target, true_mask, torch.zeros(2, 1, 8, 8))
 
 
@@ -111,7 +110,7 @@ def test_score_is_written_in_the_heat_panel_only():
 
 def test_overlay_rejects_a_map_of_the_wrong_size():
     image, _, _ = overlay_inputs()
-    with pytest.raises(DraemInputError, match="anomaly_map"):
+    with pytest.raises(ValueError, match="anomaly_map"):
         heatmap_overlay(image, torch.zeros(SIZE, SIZE + 1))
 
 
