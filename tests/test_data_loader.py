@@ -210,7 +210,7 @@ def test_seeded_loader_with_two_workers_is_reproducible_and_workers_differ(tiny_
 
 
 class GlobalRandomDataset(torch.utils.data.Dataset):
-    """Draws from NumPy's and Python's global generators, which only worker_init_fn seeds per worker."""
+    """Draws from NumPy's and Python's global generators, which every worker must seed for itself."""
 
     def __len__(self):
         return 4
@@ -219,13 +219,37 @@ class GlobalRandomDataset(torch.utils.data.Dataset):
         return np.array([np.random.random(), random.random()])
 
 
-def test_worker_init_fn_gives_each_worker_its_own_reproducible_global_streams():
+def test_seeded_loader_with_worker_init_fn_gives_each_worker_its_own_reproducible_global_streams():
+    """torch >= 1.9 seeds each worker's NumPy/Python generators itself; worker_init_fn must keep them per worker
+    (seeding from anything but the worker's torch seed, e.g. a constant, would make the workers repeat each other)."""
     def draws(seed):
         return torch.cat(two_worker_batches(GlobalRandomDataset(), seed))
 
     first, again, other = draws(3), draws(3), draws(4)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert len(set(first.flatten().tolist())) == 8  # the two workers do not repeat each other's draws
+
+
+def test_worker_init_fn_makes_the_global_streams_depend_on_the_torch_seed_alone():
+    """Whatever NumPy/Python state a worker inherited (a fork under torch < 1.9 keeps the parent's), after
+    worker_init_fn their draws are fixed by the worker's torch seed. Run here, outside a DataLoader, so
+    that torch's own worker seeding cannot stand in for it."""
+    def draws_after_worker_init(torch_seed, inherited_seed):
+        torch.manual_seed(torch_seed)
+        np.random.seed(inherited_seed)
+        random.seed(inherited_seed)
+        worker_init_fn(0)
+        return np.random.random(), random.random()
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        first = draws_after_worker_init(5, inherited_seed=1)
+        assert draws_after_worker_init(5, inherited_seed=2) == first
+        other = draws_after_worker_init(6, inherited_seed=1)
+        assert other[0] != first[0] and other[1] != first[1]
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def test_seed_everything_seeds_torch_numpy_and_python():
