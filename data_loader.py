@@ -29,7 +29,6 @@ from layouts import (
     evaluation_records,
     find_anomaly_sources,
     mvtec_test_records,
-    train_image_paths,
     training_folder_images,
 )
 from synthesis import make_training_sample, random_noise_source
@@ -38,7 +37,7 @@ from synthesis import make_training_sample, random_noise_source
 class MVTecDRAEMTrainDataset(Dataset):
     """Synthetic-anomaly training samples from `<category>/train/good`, or from a list of images of any layout (METHOD.md §2).
 
-    Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (see `make_train_dataset`).
+    Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (of any layout: `layouts.train_image_paths`).
     Each item is a dict: image, augmented_image (float32 3 x H x W, BGR, [0, 1]), anomaly_mask
     (float32 1 x H x W, binary), has_anomaly (float32 (1,)), idx (the training image used).
     Without `anomaly_source_path` the anomaly sources are uniform noise (weaker than DTD).
@@ -167,22 +166,6 @@ class MVTecDRAEMTestDataset(Dataset):
             "idx": idx,
             "path": str(path),
         }
-
-
-def make_train_dataset(
-    layout: str,
-    data_path: str | os.PathLike,
-    category: str,
-    anomaly_source_path: str | os.PathLike | None = None,
-    resize_shape: tuple[int, int] = (256, 256),
-    dataset_class: type[MVTecDRAEMTrainDataset] = MVTecDRAEMTrainDataset,
-) -> MVTecDRAEMTrainDataset:
-    """The synthetic-anomaly training set of `category` in a dataset of `layout`.
-
-    `dataset_class` may be a subclass with other items, e.g. synthesis_gpu.RawTrainDataset.
-    """
-    paths = train_image_paths(layout, data_path, category)
-    return dataset_class(anomaly_source_path=anomaly_source_path, resize_shape=resize_shape, image_paths=paths)
 
 
 def make_test_dataset(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, make_test_dataset, make_train_dataset
+from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, make_test_dataset
 from errors import DraemInputError
 from images import read_image, read_mask, read_nonzero_mask
 from layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
@@ -66,7 +66,7 @@ def folder_root(tmp_path) -> Path:
 def test_folder_training_images_are_every_image_of_train_good_sorted(folder_root):
     good = folder_root / "widget" / "train" / "good"
     assert train_image_paths("folder", folder_root, "widget") == [good / "a.png", good / "b.jpg", good / "c.BMP"]
-    dataset = make_train_dataset("folder", folder_root, "widget", None, SHAPE)
+    dataset = MVTecDRAEMTrainDataset(image_paths=train_image_paths("folder", folder_root, "widget"), resize_shape=SHAPE)
     assert len(dataset) == 3 and dataset.images.shape == (3, *SHAPE, 3)
     np.testing.assert_array_equal(dataset.images[0], cv2.resize(cv2.imread(str(good / "a.png")), SHAPE[::-1]))
 
@@ -164,7 +164,7 @@ def test_visa_training_images_are_the_train_rows_of_the_object_in_file_order(vis
     normal = visa_root / "candle/Data/Images/Normal"
     assert train_image_paths("visa", visa_root, "candle") == [normal / "0836.JPG", normal / "0451.JPG", normal / "0001.JPG"]
     assert train_image_paths("visa", visa_root, "pcb1") == [visa_root / "pcb1/Data/Images/Normal/0000.JPG"]
-    assert len(make_train_dataset("visa", visa_root, "candle", None, SHAPE)) == 3
+    assert len(MVTecDRAEMTrainDataset(image_paths=train_image_paths("visa", visa_root, "candle"), resize_shape=SHAPE)) == 3
 
 
 def test_visa_test_records_and_samples(visa_root):
@@ -258,7 +258,8 @@ def test_mvtec_through_the_factories_is_exactly_the_mvtec_classes(tiny_mvtec):
 
     train_dir = root / category / "train" / "good"
     assert train_image_paths("mvtec", root, category) == sorted(train_dir.glob("*.png"), key=str)
-    ours = make_train_dataset("mvtec", root, category, tiny_mvtec.texture_root, SHAPE)
+    ours = MVTecDRAEMTrainDataset(anomaly_source_path=tiny_mvtec.texture_root, resize_shape=SHAPE,
+                                  image_paths=train_image_paths("mvtec", root, category))
     classic = MVTecDRAEMTrainDataset(train_dir, tiny_mvtec.texture_root, SHAPE)
     assert ours.image_paths == classic.image_paths and ours.source_paths == classic.source_paths
     for seed in range(12):
@@ -317,7 +318,6 @@ def test_categories_for_each_layout(folder_root, visa_root, tiny_mvtec):
     [
         lambda root: train_image_paths("mvtecad", root, "brick"),
         lambda root: evaluation_records("MVTec", root, "brick"),
-        lambda root: make_train_dataset("imagenet", root, "brick"),
         lambda root: make_test_dataset("", root, "brick"),
         lambda root: categories_for("voc", "-1", root),
     ],
