@@ -7,18 +7,32 @@ streams scored batches into the released protocol's metrics.
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from calibration import metrics_at_threshold, read_thresholds
 from checkpoints import model_from_checkpoint
 from data_loader import make_test_dataset
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from model_unet import DraemModel, anomaly_map
 from runtime import autocast, prepare_model, to_memory_format
 from visualize import heatmap_overlay, save_png
+
+
+class CategoryResult(NamedTuple):
+    """What evaluating one category found: its metrics and, per test image, what the metrics were computed from."""
+
+    metrics: dict[str, float]
+    scores: np.ndarray  # (N,) float32 image scores
+    labels: np.ndarray  # (N,) uint8, 1 = anomalous
+    maps: np.ndarray  # N×H×W float32 anomaly maps
+    masks: np.ndarray  # N×H×W uint8 ground truth after the released cast (1 = anomalous pixel)
+    paths: list[str]  # the test images, in evaluation order
 
 
 class DraemScorer(nn.Module):
@@ -43,29 +57,33 @@ class DraemScorer(nn.Module):
 def evaluate(
     scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
     overlay_dir: Path | None = None, desc: str = "test",
-) -> dict[str, float]:
-    """The protocol's metrics over `batches` of {"image", "mask", "has_anomaly"} (and "path" for overlays).
+) -> CategoryResult:
+    """The protocol's metrics over `batches` of {"image", "mask", "has_anomaly"} (and "path" for overlays and the result).
 
     With `overlay_dir`, each image's heat-map overlay is saved as `<overlay_dir>/<defect>_<stem>.png`.
     Leaves the model in eval mode.
     """
     evaluator = DraemEvaluator(num_images, *image_shape)
     scorer.eval().to(device)
+    paths: list[str] = []
     for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
         amap, scores = scorer(batch["image"].to(device))
         evaluator.update(amap, batch["mask"], batch["has_anomaly"], scores)
+        paths += list(batch.get("path", []))
         if overlay_dir is not None:
             for i, score in enumerate(scores.tolist()):
                 path = Path(batch["path"][i])
                 overlay = heatmap_overlay(batch["image"][i], amap[i].cpu(), batch["mask"][i], score=score)
                 save_png(overlay_dir / f"{path.parent.name}_{path.stem}.png", overlay)
-    return evaluator.compute()
+    n = evaluator.count
+    return CategoryResult(evaluator.compute(), evaluator.scores[:n], evaluator.labels[:n], evaluator.maps[:n],
+                          evaluator.masks[:n], paths)
 
 
 def evaluate_category(
     scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int, device: torch.device,
     batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask", overlay_dir: Path | None = None,
-) -> dict[str, float]:
+) -> CategoryResult:
     """The released protocol on one category's test set (see `evaluate`)."""
     dataset = make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
     return evaluate(scorer, DataLoader(dataset, batch_size=batch_size), len(dataset), (image_size, image_size), device,
@@ -73,21 +91,41 @@ def evaluate_category(
 
 
 def evaluate_checkpoints(
-    *, checkpoint_path: str | os.PathLike, base_model_name: str, data_path: str | os.PathLike, categories: Sequence[str],
-    image_size: int, device: torch.device, output_dir: str | os.PathLike, batch_size: int = 1, layout: str = "mvtec",
-    mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-    save_images: bool = False,
+    *, checkpoint_path: str | os.PathLike, base_model_names: Sequence[str], data_path: str | os.PathLike,
+    categories: Sequence[str], image_size: int, device: torch.device, output_dir: str | os.PathLike, batch_size: int = 1,
+    layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
+    compile: bool = False, save_images: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate each category's checkpoint pair, write the results tables to `output_dir` and print the Markdown one."""
-    per_category = {}
-    for category in categories:
-        model = prepare_model(model_from_checkpoint(checkpoint_path, base_model_name, category).to(device), channels_last,
-                              compile)
-        overlay_dir = Path(output_dir) / "overlays" / category if save_images else None
-        per_category[category] = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size,
-                                                   device, batch_size, layout, mask_suffix, overlay_dir)
-    rows = results_rows(per_category)
-    written = write_results(rows, output_dir, f"results_{base_model_name}")
+    """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print the table.
+
+    Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
+    threshold file beside a pair (calibration.py), precision, recall and F1 at that threshold are reported too.
+    Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
+    """
+    runs: dict[str, dict[str, CategoryResult]] = {}
+    for base_name in base_model_names:
+        runs[base_name] = {}
+        for category in categories:
+            model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
+            overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
+            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
+                                       batch_size, layout, mask_suffix, overlay_dir)
+            thresholds = read_thresholds(checkpoint_path, base_name, category)
+            threshold = None if thresholds is None else thresholds["image_threshold"]
+            result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
+            runs[base_name][category] = result
+    per_run = [{category: result.metrics for category, result in results.items()} for results in runs.values()]
+    rows = results_rows(per_run)
+    stem = f"results_{base_model_names[0]}" + (f"_{len(runs)}runs" if len(runs) > 1 else "")
+    written = write_results(rows, output_dir, stem)
     print(format_markdown(rows))
     print(f"results written to {', '.join(str(p) for p in written.values())}")
-    return per_category
+    return {category: _mean_over_runs([run[category] for run in per_run]) for category in categories}
+
+
+def _mean_over_runs(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the runs (fractions), and its sample standard deviation `<metric>_std` with several runs."""
+    merged = {name: float(np.mean([run[name] for run in runs])) for name in runs[0]}
+    if len(runs) > 1:
+        merged.update({f"{name}_std": float(np.std([run[name] for run in runs], ddof=1)) for name in runs[0]})
+    return merged

@@ -25,6 +25,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
+# At the image threshold calibrated without the test set (calibration.py); F1-max above is chosen on the test set,
+# an upper bound. Empty where a checkpoint has no threshold file.
+THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
+TABLE_METRICS = (*METRICS, *THRESHOLD_METRICS)
 PAPER_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
 PAPER_RESULTS: dict = json.loads(Path(__file__).with_name("paper_results.json").read_text())
 MEAN_ROW = "mean"
@@ -216,11 +220,16 @@ def _paper_value(categories: list[str], metric: str) -> float | None:
     return round(sum(paper[c][metric] for c in categories) / len(categories), 1)
 
 
-def _row(category: str, ours: dict[str, float | None], paper_categories: list[str]) -> dict:
-    """One table row: our metrics in percent, plus paper value and delta for the paper's metrics."""
+def _row(
+    category: str, ours: dict[str, float | None], paper_categories: list[str], spread: dict[str, float | None] | None
+) -> dict:
+    """One table row: our metrics in percent (with their standard deviation over runs when `spread` is given),
+    plus paper value and delta for the paper's metrics."""
     row: dict = {"category": category}
-    for metric in METRICS:
-        row[metric] = ours[metric]
+    for metric in TABLE_METRICS:
+        row[metric] = ours.get(metric)
+        if spread is not None:
+            row[f"{metric}_std"] = spread.get(metric)
         if metric in PAPER_METRICS:
             paper = _paper_value(paper_categories, metric)
             row[f"{metric}_paper"] = paper
@@ -228,27 +237,57 @@ def _row(category: str, ours: dict[str, float | None], paper_categories: list[st
     return row
 
 
-def results_rows(per_category: dict[str, dict[str, float]]) -> list[dict]:
+def _mean_and_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1) in percent of per-run fractions; None if any run lacks the value."""
+    if any(v is None or math.isnan(v) for v in values):
+        return None, None
+    return _percent(float(np.mean(values))), _percent(float(np.std(values, ddof=1)))
+
+
+def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     """Table rows (percent) for each category, then the mean row, with paper values and deltas.
 
-    The mean row's paper value is the mean of the paper's values for the same categories (for
-    all 15 it equals the published mean); it is empty if any category is not in the paper.
-    A NaN metric stays empty in its row and makes the mean empty too.
+    `runs` holds one {category: metrics} dict per run (checkpoints of one configuration trained with different
+    seeds). With one run the rows hold its values; with several, each value is the mean over the runs and
+    `<metric>_std` the sample standard deviation across them; the mean row's spread is that of the runs'
+    category means. The mean row's paper value is the mean of the paper's values for the same categories (for
+    all 15 it equals the published mean); it is empty if any category is not in the paper. A NaN or missing
+    metric stays empty in its row and makes the mean empty too.
     """
-    if not per_category:
+    if not runs or not runs[0]:
         raise ValueError("no categories were evaluated, so there is no results table")
-    ours = {c: {m: _percent(values[m]) for m in METRICS} for c, values in per_category.items()}
-    rows = [_row(c, ours[c], [c]) for c in ours]
-    mean = {m: _percent(float(np.mean([per_category[c][m] for c in ours]))) for m in METRICS}
-    rows.append(_row(MEAN_ROW, mean, list(ours)))
+    categories = list(runs[0])
+
+    def value(run: dict, category: str, metric: str) -> float | None:
+        return run[category].get(metric)
+
+    def category_mean(run: dict, metric: str) -> float | None:
+        values = [value(run, c, metric) for c in categories]
+        return None if any(v is None or math.isnan(v) for v in values) else float(np.mean(values))
+
+    rows = []
+    for category in categories + [MEAN_ROW]:
+        ours, spread = {}, {} if len(runs) > 1 else None
+        for metric in TABLE_METRICS:
+            if category == MEAN_ROW:
+                per_run = [category_mean(run, metric) for run in runs]
+            else:
+                per_run = [value(run, category, metric) for run in runs]
+            if spread is None:
+                ours[metric] = None if per_run[0] is None else _percent(per_run[0])
+            else:
+                ours[metric], spread[metric] = _mean_and_std(per_run)
+        rows.append(_row(category, ours, categories if category == MEAN_ROW else [category], spread))
     return rows
 
 
-def _columns() -> list[str]:
-    """Column keys of a results row, in table order."""
+def _columns(rows: list[dict]) -> list[str]:
+    """Column keys of results rows, in table order (a `_std` column only in rows that have one)."""
     columns = ["category"]
-    for metric in METRICS:
+    for metric in TABLE_METRICS:
         columns.append(metric)
+        if f"{metric}_std" in rows[0]:
+            columns.append(f"{metric}_std")
         if metric in PAPER_METRICS:
             columns += [f"{metric}_paper", f"{metric}_delta"]
     return columns
@@ -268,18 +307,26 @@ def _cell(key: str, value: float | str | None) -> str:
 
 
 def format_markdown(rows: list[dict]) -> str:
-    """A Markdown table of results rows (percent; 'paper' and 'Δ' beside the paper's metrics)."""
-    columns = _columns()
+    """A Markdown table of results rows (percent; 'mean ± std' over runs when there are several; 'paper' and 'Δ'
+    beside the paper's metrics; `_at_t` columns: at the calibrated threshold)."""
+    columns = [c for c in _columns(rows) if not c.endswith("_std")]
     header = [c.replace("_paper", " paper").replace("_delta", " Δ") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
+    for row in rows:
+        cells = []
+        for c in columns:
+            cell = _cell(c, row[c])
+            if cell and row.get(f"{c}_std") is not None:
+                cell += f" ± {row[f'{c}_std']:.2f}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _format_csv(rows: list[dict]) -> str:
     """CSV text of results rows; missing values are empty fields."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_columns(), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=_columns(rows), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

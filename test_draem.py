@@ -7,7 +7,12 @@
 Per category: image AUROC / AP / F1-max (image score = max of the 21×21 average-pooled anomaly map),
 pixel AUROC / AP with the released uint8 mask cast (only pixels whose resized mask value is exactly 1
 count as anomalous, so defect borders drop out, as in the published numbers), and AUPRO to FPR 0.3.
-Results go to --output_dir as Markdown, CSV and JSON, beside the paper's values.
+Results go to --output_dir as Markdown, CSV and JSON, beside the paper's values, and as report.html.
+
+Several seeds of one configuration, reported as mean ± std:
+
+    python test_draem.py --obj_id carpet --data_path datasets/mvtec --checkpoint_path checkpoints \\
+        --base_model_name DRAEM_test_0.0001_700_bs8 DRAEM_test_0.0001_700_bs8_seed1 DRAEM_test_0.0001_700_bs8_seed2
 """
 import argparse
 from pathlib import Path
@@ -25,9 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     released = parser.add_argument_group("flags of the released program")
     released.add_argument("--gpu_id", type=at_least(0), default=0, help="CUDA device index when testing on a GPU")
-    released.add_argument("--base_model_name", default=run_base_name(1e-4, 700, 8),
+    released.add_argument("--base_model_name", nargs="+", default=[run_base_name(1e-4, 700, 8)],
                           help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl "
-                               "(default: what train_draem.py writes with the paper's settings)")
+                               "(default: what train_draem.py writes with the paper's settings); several names (runs "
+                               "with different --seed) give each metric as mean ± std over them")
     released.add_argument("--data_path", required=True,
                           help="dataset root: for mvtec, the folder holding <category>/test and <category>/ground_truth")
     released.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pairs")
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     check_image_size(args.image_size)
     return evaluate_checkpoints(
-        checkpoint_path=args.checkpoint_path, base_model_name=args.base_model_name, data_path=args.data_path,
+        checkpoint_path=args.checkpoint_path, base_model_names=args.base_model_name, data_path=args.data_path,
         categories=categories, image_size=args.image_size, device=select_device(args.device, args.gpu_id),
         output_dir=args.output_dir, batch_size=args.batch_size, layout=args.dataset, mask_suffix=args.mask_suffix,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile, save_images=args.save_images,

@@ -78,7 +78,7 @@ def evaluate_synthetic(scorer: DraemScorer, val_set: ValidationSet, device: torc
     n, _, height, width = val_set.images.shape
     batches = ({"image": val_set.images[i : i + batch_size], "mask": val_set.masks[i : i + batch_size],
                 "has_anomaly": val_set.labels[i : i + batch_size]} for i in range(0, n, batch_size))
-    return prefixed(evaluate(scorer, batches, n, (height, width), device, desc="validate"), "val_")
+    return prefixed(evaluate(scorer, batches, n, (height, width), device, desc="validate").metrics, "val_")
 
 
 def evaluate_test_set(
@@ -91,8 +91,8 @@ def evaluate_test_set(
     """
     if layout != "visa" and not (Path(data_path) / category / "test").is_dir():
         return {}
-    metrics = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout, mask_suffix)
-    return prefixed(metrics, "test_")
+    result = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout, mask_suffix)
+    return prefixed(result.metrics, "test_")
 
 
 def improves(value: float, best: float | None) -> bool:

@@ -183,7 +183,7 @@ def metrics_of(value: float) -> dict[str, float]:
 
 
 def test_results_rows_have_paper_values_deltas_and_mean():
-    rows = results_rows({"carpet": metrics_of(0.99), "grid": metrics_of(0.95)})
+    rows = results_rows([{"carpet": metrics_of(0.99), "grid": metrics_of(0.95)}])
     carpet, grid, mean = rows
     assert [r["category"] for r in rows] == ["carpet", "grid", "mean"]
     assert carpet["image_auroc"] == 99.0
@@ -196,7 +196,7 @@ def test_results_rows_have_paper_values_deltas_and_mean():
 
 
 def test_mean_row_over_all_15_categories_is_the_published_mean():
-    rows = results_rows({c: metrics_of(0.9) for c in PAPER_RESULTS["paper"]})
+    rows = results_rows([{c: metrics_of(0.9) for c in PAPER_RESULTS["paper"]}])
     mean = rows[-1]
     assert len(rows) == 16
     for metric, published in PAPER_RESULTS["paper_mean"].items():
@@ -204,7 +204,7 @@ def test_mean_row_over_all_15_categories_is_the_published_mean():
 
 
 def test_unknown_and_nan_values_give_empty_cells():
-    rows = results_rows({"carpet": metrics_of(0.9), "demo_squares": {**metrics_of(0.8), "aupro": math.nan}})
+    rows = results_rows([{"carpet": metrics_of(0.9), "demo_squares": {**metrics_of(0.8), "aupro": math.nan}}])
     demo, mean = rows[1], rows[2]
     assert demo["image_auroc_paper"] is None and demo["image_auroc_delta"] is None
     assert demo["aupro"] is None and mean["aupro"] is None
@@ -213,7 +213,7 @@ def test_unknown_and_nan_values_give_empty_cells():
 
 
 def test_markdown_table_shows_values_paper_and_delta():
-    text = format_markdown(results_rows({"carpet": metrics_of(0.9612)}))
+    text = format_markdown(results_rows([{"carpet": metrics_of(0.9612)}]))
     lines = text.strip().splitlines()
     assert len(lines) == 4  # header, rule, carpet, mean
     assert "image_auroc paper" in lines[0] and "image_auroc Δ" in lines[0]
@@ -222,7 +222,7 @@ def test_markdown_table_shows_values_paper_and_delta():
 
 
 def test_write_results_writes_complete_md_csv_json(tmp_path):
-    rows = results_rows({"carpet": metrics_of(0.9), "demo_squares": metrics_of(0.7)})
+    rows = results_rows([{"carpet": metrics_of(0.9), "demo_squares": metrics_of(0.7)}])
     paths = write_results(rows, tmp_path / "out", "results_run1")
     assert {p.name for p in paths.values()} == {"results_run1.md", "results_run1.csv", "results_run1.json"}
     assert paths["md"].read_text() == format_markdown(rows)
@@ -233,3 +233,16 @@ def test_write_results_writes_complete_md_csv_json(tmp_path):
     assert float(table[0]["pixel_ap_delta"]) == pytest.approx(90.0 - 53.5)
     assert table[1]["pixel_ap_paper"] == ""
     assert list(tmp_path.joinpath("out").iterdir()) and not list(tmp_path.joinpath("out").glob(".*tmp"))
+
+
+def test_several_runs_give_mean_and_sample_std_per_category_and_for_the_mean_row():
+    runs = [{"carpet": metrics_of(0.90), "grid": metrics_of(0.80)}, {"carpet": metrics_of(0.94), "grid": metrics_of(0.84)}]
+    carpet, grid, mean = results_rows(runs)
+    # carpet: runs 90 and 94 -> mean 92, sample std sqrt(((90-92)^2 + (94-92)^2) / (2-1)) = 2.83
+    assert (carpet["image_auroc"], carpet["image_auroc_std"]) == (92.0, 2.83)
+    assert (grid["pixel_ap"], grid["pixel_ap_std"]) == (82.0, 2.83)
+    # mean row: the runs' category means are 85 and 89 -> 87 ± 2.83; the delta is against the mean
+    assert (mean["aupro"], mean["aupro_std"]) == (87.0, 2.83)
+    assert carpet["image_auroc_delta"] == round(92.0 - carpet["image_auroc_paper"], 2)
+    assert "| 92.00 ± 2.83 |" in format_markdown([carpet, grid, mean])
+    assert "image_auroc_std" not in results_rows(runs[:1])[0]  # one run: plain values, no spread columns
