@@ -22,6 +22,20 @@ ANOMALIB_PREFIXES = {
     "reconstructive_subnetwork": "model.reconstructive_subnetwork.",
     "discriminative_subnetwork": "model.discriminative_subnetwork.",
 }
+# anomalib's SSPCAB block (its layers `masked_conv1..4`, `attention_module`) feeds the summed masked convolutions
+# straight into squeeze-and-excite; ours, like Ristea et al.'s, applies a ReLU first. No weight rewrite can bridge
+# that, so such checkpoints are refused rather than converted into a model that computes something else.
+ANOMALIB_SSPCAB_MARKERS = (".masked_conv1.", ".attention_module.")
+# anomalib reads RGB and feeds its discriminator cat([image, reconstruction]); we read BGR and feed
+# cat((reconstruction, image)) (METHOD.md §1, §3). Each entry: (subnetwork, key, dim, index), where our
+# channel j along `dim` takes anomalib's channel index[j]. The six discriminator inputs are anomalib's
+# [img R, G, B, rec R, G, B] and ours [rec B, G, R, img B, G, R]: a full reversal.
+ANOMALIB_CHANNEL_REWRITES = (
+    ("reconstructive_subnetwork", "encoder.block1.0.weight", 1, (2, 1, 0)),  # RGB input -> BGR input
+    ("reconstructive_subnetwork", "decoder.fin_out.0.weight", 0, (2, 1, 0)),  # RGB reconstruction -> BGR
+    ("reconstructive_subnetwork", "decoder.fin_out.0.bias", 0, (2, 1, 0)),
+    ("discriminative_subnetwork", "encoder_segment.block1.0.weight", 1, (5, 4, 3, 2, 1, 0)),
+)
 
 
 def run_base_name(lr: float, epochs: int, bs: int) -> str:
@@ -109,8 +123,15 @@ def model_from_checkpoint(checkpoint_dir: str | os.PathLike, base_name: str, cat
 
 
 def split_anomalib_state_dict(state: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Split an anomalib DRAEM state dict into our two subnetworks' state dicts by key prefix."""
+    """Split an anomalib DRAEM state dict into our two subnetworks' state dicts by key prefix.
+
+    Keys only: the tensors still expect anomalib's RGB channel order (see `anomalib_to_released`).
+    An anomalib SSPCAB checkpoint is refused (see ANOMALIB_SSPCAB_MARKERS).
+    """
     state = state.get("state_dict", state)  # a Lightning checkpoint nests the weights
+    if any(marker in key for key in state for marker in ANOMALIB_SSPCAB_MARKERS):
+        raise DraemInputError("this anomalib checkpoint uses SSPCAB, whose anomalib block has no ReLU after its masked "
+                              "convolutions (ours has one): it cannot be converted exactly, so it is not converted")
     parts = {}
     for name, prefix in ANOMALIB_PREFIXES.items():
         parts[name] = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
@@ -119,17 +140,34 @@ def split_anomalib_state_dict(state: dict) -> dict[str, dict[str, torch.Tensor]]
     return parts
 
 
+def anomalib_to_released(state: dict, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Our two state dicts computing, on a BGR image, exactly what anomalib computed on the RGB image.
+
+    Splits and renames the keys, then permutes the channels listed in ANOMALIB_CHANNEL_REWRITES: the
+    first reconstructive conv's inputs, the reconstruction's output channels (weight and bias) and the
+    first discriminative conv's six inputs. Everything between them is colour-order agnostic.
+    """
+    parts = split_anomalib_state_dict(state)
+    for name, key, dim, index in ANOMALIB_CHANNEL_REWRITES:
+        tensor = parts[name].get(key)
+        if tensor is None or tensor.dim() <= dim or tensor.shape[dim] != len(index):
+            found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+            raise DraemInputError(f"{source} ({name}): key '{key}' is {found}, expected {len(index)} channels along dim {dim}")
+        parts[name][key] = tensor.index_select(dim, torch.tensor(index))
+    return parts
+
+
 def load_anomalib_checkpoint(model: DraemModel, path: str | os.PathLike, trusted: bool = False) -> None:
-    """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`."""
-    for name, state in split_anomalib_state_dict(read_state_dict(path, trusted)).items():
+    """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`, converted for BGR input."""
+    for name, state in anomalib_to_released(read_state_dict(path, trusted), str(path)).items():
         load_state_dict_checked(getattr(model, name), state, f"{path} ({name})")
 
 
 def convert_anomalib_checkpoint(
     path: str | os.PathLike, checkpoint_dir: str | os.PathLike, base_name: str, category: str, trusted: bool = False
 ) -> tuple[Path, Path]:
-    """Rewrite an anomalib DRAEM checkpoint as a released-format pair; return the two paths."""
-    parts = split_anomalib_state_dict(read_state_dict(path, trusted))
+    """Rewrite an anomalib DRAEM checkpoint as a released-format pair for BGR input; return the two paths."""
+    parts = anomalib_to_released(read_state_dict(path, trusted), str(path))
     rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
     atomic_torch_save(parts["reconstructive_subnetwork"], rec_path)
     atomic_torch_save(parts["discriminative_subnetwork"], seg_path)

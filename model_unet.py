@@ -209,7 +209,8 @@ def anomaly_map(logits: torch.Tensor) -> torch.Tensor:
 
 
 class DraemModel(nn.Module):
-    """Both subnetworks; attribute names match anomalib's so its checkpoints map by a prefix strip."""
+    """Both subnetworks; attribute names match anomalib's, so its checkpoints map by a prefix strip (plus a channel
+    reordering for its RGB input, see checkpoints.anomalib_to_released)."""
 
     def __init__(self, base_width: int = 128, seg_base_width: int = 64, sspcab: bool = False):
         super().__init__()
