@@ -31,6 +31,7 @@ from images import load_images
 from layouts import LAYOUTS, categories_for, train_image_paths
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map, check_image_size
+from plots import save_training_curves
 from runtime import autocast, prepare_model, to_memory_format
 from synthesis_gpu import device_generator, synthesize_batch
 from visualize import save_png, training_grid
@@ -184,9 +185,10 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "log_lines", "
 
 
 def write_outputs(args: argparse.Namespace, model: DraemModel, log_lines: list[str], base_name: str, category: str) -> None:
-    """The checkpoint pair and the JSONL log of the run so far (each file atomically)."""
+    """The checkpoint pair, the JSONL log of the run so far and its training curves (each file atomically)."""
     save_checkpoint(model, args.checkpoint_path, base_name, category)
     atomic_write_text(Path(args.log_path) / f"{base_name}_{category}_log.jsonl", "\n".join(log_lines) + "\n")
+    save_training_curves([json.loads(line) for line in log_lines], Path(args.log_path) / f"{base_name}_{category}_curves.png")
 
 
 def save_epoch(

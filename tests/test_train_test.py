@@ -34,7 +34,7 @@ def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
     assert seg.name == "DRAEM_test_0.0001_2_bs4_brick__seg.pckl" and seg.is_file()
     log = [json.loads(line) for line in (tmp_path / "logs" / f"{base}_brick_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
-    assert list((tmp_path / "logs").glob("*.png")), "--visualize wrote no sample grid"
+    assert list((tmp_path / "logs").glob("*_step*.png")), "--visualize wrote no sample grid"
 
     results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path",
                                str(tmp_path / "ckpt"), "--base_model_name", base, "--image_size", "64",
