@@ -38,9 +38,12 @@ ANOMALIB_CHANNEL_REWRITES = (
 )
 
 
-def run_base_name(lr: float, epochs: int, bs: int) -> str:
-    """Base name of the checkpoints of a training run, as the released training program builds it."""
-    return f"DRAEM_test_{lr}_{epochs}_bs{bs}"
+def run_base_name(lr: float, epochs: int, bs: int, seed: int = 0) -> str:
+    """Base name of the checkpoints of a training run: the released program's, plus `_seed<N>` for a seed other than 0.
+
+    So runs that differ only in --seed never overwrite each other, and the default run keeps the released name.
+    """
+    return f"DRAEM_test_{lr}_{epochs}_bs{bs}" + (f"_seed{seed}" if seed else "")
 
 
 def checkpoint_paths(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> tuple[Path, Path]:

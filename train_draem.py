@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--visualize_every", type=at_least(1), default=200, help="steps between sample grids with --visualize")
     extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
     extra.add_argument("--seed", type=at_least(0), default=0,
-                       help="seed of every random stream (model init, sampling, synthesis)")
+                       help="seed of every random stream (model init, sampling, synthesis); a seed other than 0 is added "
+                            "to the run name (<base>_seed<N>), so several seeds never overwrite each other")
     extra.add_argument("--workers", type=at_least(0), default=4, help="DataLoader worker processes (0: load in the main process)")
     extra.add_argument("--resume", action="store_true", help="continue each category from its resume file in --checkpoint_path")
     extra.add_argument("--image_size", type=int, default=256, help="side of the square training images; a multiple of 32")
@@ -285,7 +286,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     seed = args.seed + distributed.rank()  # each rank its own random streams; a single process uses --seed itself
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
-    base_name = run_base_name(args.lr, args.epochs, args.bs)
+    base_name = run_base_name(args.lr, args.epochs, args.bs, args.seed)
     resume_file = resume_path(args.checkpoint_path, base_name, category)
     # Read before any slow work, so a bad resume file is one line at once.
     resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             train_category(args, category, device)
         if args.demo and distributed.is_main():
             evaluate_checkpoints(checkpoint_path=args.checkpoint_path,
-                                 base_model_name=run_base_name(args.lr, args.epochs, args.bs),
+                                 base_model_names=[run_base_name(args.lr, args.epochs, args.bs, args.seed)],
                                  data_path=args.data_path, categories=categories, image_size=args.image_size, device=device,
                                  output_dir="results/demo", layout=args.dataset, mask_suffix=args.mask_suffix)
 

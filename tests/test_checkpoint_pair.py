@@ -13,7 +13,7 @@ import checkpoints
 import train_draem
 from checkpoints import checkpoint_paths, run_base_name
 
-BASE = run_base_name(1e-4, 2, 4)
+BASE = run_base_name(1e-4, 2, 4, seed=5)
 
 
 def train_args(data, folder):

@@ -37,6 +37,8 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_released_names():
     assert run_base_name(0.0001, 700, 8) == "DRAEM_test_0.0001_700_bs8"
+    assert run_base_name(0.0001, 700, 8, seed=0) == "DRAEM_test_0.0001_700_bs8"  # the default seed keeps the released name
+    assert run_base_name(0.0001, 700, 8, seed=2) == "DRAEM_test_0.0001_700_bs8_seed2"  # other seeds never overwrite it
     rec, seg = checkpoint_paths("ckpt", RELEASED_BASE_NAME, "carpet")
     assert rec == Path("ckpt/DRAEM_seg_large_ae_large_0.0001_800_bs8_carpet_.pckl")
     assert seg == Path("ckpt/DRAEM_seg_large_ae_large_0.0001_800_bs8_carpet__seg.pckl")

@@ -30,7 +30,7 @@ from model_unet import DraemModel
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
-BASE = run_base_name(1e-4, EPOCHS, 4)
+BASE = run_base_name(1e-4, EPOCHS, 4, seed=5)
 RUNS = ("full", "cut", "resumed")
 TORCHRUN_TIMEOUT_S = 180
 

@@ -73,7 +73,7 @@ def test_split_paths_keeps_at_least_one_image_on_each_side_in_order():
 
 def test_save_best_survives_resume_and_loads(tiny_mvtec, tmp_path, monkeypatch):
     flags = ("--epochs", "2", "--seed", "3", "--val_every", "1", "--val_samples", "8", "--save_best")
-    base, best_base = run_base_name(1e-4, 2, 4), validation.best_base_name(run_base_name(1e-4, 2, 4))
+    base, best_base = run_base_name(1e-4, 2, 4, seed=3), validation.best_base_name(run_base_name(1e-4, 2, 4, seed=3))
     saved, compared = [], []
     real_save, real_improves, real_write = checkpoints.atomic_torch_save, validation.improves, train_draem.atomic_write_text
     monkeypatch.setattr(checkpoints, "atomic_torch_save", lambda obj, path: (saved.append(path), real_save(obj, path)))
