@@ -20,6 +20,7 @@ from checkpoints import model_from_checkpoint
 from data_loader import make_test_dataset
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from model_unet import DraemModel, anomaly_map
+from report import write_report
 from runtime import autocast, prepare_model, to_memory_format
 from visualize import heatmap_overlay, save_png
 
@@ -120,6 +121,10 @@ def evaluate_checkpoints(
     written = write_results(rows, output_dir, stem)
     print(format_markdown(rows))
     print(f"results written to {', '.join(str(p) for p in written.values())}")
+    # Curves and pictures need one run's maps: the first; the page says so when the table is over several runs.
+    title = f"DRAEM results: {', '.join(base_model_names)}"
+    report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title)
+    print(f"report: {report}")  # last line, so a caller or a log reader finds the page
     return {category: _mean_over_runs([run[category] for run in per_run]) for category in categories}
 
 
