@@ -17,10 +17,28 @@ def gaussian_window(window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
+def released_data_range(reconstruction: torch.Tensor) -> torch.Tensor:
+    """The data range L of the released SSIM loss, decided from the reconstruction's values (METHOD.md §4).
+
+    Top 255 if any value exceeds 128, else 1; bottom −1 if any value is below −0.5, else 0; L = top − bottom,
+    so 1, 2, 255 or 256. Returns a 0-d float32 tensor on the reconstruction's device: `torch.where` keeps the
+    decision there, where a Python `if` would need `.item()` and stall the GPU on every step. L is piecewise
+    constant in the data (zero gradient), so the decision reads detached values.
+    """
+    low, high = torch.aminmax(reconstruction.detach())
+    top = torch.where(high > 128, 255.0, 1.0)
+    bottom = torch.where(low < -0.5, -1.0, 0.0)
+    return top - bottom
+
+
 def ssim_map(
-    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0
+    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float | None = None
 ) -> torch.Tensor:
-    """Per-pixel, per-channel SSIM (N×C×H×W) with a Gaussian window and zero padding, as released."""
+    """Per-pixel, per-channel SSIM (N×C×H×W) with a Gaussian window and zero padding, as released.
+
+    `data_range=None` applies the released rule on every call, to `img1` (the reconstruction) only:
+    see `released_data_range`. A number fixes L instead. C1 = (0.01·L)², C2 = (0.03·L)².
+    """
     img1, img2 = img1.float(), img2.float()
     channels = img1.shape[1]
     window = gaussian_window(window_size, sigma).to(img1.device).expand(channels, 1, window_size, window_size)
@@ -32,14 +50,21 @@ def ssim_map(
     var1 = filt(img1 * img1) - mu1**2
     var2 = filt(img2 * img2) - mu2**2
     cov = filt(img1 * img2) - mu1 * mu2
+    if data_range is None:
+        data_range = released_data_range(img1)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * mu1 * mu2 + c1) * (2 * cov + c2)) / ((mu1**2 + mu2**2 + c1) * (var1 + var2 + c2))
 
 
 class SSIM(nn.Module):
-    """SSIM loss: `1 − mean SSIM` over all pixels and channels (window 11, sigma 1.5, data range 1)."""
+    """SSIM loss: `1 − mean SSIM` over all pixels and channels (window 11, sigma 1.5), METHOD.md §4.
 
-    def __init__(self, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0):
+    The data range follows the released rule by default (`data_range=None`): L is recomputed on every call
+    from the first argument, the reconstruction (1 for values in [−0.5, 128], 2 once any is below −0.5, as
+    early in training, 255 or 256 once any exceeds 128). Pass a number to fix L.
+    """
+
+    def __init__(self, window_size: int = 11, sigma: float = 1.5, data_range: float | None = None):
         super().__init__()
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
 
@@ -74,7 +99,10 @@ def sspcab_loss(io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 class DraemLoss(nn.Module):
-    """Total DRAEM loss `L2 + SSIM + focal` (+ `lambda · SSPCAB` when given); returns it and its parts."""
+    """Total DRAEM loss `L2 + SSIM + focal` (+ `lambda · SSPCAB` when given); returns it and its parts.
+
+    The SSIM term uses the released data-range rule, evaluated on the reconstruction at every call (see `SSIM`).
+    """
 
     def __init__(self, sspcab_lambda: float = 0.1):
         super().__init__()
