@@ -2,13 +2,33 @@
 
 Every operation takes and returns a uint8 H x W x 3 array in OpenCV layout and never modifies its
 input (the data loader caches sources). They use torchvision.transforms.v2.functional where it
-has the operation, OpenCV/NumPy where it has not (additive hue/saturation, brightness on the luma
-channel, autocontrast with a cutoff) and for rotation (cv2.warpAffine: several times faster than
+has the operation, OpenCV/NumPy where it has not (additive hue/saturation, brightness in a colour
+space, autocontrast with a cutoff) and for rotation (cv2.warpAffine: several times faster than
 torchvision's on CPU, and what imgaug itself used for these dtypes).
 
 The released program passed OpenCV's BGR arrays to imgaug, which assumes RGB; the colour-space
-operations here keep that quirk (they convert "RGB" to HSV/YCrCb) so that hues and luma weights
+operations here keep that quirk (they convert "RGB" to HSV/YCrCb/...) so that hues and luma weights
 move as they did when the published models were trained.
+
+Deliberate differences from the released program's imgaug 0.4.0 augmentation (the one list; the README copies it):
+- imgaug itself is not used (it does not install with NumPy 2). The ten operations are re-implemented
+  with torchvision, OpenCV and NumPy, using imgaug's ranges. A solarize that skips its coin flip still
+  takes one of the three slots, as in imgaug.
+- Random streams: one NumPy generator per item replaces imgaug's seeded streams. The distributions match;
+  the individual draws do not.
+- Hue and saturation: the drawn integer shifts OpenCV's full-range hue, 256 steps with wrap at 256.
+  imgaug shifted its 180-step hue by the integer times 180/255, truncated, with wrap at 180. Hues can
+  therefore end up a few degrees apart (at most about 4).
+- Conversions come from the installed OpenCV (5.0 when measured). Its 8-bit rounding (SIMD code, Lab/Luv
+  tables) may differ by a level from the OpenCV the released program ran with.
+- `--synthesis gpu` (synthesis_gpu.py) draws the same distributions with torch. Its brightness matches
+  OpenCV's bytes in YCrCb, YUV, HSV and HLS, on rows of whole SIMD blocks such as 256 pixels. In a
+  partial block, OpenCV's scalar code differs by one level. Lab and Luv are float equivalents: on random
+  noise they differ by 0.3 and 0.8 levels on average, more on far out-of-gamut colours (measured in
+  synthesis_gpu.py). Its rotations and hue/saturation round trip may differ by one level on rare pixels.
+Brightness itself has no difference left. It is imgaug's MultiplyAndAddToBrightness: per image, one of
+YCrCb, HSV, HLS, Lab, Luv, YUV, with the multiply and the add in random order, and imgaug's uint8
+arithmetic.
 """
 from collections.abc import Callable, Sequence
 
@@ -34,12 +54,33 @@ def gamma_contrast(image: np.ndarray, gammas: Sequence[float]) -> np.ndarray:
     return np.ascontiguousarray(result.permute(1, 2, 0).numpy())
 
 
-def brightness(image: np.ndarray, multiply: float, add: float) -> np.ndarray:
-    """Multiply the luma (Y of YCrCb) by `multiply` and add `add` (0..255 scale); chroma is kept."""
-    ycrcb = cv2.cvtColor(image, cv2.COLOR_RGB2YCrCb)
-    luma = ycrcb[..., 0].astype(np.float32) * multiply + add
-    ycrcb[..., 0] = np.clip(np.rint(luma), 0, 255)
-    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+# imgaug's brightness colour spaces (MultiplyAndAddToBrightness, to_colorspace's default order): the
+# conversions there and back as imgaug calls them ("RGB" on our BGR arrays), and the brightness channel.
+BRIGHTNESS_CONVERSIONS: dict[str, tuple[int, int, int]] = {
+    "YCrCb": (cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, 0),
+    "HSV": (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2),
+    "HLS": (cv2.COLOR_RGB2HLS, cv2.COLOR_HLS2RGB, 1),
+    "Lab": (cv2.COLOR_RGB2Lab, cv2.COLOR_Lab2RGB, 0),
+    "Luv": (cv2.COLOR_RGB2Luv, cv2.COLOR_Luv2RGB, 0),
+    "YUV": (cv2.COLOR_RGB2YUV, cv2.COLOR_YUV2RGB, 0),
+}
+
+
+def brightness(image: np.ndarray, multiply: float, add: float, colorspace: str, add_first: bool) -> np.ndarray:
+    """imgaug's MultiplyAndAddToBrightness (METHOD.md §2) in one colour space: its brightness channel times
+    `multiply` and plus `add` (0..255 scale), in the given order; the other channels are kept.
+
+    uint8 arithmetic as imgaug's Multiply and Add: the float32 product is clipped and truncated, the
+    added value is rounded (half to even) before it is added, each step clipped to 0..255.
+    """
+    to_space, from_space, channel = BRIGHTNESS_CONVERSIONS[colorspace]
+    levels = np.arange(256)
+    times = np.clip(levels.astype(np.float32) * np.float32(multiply), 0, 255).astype(np.uint8)
+    plus = np.clip(levels + np.round(add), 0, 255).astype(np.uint8)
+    lut = times[plus] if add_first else plus[times]
+    converted = cv2.cvtColor(image, to_space)
+    converted[..., channel] = lut[converted[..., channel]]
+    return cv2.cvtColor(converted, from_space)
 
 
 def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
@@ -134,6 +175,8 @@ RANGES = {
     "gamma": (0.5, 2.0),  # gamma_contrast, one gamma per channel
     "brightness_multiply": (0.8, 1.2),
     "brightness_add": (-30.0, 30.0),  # on the 0..255 scale
+    "brightness_colorspaces": tuple(BRIGHTNESS_CONVERSIONS),  # one drawn uniformly per image, as imgaug's to_colorspace
+    "brightness_add_first_probability": 0.5,  # imgaug's random_order=True over (Multiply, Add)
     "sharpness": (0.0, 2.0),
     "hue_shift": (-50, 51),  # integers on OpenCV's 0..255 full hue circle
     "saturation_shift": (-50, 51),  # integers
@@ -148,7 +191,11 @@ RANGES = {
 AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "gamma_contrast": lambda img, rng: gamma_contrast(img, rng.uniform(*RANGES["gamma"], size=3)),
     "brightness": lambda img, rng: brightness(
-        img, rng.uniform(*RANGES["brightness_multiply"]), rng.uniform(*RANGES["brightness_add"])
+        img,
+        rng.uniform(*RANGES["brightness_multiply"]),
+        rng.uniform(*RANGES["brightness_add"]),
+        RANGES["brightness_colorspaces"][rng.integers(len(RANGES["brightness_colorspaces"]))],
+        bool(rng.random() < RANGES["brightness_add_first_probability"]),
     ),
     "sharpness": lambda img, rng: sharpness(img, rng.uniform(*RANGES["sharpness"])),
     "hue_saturation": lambda img, rng: hue_saturation(

@@ -92,11 +92,74 @@ def test_gamma_contrast_uses_its_own_gamma_per_channel(image):
     assert (result[..., 2] >= image[..., 2]).all() and (result[..., 2] > image[..., 2]).any()
 
 
+# imgaug's MultiplyAndAddToBrightness: its colour spaces in its order, each with OpenCV's conversion there and
+# back (as imgaug calls them) and the brightness channel it changes (Y, V, L, L, L, Y).
+IMGAUG_BRIGHTNESS_SPACES = {
+    "YCrCb": (cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, 0),
+    "HSV": (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2),
+    "HLS": (cv2.COLOR_RGB2HLS, cv2.COLOR_HLS2RGB, 1),
+    "Lab": (cv2.COLOR_RGB2Lab, cv2.COLOR_Lab2RGB, 0),
+    "Luv": (cv2.COLOR_RGB2Luv, cv2.COLOR_Luv2RGB, 0),
+    "YUV": (cv2.COLOR_RGB2YUV, cv2.COLOR_YUV2RGB, 0),
+}
+
+
+def imgaug_brightness(image: np.ndarray, multiply: float, add: float, space: str, add_first: bool) -> np.ndarray:
+    """Reference, step by step: OpenCV into the space, imgaug's uint8 Multiply (float32 product, clipped,
+    truncated) and Add (the value rounded half to even first, the sum clipped) on the one channel, back."""
+    to_space, from_space, channel = IMGAUG_BRIGHTNESS_SPACES[space]
+    converted = cv2.cvtColor(image, to_space)
+    level = converted[..., channel].astype(np.int64)
+
+    def times(x):
+        return np.floor(np.minimum(x.astype(np.float32) * np.float32(multiply), 255)).astype(np.int64)
+
+    def plus(x):
+        return np.clip(x + round(add), 0, 255)  # Python's round: half to even, as NumPy's
+
+    converted[..., channel] = times(plus(level)) if add_first else plus(times(level))
+    return cv2.cvtColor(converted, from_space)
+
+
+@pytest.mark.parametrize("space", list(IMGAUG_BRIGHTNESS_SPACES))
+def test_brightness_in_each_colour_space_is_imgaugs_multiply_and_add_on_its_channel(space):
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, (16, 64, 3), dtype=np.uint8)
+    # 12.5 and -29.5 are ties (rounded to 12 and -30); 1.17 and 0.81 give fractional products (truncated).
+    for multiply, add in ((1.17, 12.5), (0.81, -29.5), (1.2, 30.0)):
+        for add_first in (False, True):
+            expected = imgaug_brightness(noise, multiply, add, space, add_first)
+            np.testing.assert_array_equal(brightness(noise, multiply, add, space, add_first), expected)
+    # The order matters (so the test above tells the two apart) and the image does change.
+    assert (brightness(noise, 1.17, 12.5, space, True) != brightness(noise, 1.17, 12.5, space, False)).any()
+    assert (brightness(noise, 1.17, 12.5, space, False) != noise).any()
+
+
 def test_brightness_scales_and_shifts_the_luma_of_a_gray_image():
+    # A grey pixel has luma = its value in every space but Lab/Luv (L = 116·Y^(1/3) - 16): 100 -> 125, 120, 50.
     gray = np.full((8, 8, 3), 100, dtype=np.uint8)
-    assert np.abs(brightness(gray, 1.0, 25.0).astype(int) - 125).max() <= 1
-    assert np.abs(brightness(gray, 1.2, 0.0).astype(int) - 120).max() <= 1
-    assert np.abs(brightness(gray, 0.8, -30.0).astype(int) - 50).max() <= 1
+    for space in ("YCrCb", "HSV", "HLS", "YUV"):
+        np.testing.assert_array_equal(brightness(gray, 1.0, 25.0, space, False), 125)
+        np.testing.assert_array_equal(brightness(gray, 1.2, 0.0, space, True), 120)
+        np.testing.assert_array_equal(brightness(gray, 0.8, -30.0, space, False), 50)
+
+
+def test_brightness_draws_each_colour_space_uniformly_and_either_order_half_the_time(monkeypatch):
+    draws = []
+    monkeypatch.setattr(augment, "brightness", lambda img, m, a, space, add_first: draws.append((m, a, space, add_first)) or img)
+    rng = np.random.default_rng(6)
+    pixel = np.zeros((1, 1, 3), dtype=np.uint8)
+    n = 6000
+    for _ in range(n):
+        AUGMENTATIONS["brightness"](pixel, rng)
+    multiply, add, spaces, add_first = zip(*draws)
+    assert augment.RANGES["brightness_colorspaces"] == ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")  # imgaug's list
+    # 6000 draws: a space's count has sd sqrt(6000·1/6·5/6) = 29, the add-first count sqrt(6000/4) = 39; 5 sd each.
+    counts = {space: spaces.count(space) for space in IMGAUG_BRIGHTNESS_SPACES}
+    assert all(abs(c - n / 6) < 5 * 29 for c in counts.values()), counts
+    assert abs(sum(add_first) - n / 2) < 5 * 39
+    assert 0.8 <= min(multiply) < 0.801 and 1.199 < max(multiply) < 1.2
+    assert -30 <= min(add) < -29.9 and 29.9 < max(add) < 30
 
 
 def test_sharpness_factor_orders_the_local_contrast(image):

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-from test_synthesis_gpu import one_thread  # noqa: F401  (an autouse fixture: these tests run on one thread too)
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data_loader import train_loader
@@ -13,6 +12,8 @@ from model_unet import DraemModel, anomaly_map
 from runtime import autocast, prepare_model, to_memory_format
 from synthesis_gpu import synthesize_batch
 from train_draem import train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 CPU = torch.device("cpu")
 SIZE = 32

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_synthesis_gpu import one_thread  # noqa: F401  (an autouse fixture: these tests run on one thread too)
 
 from model_unet import DraemModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_forward.json"
 MODES = ("train", "eval")

@@ -17,13 +17,7 @@ from train_draem import train_step
 SUBNETWORKS = ("reconstructive_subnetwork", "discriminative_subnetwork")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared by parallel test runs; one thread each keeps timings stable (and CPU math deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def run_training(data, out: Path, epochs: int, lr: str, width: int) -> list[dict]:

@@ -5,14 +5,7 @@ import torch
 
 from loss import DraemLoss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: a second OpenMP thread makes these tests slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 # Images small enough that the zero-padded border (5 px each side) is 70 % of the pixels.

@@ -24,13 +24,7 @@ LR_PER_EPOCH = [1e-4, 1e-4, 1e-4, 2e-5, 4e-6]
 TEST_SIZE = 96
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine; one thread also keeps the float results identical between runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def epoch_log_writes(monkeypatch, stop_after: int | None = None) -> list[Path]:
