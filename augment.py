@@ -26,6 +26,7 @@ Deliberate differences from the released program's imgaug 0.4.0 augmentation (th
   partial block, OpenCV's scalar code differs by one level. Lab and Luv are float equivalents: on random
   noise they differ by 0.3 and 0.8 levels on average, more on far out-of-gamut colours (measured in
   synthesis_gpu.py). Its rotations and hue/saturation round trip may differ by one level on rare pixels.
+
 Brightness itself has no difference left. It is imgaug's MultiplyAndAddToBrightness: per image, one of
 YCrCb, HSV, HLS, Lab, Luv, YUV, with the multiply and the add in random order, and imgaug's uint8
 arithmetic.
