@@ -4,15 +4,40 @@
 threshold, computed only from data the model is not tested on (see `calibrate`). predict.py and
 export_onnx.py use it by default; test_draem.py reports precision, recall and F1 at it beside
 F1-max, which is chosen on the test set itself and is therefore an upper bound.
+
+The rule: each threshold maximises F1 on a calibration set made like the training data (METHOD.md §2):
+the category's defect-free training images, about half of them with a synthetic anomaly pasted in,
+optionally plus extra known-good images as normals. The image threshold maximises F1 of the image
+scores against the samples' labels, the pixel threshold F1 of the anomaly maps against the anomaly
+masks over all pixels. Why F1 on this mix: it weighs missed anomalies and false alarms together on
+exactly the kind of anomaly the model was trained to find, and it needs no real defect and no test
+image, so a deployed threshold exists for any category and the test metrics at it stay honest.
+Its limit: real defects are not synthetic ones, and normal images the model was trained on score
+lower than new ones. Held-out training images (a run's validation split) avoid the second bias;
+extra good images from production push the threshold up against false alarms on real normal variation.
 """
 import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from sklearn.metrics import precision_recall_curve
 
+from atomic import atomic_write_text
+from data_loader import MVTecDRAEMTrainDataset
 from errors import DraemInputError
+from images import FOLDER_IMAGE_SUFFIXES, read_image, sorted_images, to_chw
+
+if TYPE_CHECKING:  # for annotations only: evaluation.py imports this module and validation.py imports evaluation.py
+    from evaluation import DraemScorer
+    from validation import ValidationSet
+
+RULE = "F1-max on synthetic anomalies + normal images, never the test set"
+TRAINING_SOURCE = "training images with synthetic anomalies"
+VALIDATION_SOURCE = "held-out training images (validation) with synthetic anomalies"
 
 
 def threshold_path(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> Path:
@@ -41,9 +66,130 @@ def metrics_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: floa
     """
     if threshold is None:
         return {"image_precision_at_t": math.nan, "image_recall_at_t": math.nan, "image_f1_at_t": math.nan}
-    called, truth = scores >= threshold, labels == 1
+    # In float64, as predict.py compares: NumPy would round the threshold to float32 scores' precision first.
+    called, truth = np.asarray(scores, dtype=np.float64) >= threshold, labels == 1
     hits = int((called & truth).sum())
     precision = hits / called.sum() if called.any() else math.nan
     recall = hits / truth.sum() if truth.any() else math.nan
     f1 = math.nan if math.isnan(recall) else (0.0 if hits == 0 else 2 * precision * recall / (precision + recall))
     return {"image_precision_at_t": float(precision), "image_recall_at_t": float(recall), "image_f1_at_t": float(f1)}
+
+
+def usable_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int) -> dict | None:
+    """`read_thresholds`, refusing a file calibrated at another image size (scores and maps depend on the size)."""
+    thresholds = read_thresholds(checkpoint_dir, base_name, category)
+    if thresholds is not None and thresholds.get("image_size", image_size) != image_size:
+        raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was calibrated at "
+                              f"image size {thresholds['image_size']}, not {image_size}: calibrate again at this size "
+                              "(calibrate.py --image_size) or use the size it was made for")
+    return thresholds
+
+
+def write_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict) -> Path:
+    """Store a checkpoint pair's thresholds (the dict `calibrate` returns) as JSON, atomically; returns the file."""
+    path = threshold_path(checkpoint_dir, base_name, category)
+    atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
+    return path
+
+
+def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on ties.
+
+    Candidates are the thresholds of sklearn's precision_recall_curve (the distinct scores, down to the
+    first that reaches full recall). F1 = 2·TP / (called + positives) is computed from integer counts,
+    so thresholds with mathematically equal F1 get bitwise equal values and the tie rule holds;
+    2PR / (P + R) from the curve's rounded precision and recall can differ in the last bit.
+    """
+    labels, scores = np.asarray(labels).ravel() == 1, np.asarray(scores).ravel()
+    _, _, thresholds = precision_recall_curve(labels, scores)  # increasing
+    called = scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
+    hits = labels.sum() - np.searchsorted(np.sort(scores[labels]), thresholds, side="left")
+    f1 = 2 * hits / (called + labels.sum())
+    best = int(np.argmax(f1))  # the first maximum: the lowest threshold reaching it
+    return float(thresholds[best]), float(f1[best])
+
+
+@torch.no_grad()
+def calibrate(
+    scorer: "DraemScorer", images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, device: torch.device,
+    batch_size: int = 8, *, source: str = TRAINING_SOURCE,
+) -> dict:
+    """Image and pixel thresholds maximising F1 on a calibration set (the rule in the module docstring).
+
+    `images` N×3×H×W in [0, 1], `masks` N×1×H×W binary, `labels` (N,) 1 = anomalous; scored by `scorer`
+    (the test protocol, METHOD.md §6) in batches of `batch_size`. Returns the dict `write_thresholds`
+    stores: image_threshold, pixel_threshold (anomalous where score or map >= it), the F1 each reaches
+    here (image_f1, pixel_f1), rule, source (what the set was made from), n_normal, n_anomalous and
+    image_size (side of the images). Leaves the scorer in eval mode.
+    """
+    n = len(images)
+    if masks.shape != (n, 1, *images.shape[2:]) or labels.numel() != n:
+        raise ValueError(f"expected N×1×H×W masks and N labels for images {tuple(images.shape)}, "
+                         f"got {tuple(masks.shape)} and {labels.numel()}")
+    labels = labels.reshape(-1).cpu().numpy()
+    n_anomalous = int((labels == 1).sum())
+    pixel_labels = masks.cpu().numpy().reshape(-1) >= 0.5
+    if n_anomalous in (0, n) or pixel_labels.all() or not pixel_labels.any():
+        raise DraemInputError(f"the calibration set needs normal and anomalous samples and pixels, got {n - n_anomalous} "
+                              f"normal and {n_anomalous} anomalous samples: calibrate on more samples (--samples)")
+    scorer.eval().to(device)
+    maps, scores = [], []
+    for start in range(0, n, batch_size):
+        batch_maps, batch_scores = scorer(images[start : start + batch_size].to(device))
+        maps.append(batch_maps.float().cpu().numpy())
+        scores.append(batch_scores.float().cpu().numpy())
+    image_threshold, image_f1 = f1_max_threshold(labels, np.concatenate(scores))
+    pixel_threshold, pixel_f1 = f1_max_threshold(pixel_labels, np.concatenate(maps).reshape(-1))
+    return {
+        "image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "image_f1": image_f1, "pixel_f1": pixel_f1,
+        "rule": RULE, "source": source, "n_normal": n - n_anomalous, "n_anomalous": n_anomalous,
+        "image_size": int(images.shape[-1]),
+    }
+
+
+def good_image_paths(good_dir: str | os.PathLike) -> list[Path]:
+    """Every image under `good_dir` (recursively, sorted); none, or no folder, is a one-line error."""
+    paths = sorted_images(Path(good_dir).rglob("*"), FOLDER_IMAGE_SUFFIXES) if Path(good_dir).is_dir() else []
+    if not paths:
+        raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --good_dir {good_dir}")
+    return paths
+
+
+def good_images(good_dir: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """Every image under `good_dir`, read as the test program reads images: N×3×S×S."""
+    return torch.from_numpy(np.stack([to_chw(read_image(path, (image_size, image_size))) for path in good_image_paths(good_dir)]))
+
+
+def synthetic_set(
+    image_paths: list[Path], anomaly_source_path: str | os.PathLike | None, image_size: int, num_samples: int, seed: int,
+    good_dir: str | os.PathLike | None = None,
+) -> "ValidationSet":
+    """The calibration set: `num_samples` training-style samples (METHOD.md §2) from `image_paths`, plus `good_dir`'s images.
+
+    The samples come from validation.synthesize with the training dataset's anomaly sources, so with the
+    image paths a run held out (validation.split_paths) and the same seed and count, they are that run's
+    validation set. Every image under `good_dir` is appended as a normal sample with an empty mask.
+    """
+    from validation import ValidationSet, synthesize  # validation imports evaluation, which imports this module
+
+    good = None if good_dir is None else good_images(good_dir, image_size)  # first: a wrong folder fails fast
+    dataset = MVTecDRAEMTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=(image_size, image_size),
+                                     image_paths=image_paths)
+    samples = synthesize(dataset.images, dataset.draw_source, num_samples, seed)
+    if good is None:
+        return samples
+    return ValidationSet(images=torch.cat([samples.images, good]),
+                         masks=torch.cat([samples.masks, torch.zeros(len(good), 1, image_size, image_size)]),
+                         labels=torch.cat([samples.labels, torch.zeros(len(good))]))
+
+
+def calibration_set(
+    image_paths: list[Path], held_out: bool, anomaly_source_path: str | os.PathLike | None, image_size: int,
+    num_samples: int, seed: int, good_dir: str | os.PathLike | None = None,
+) -> tuple["ValidationSet", str]:
+    """`synthetic_set` and the sentence saying what it was made from (`held_out`: images a run never trained on)."""
+    samples = synthetic_set(image_paths, anomaly_source_path, image_size, num_samples, seed, good_dir)
+    source = VALIDATION_SOURCE if held_out else TRAINING_SOURCE
+    if good_dir is not None:
+        source += f" + {len(samples.labels) - num_samples} extra good images from {good_dir}"
+    return samples, source

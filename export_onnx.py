@@ -1,4 +1,4 @@
-"""Export a DRAEM checkpoint as one ONNX graph: image → anomaly map and image score, then check parity.
+"""Export a DRAEM checkpoint as one ONNX graph: image → anomaly map, image score (and decisions), then check parity.
 
     python export_onnx.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
         --obj_id carpet --output draem_carpet.onnx
@@ -7,9 +7,16 @@ The graph holds both subnetworks and the test protocol's scoring:
   input  `image`        float32 batch×3×S×S, BGR in [0, 1], resized to S = --image_size (as predict.py reads images)
   output `anomaly_map`  float32 batch×1×S×S, softmax channel 1 of the discriminative network
   output `image_score`  float32 batch, max of the 21×21 average-pooled map (stride 1, padding 10, zeros counted)
+When a threshold is known (the checkpoint pair's threshold file from calibrate.py, calibrated
+without the test set, or --threshold, which replaces the file's image threshold), it is baked in:
+  output `is_anomalous` bool batch, image_score >= image threshold
+  output `defect_mask`  bool batch×1×S×S, anomaly_map >= pixel threshold (only with the file's pixel threshold)
+Without a threshold the graph has the first two outputs only.
 The batch axis is dynamic; the image side is fixed at export. After writing the file, the graph is
 run with onnxruntime (CPU) on seeded random images at batch sizes 1 and 3 and compared with PyTorch;
-the largest differences are printed, and a difference above --tolerance is an error.
+the largest differences are printed, and a difference above --tolerance is an error. The decisions
+must be equal, except where ONNX's and PyTorch's float values fall on opposite sides of the threshold
+(float rounding decides those; the float outputs' own check bounds it).
 
 Uses torch's TorchScript-based exporter (dynamo=False): the torch.export-based one needs the extra
 `onnxscript` package, and this model (no data-dependent control flow) traces exactly.
@@ -22,8 +29,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from torch import nn
 
 from atomic import atomic_write_bytes
+from calibration import threshold_path, usable_thresholds
 from checkpoints import model_from_checkpoint
 from cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
 from errors import ParityCheckFailed, one_line_errors
@@ -32,13 +41,46 @@ from model_unet import check_image_size
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
+IS_ANOMALOUS, DEFECT_MASK = "is_anomalous", "defect_mask"
 DEFAULT_OPSET = 17
 PARITY_BATCH_SIZES = (1, 3)
 
 
-def onnx_bytes(scorer: DraemScorer, image_size: int, opset: int = DEFAULT_OPSET) -> bytes:
+def float32_at_least(value: float) -> float:
+    """The smallest float32 >= `value`: a float32 x >= it exactly when x >= `value`, as predict.py compares in Python."""
+    rounded = np.float32(value)
+    if float(rounded) < value:  # compared in float64: NumPy would round `value` to float32 first
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return float(rounded)
+
+
+class ThresholdedScorer(nn.Module):
+    """A DraemScorer with decisions at baked-in thresholds: (map, score, is_anomalous[, defect_mask]), decisions bool."""
+
+    def __init__(self, scorer: DraemScorer, image_threshold: float, pixel_threshold: float | None = None):
+        super().__init__()
+        self.scorer = scorer
+        # Per decision: the float output it is taken on and its threshold, as the graph compares in float32.
+        self.decisions = {IS_ANOMALOUS: (OUTPUT_NAMES[1], float32_at_least(image_threshold))}
+        if pixel_threshold is not None:
+            self.decisions[DEFECT_MASK] = (OUTPUT_NAMES[0], float32_at_least(pixel_threshold))
+        self.output_names = (*OUTPUT_NAMES, *self.decisions)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        amap, scores = self.scorer(images)
+        values = dict(zip(OUTPUT_NAMES, (amap, scores)))
+        return amap, scores, *(values[name] >= threshold for name, threshold in self.decisions.values())
+
+
+def output_names(scorer: nn.Module) -> tuple[str, ...]:
+    """The graph outputs of a DraemScorer or a ThresholdedScorer, in order."""
+    return scorer.output_names if isinstance(scorer, ThresholdedScorer) else OUTPUT_NAMES
+
+
+def onnx_bytes(scorer: DraemScorer | ThresholdedScorer, image_size: int, opset: int = DEFAULT_OPSET) -> bytes:
     """The scorer as a serialized ONNX model with a dynamic batch axis, checked by the ONNX checker."""
     scorer = scorer.eval().cpu()
+    names = output_names(scorer)
     example = torch.rand(1, 3, image_size, image_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -49,8 +91,8 @@ def onnx_bytes(scorer: DraemScorer, image_size: int, opset: int = DEFAULT_OPSET)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             scorer, (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            input_names=[INPUT_NAME], output_names=list(names),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *names)},
         )
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_model_from_string(data))
@@ -59,21 +101,33 @@ def onnx_bytes(scorer: DraemScorer, image_size: int, opset: int = DEFAULT_OPSET)
 
 @torch.no_grad()
 def parity(
-    scorer: DraemScorer, model_bytes: bytes, image_size: int, batch_sizes=PARITY_BATCH_SIZES, seed: int = 0
+    scorer: DraemScorer | ThresholdedScorer, model_bytes: bytes, image_size: int, batch_sizes=PARITY_BATCH_SIZES, seed: int = 0
 ) -> dict[str, float]:
-    """Largest absolute difference between onnxruntime (CPU) and PyTorch per output, over seeded random batches."""
+    """ONNX (onnxruntime, CPU) against PyTorch per output, over seeded random batches.
+
+    Float outputs: the largest absolute difference. Decisions: the number of elements that differ although
+    ONNX's and PyTorch's float values lie on the same side of the threshold (exact equality is required there).
+    """
     session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     scorer = scorer.eval().cpu()
+    names = output_names(scorer)
+    decisions = scorer.decisions if isinstance(scorer, ThresholdedScorer) else {}
     generator = torch.Generator().manual_seed(seed)
-    worst = dict.fromkeys(OUTPUT_NAMES, 0.0)
+    worst = dict.fromkeys(names, 0.0)
     for batch_size in batch_sizes:
         images = torch.rand(batch_size, 3, image_size, image_size, generator=generator)
-        onnx_outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
-        for name, expected, got in zip(OUTPUT_NAMES, scorer(images), onnx_outputs):
-            if got.shape != tuple(expected.shape):
-                raise ParityCheckFailed(f"ONNX output {name} has shape {got.shape} at batch {batch_size}, "
-                                        f"PyTorch {tuple(expected.shape)}")
-            worst[name] = max(worst[name], float(np.abs(got - expected.numpy()).max()))
+        got = dict(zip(names, session.run(list(names), {INPUT_NAME: images.numpy()})))
+        expected = {name: output.numpy() for name, output in zip(names, scorer(images))}
+        for name in names:
+            if got[name].shape != expected[name].shape or got[name].dtype != expected[name].dtype:
+                raise ParityCheckFailed(f"ONNX output {name} is {got[name].dtype} {got[name].shape} at batch {batch_size}, "
+                                        f"PyTorch {expected[name].dtype} {expected[name].shape}")
+            if name in decisions:
+                value, threshold = decisions[name]
+                rounding_decides = (got[value] >= threshold) != (expected[value] >= threshold)
+                worst[name] += float(((got[name] != expected[name]) & ~rounding_decides).sum())
+            else:
+                worst[name] = max(worst[name], float(np.abs(got[name] - expected[name]).max()))
     return worst
 
 
@@ -87,27 +141,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest ONNX-vs-PyTorch difference accepted in the parity check")
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the random images of the parity check")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="image threshold baked in as output is_anomalous (image_score >= threshold); default: the "
+                             "image threshold of the checkpoint pair's threshold file (calibrate.py), if it has one")
     return parser.parse_args(argv)
+
+
+def thresholded(scorer: DraemScorer, args: argparse.Namespace) -> tuple[DraemScorer | ThresholdedScorer, str]:
+    """The scorer with the thresholds known for the checkpoint pair baked in (if any), and a line saying which."""
+    thresholds = usable_thresholds(args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size)
+    path = threshold_path(args.checkpoint_path, args.base_model_name, args.obj_id)
+    if args.threshold is None and thresholds is None:
+        return scorer, f"no thresholds baked in ({path} not found: run calibrate.py, or give --threshold)"
+    image_threshold, image_source = args.threshold, "--threshold"
+    if image_threshold is None:
+        image_threshold, image_source = thresholds["image_threshold"], f"from {path}"
+    pixel_threshold = None if thresholds is None else thresholds["pixel_threshold"]
+    baked = ThresholdedScorer(scorer, image_threshold, pixel_threshold)
+    line = f"thresholds baked in: {IS_ANOMALOUS} = {OUTPUT_NAMES[1]} >= {image_threshold:.6g} ({image_source})"
+    if pixel_threshold is not None:
+        line += f", {DEFECT_MASK} = {OUTPUT_NAMES[0]} >= {pixel_threshold:.6g} (from {path})"
+    return baked, line
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id))
+    model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id)
+    scorer, baked_line = thresholded(DraemScorer(model), args)
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
     atomic_write_bytes(args.output, model_bytes)
-    print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): "
-          f"{INPUT_NAME} [batch,3,{args.image_size},{args.image_size}] -> {OUTPUT_NAMES[0]} "
-          f"[batch,1,{args.image_size},{args.image_size}], {OUTPUT_NAMES[1]} [batch]")
+    side = f"{args.image_size},{args.image_size}"
+    shapes = {OUTPUT_NAMES[0]: f"[batch,1,{side}]", OUTPUT_NAMES[1]: "[batch]", IS_ANOMALOUS: "[batch] bool",
+              DEFECT_MASK: f"[batch,1,{side}] bool"}
+    print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): {INPUT_NAME} [batch,3,{side}] -> "
+          + ", ".join(f"{name} {shapes[name]}" for name in output_names(scorer)))
+    print(baked_line)
     worst = parity(scorer, model_bytes, args.image_size, seed=args.seed)
     sizes = ", ".join(str(b) for b in PARITY_BATCH_SIZES)
     print(f"parity with PyTorch (onnxruntime {onnxruntime.__version__}, CPU, random images, batch sizes {sizes}): "
-          + ", ".join(f"{name} max |diff| {value:.2e}" for name, value in worst.items()))
-    if max(worst.values()) > args.tolerance:
-        raise ParityCheckFailed(f"ONNX output differs from PyTorch by {max(worst.values()):.2e} "
-                                f"> --tolerance {args.tolerance:g}; "
+          + ", ".join(f"{name} max |diff| {value:.2e}" if name in OUTPUT_NAMES else f"{name} mismatches {value:.0f}"
+                      for name, value in worst.items()))
+    largest = max(worst[name] for name in OUTPUT_NAMES)
+    if largest > args.tolerance:
+        raise ParityCheckFailed(f"ONNX output differs from PyTorch by {largest:.2e} > --tolerance {args.tolerance:g}; "
                                 f"try another --opset")
+    mismatched = {name: value for name, value in worst.items() if name not in OUTPUT_NAMES and value > 0}
+    if mismatched:
+        raise ParityCheckFailed("ONNX decisions differ from PyTorch's away from the threshold: "
+                                + ", ".join(f"{name} {value:.0f} elements" for name, value in mismatched.items()))
     return worst
 
 

@@ -1,7 +1,7 @@
 """Score your own images with a trained DRAEM checkpoint: one image score per file, optional heat maps.
 
     python predict.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
-        --obj_id carpet --input my_images --output_dir predictions --threshold 0.5 --save_images
+        --obj_id carpet --input my_images --output_dir predictions --save_images
 
 Every image under --input (recursively: png, jpg, jpeg, bmp, tif, tiff; or one image file) is
 read and resized exactly as the test program reads test images, and scored with the test
@@ -10,6 +10,12 @@ score test_draem.py gives the same image. Results go to <output_dir>/scores.csv,
 in sorted path order; a file that cannot be read gets an empty score and its error, and the run
 goes on. With --save_images, <output_dir>/overlays/<path relative to --input>.png shows each image
 beside its anomaly heat map.
+
+Thresholds: when the checkpoint pair has a threshold file (calibrate.py, calibrated without the test
+set), its image threshold adds an is_anomalous column (1 where image score >= threshold), and with
+--save_images its pixel threshold gives a binary defect mask per image,
+<output_dir>/masks/<path relative to --input>.png (255 where anomaly map >= pixel threshold, else 0).
+--threshold replaces the file's image threshold (the masks keep the file's pixel threshold).
 """
 import argparse
 import csv
@@ -23,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from atomic import atomic_write_text
+from calibration import threshold_path, usable_thresholds
 from checkpoints import model_from_checkpoint
 from cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
 from errors import DraemInputError, one_line_errors
@@ -34,6 +41,7 @@ from visualize import heatmap_overlay, save_png
 
 CSV_NAME = "scores.csv"
 OVERLAY_DIR = "overlays"
+MASK_DIR = "masks"
 
 
 def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
@@ -79,10 +87,19 @@ class ImageFiles(Dataset):
         return index, to_chw(image), ""
 
 
-def overlay_path(output_dir: Path, input_path: Path, image_path: Path) -> Path:
-    """Where an image's overlay goes: its path relative to --input with `.png` appended (unique even for a.png and a.jpg)."""
+def output_image_path(output_dir: Path, folder: str, input_path: Path, image_path: Path) -> Path:
+    """Where an image's overlay or mask goes: `<output_dir>/<folder>/<path relative to --input>.png`.
+
+    `.png` is appended rather than substituted, so a.png and a.jpg get different files.
+    """
     relative = image_path.relative_to(input_path) if input_path.is_dir() else Path(image_path.name)
-    return output_dir / OVERLAY_DIR / relative.parent / f"{relative.name}.png"
+    return output_dir / folder / relative.parent / f"{relative.name}.png"
+
+
+def defect_mask(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
+    """Binary defect mask H×W uint8 of a 1×H×W anomaly map: 255 where the map >= `pixel_threshold`, else 0."""
+    # In float64, like the image scores: torch would round the threshold to the map's float32 first.
+    return (amap[0].double() >= pixel_threshold).numpy().astype(np.uint8) * np.uint8(255)
 
 
 @torch.no_grad()
@@ -134,9 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
     parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="add an is_anomalous column: 1 where image score >= threshold, else 0")
+                        help="image threshold of the is_anomalous column (1 where image score >= threshold, else 0); "
+                             "default: the image threshold of the checkpoint pair's threshold file, if it has one")
     parser.add_argument("--save_images", action="store_true",
-                        help="save a heat-map overlay per image under <output_dir>/overlays")
+                        help="save a heat-map overlay per image under <output_dir>/overlays and, when the threshold "
+                             "file gives a pixel threshold, a 0/255 defect mask per image under <output_dir>/masks")
     parser.add_argument("--image_size", type=int, default=256,
                         help="side images are resized to, a multiple of 32 (use the size the model was tested at; released: 256)")
     parser.add_argument("--batch_size", type=at_least(1), default=8,
@@ -158,20 +177,34 @@ def main(argv: list[str] | None = None) -> Path:
                           args.channels_last, args.compile)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     output_dir = Path(args.output_dir)
+    thresholds = usable_thresholds(args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size)
+    threshold_file = threshold_path(args.checkpoint_path, args.base_model_name, args.obj_id)
+    threshold, threshold_source = args.threshold, "--threshold"
+    if threshold is None and thresholds is not None:
+        threshold, threshold_source = thresholds["image_threshold"], f"from {threshold_file}"
+    pixel_threshold = None if thresholds is None else thresholds["pixel_threshold"]
 
-    def save_overlay(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
-        save_png(overlay_path(output_dir, Path(args.input), paths[index]), heatmap_overlay(image, amap, score=score))
+    def save_images(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
+        save_png(output_image_path(output_dir, OVERLAY_DIR, Path(args.input), paths[index]),
+                 heatmap_overlay(image, amap, score=score))
+        if pixel_threshold is not None:
+            save_png(output_image_path(output_dir, MASK_DIR, Path(args.input), paths[index]), defect_mask(amap, pixel_threshold))
 
     scores, errors = predict(scorer, paths, args.image_size, device, args.batch_size, args.workers,
-                             on_scored=save_overlay if args.save_images else None)
+                             on_scored=save_images if args.save_images else None)
     csv_path = output_dir / CSV_NAME
-    atomic_write_text(csv_path, scores_csv(paths, scores, errors, args.threshold))
+    atomic_write_text(csv_path, scores_csv(paths, scores, errors, threshold))
     failed = sum(1 for error in errors if error)
     summary = f"scored {len(paths) - failed} of {len(paths)} images"
     if failed:
         summary += f"; {failed} could not be read (see the error column)"
-    if args.threshold is not None:
-        summary += f"; {sum(1 for s in scores if s is not None and s >= args.threshold)} at or above threshold {args.threshold}"
+    if threshold is not None:
+        called = sum(1 for s in scores if s is not None and s >= threshold)
+        summary += f"; {called} at or above image threshold {threshold:.6g} ({threshold_source})"
+    else:
+        summary += f"; no threshold ({threshold_file} not found: run calibrate.py, or give --threshold)"
+    if args.save_images and pixel_threshold is not None:
+        summary += f"; defect masks at pixel threshold {pixel_threshold:.6g} in {output_dir / MASK_DIR}"
     print(f"{summary}; wrote {csv_path}")
     return csv_path
 

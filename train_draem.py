@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import calibration
 import distributed
 import validation
 from atomic import atomic_torch_save, atomic_write_text
@@ -73,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--seg_base_width", type=int, default=64, help="discriminative network width (released: 64)")
     extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
     extra.add_argument("--sspcab_lambda", type=float, default=0.1, help="weight of the SSPCAB loss")
+    extra.add_argument("--calibration_samples", type=at_least(2), default=64,
+                       help="synthetic samples (the training mix) the deployment thresholds are calibrated on after the last "
+                            "epoch, written to <base>_<category>_threshold.json (with --val_every: the validation set)")
+    extra.add_argument("--good_dir",
+                       help="a folder of extra known-good images, counted as normal when calibrating the thresholds")
     extra.add_argument("--demo", action="store_true",
                        help="make the demo dataset if absent, train small models on CPU and test them; "
                             "other flags keep their meaning")
@@ -127,8 +133,11 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
         make_demo_dataset(DEMO_ROOT)
 
 
-def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
-    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
+def make_datasets(
+    args: argparse.Namespace, category: str
+) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None, list[Path]]:
+    """The training dataset; with --val_every, the validation set made from images held out of it (rank 0 only);
+    and the images the thresholds are calibrated on (the held-out ones, else the training images)."""
     paths, held_paths = train_image_paths(args.dataset, args.data_path, category), []
     if args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
         paths, held_paths = validation.split_paths(paths, args.val_fraction, args.seed)
@@ -136,11 +145,11 @@ def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTr
     shape = (args.image_size, args.image_size)
     dataset = dataset_class(anomaly_source_path=args.anomaly_source_path, resize_shape=shape, image_paths=paths)
     if not held_paths or not distributed.is_main():
-        return dataset, None
+        return dataset, None, held_paths or dataset.image_paths
     val_set = validation.synthesize(load_images(held_paths, shape), dataset.draw_source, args.val_samples, args.seed)
     print(f"{category}: validating on {len(val_set.labels)} samples ({int(val_set.labels.sum())} anomalous) made from "
           f"{len(held_paths)} held-out training images ({', '.join(p.name for p in held_paths)})")
-    return dataset, val_set
+    return dataset, val_set, held_paths
 
 
 def training_batch(batch: dict, device: torch.device, synthesis_rng: torch.Generator | None) -> tuple[torch.Tensor, ...]:
@@ -263,6 +272,21 @@ def validate(args: argparse.Namespace, model: DraemModel, val_set: validation.Va
     return record
 
 
+def calibrate_thresholds(args: argparse.Namespace, model: DraemModel, paths: list[Path], base_name: str, category: str,
+                         device: torch.device) -> None:
+    """Write the pair's deployment thresholds, calibrated on data the test never sees (calibration.py): synthetic
+    anomalies on the held-out images with validation on (its very validation set), else on the training images;
+    plus --good_dir's images as normals."""
+    count = args.val_samples if args.val_every else args.calibration_samples
+    samples, source = calibration.calibration_set(paths, bool(args.val_every), args.anomaly_source_path, args.image_size,
+                                                  count, args.seed, args.good_dir)
+    scorer = DraemScorer(model, args.precision, args.channels_last)
+    thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs, source=source)
+    path = calibration.write_thresholds(args.checkpoint_path, base_name, category, thresholds)
+    print(f"{category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
+          f"{thresholds['pixel_threshold']:.4g}, from {source} -> {path}")
+
+
 def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, optimizer: torch.optim.Optimizer,
                image: torch.Tensor, augmented: torch.Tensor, mask: torch.Tensor, precision: str = "fp32",
                channels_last: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -290,7 +314,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     resume_file = resume_path(args.checkpoint_path, base_name, category)
     # Read before any slow work, so a bad resume file is one line at once.
     resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
-    dataset, val_set = make_datasets(args, category)
+    dataset, val_set, calibration_paths = make_datasets(args, category)
     # A fresh worker per epoch, reseeded from `generator`, makes --resume bitwise exact; the device path keeps its workers.
     loader = train_loader(dataset, args.bs, args.workers, generator, device, sampler=distributed.rank_sampler(dataset),
                           persistent_workers=args.synthesis == "gpu")
@@ -348,6 +372,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         log_lines.append(json.dumps(record))
         save_epoch(args, model, optimizer, scheduler, rng_states, epoch + 1, log_lines, best, base_name, category)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if distributed.is_main():
+        calibrate_thresholds(args, model, calibration_paths, base_name, category, device)
     distributed.barrier()  # rank 0's last files are written before any rank moves on
 
 
@@ -358,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.data_path).is_dir():
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
+    if args.good_dir is not None:
+        calibration.good_image_paths(args.good_dir)  # now, not after training
     with distributed.process_group(args.device, args.gpu_id) as device:
         if distributed.is_main():
             if args.anomaly_source_path is None:

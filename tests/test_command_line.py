@@ -13,6 +13,7 @@ import torch
 
 import bench_draem
 import bench_synthesis
+import calibrate
 import checkpoints
 import export_onnx
 import make_demo_data
@@ -25,13 +26,14 @@ from model_unet import DraemModel
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"train": train_draem.main, "test": test_draem.main, "predict": predict.main, "export": export_onnx.main,
             "convert": checkpoints.main, "demo_data": make_demo_data.main, "bench": bench_draem.main,
-            "bench_synthesis": bench_synthesis.main}
+            "bench_synthesis": bench_synthesis.main, "calibrate": calibrate.main}
 BASE = run_base_name(1e-4, 2, 4)
 
 # (program, arguments with {data} {sources} {ckpt} {out} placeholders, a phrase the one line must contain)
 TRAIN = "--obj_id brick --dataset folder --data_path {data} --checkpoint_path {ckpt} --log_path {out} --image_size 64 --workers 0"
 TEST = "--obj_id brick --dataset folder --data_path {data} --checkpoint_path {ckpt} --image_size 64 --output_dir {out}"
 PREDICT = f"--checkpoint_path {{ckpt}} --base_model_name {BASE} --obj_id brick --output_dir {{out}} --image_size 64"
+CALIBRATE = f"--checkpoint_path {{ckpt}} --base_model_name {BASE} --obj_id brick --dataset folder --data_path {{data}}"
 CATALOGUE = [
     ("train", "--obj_id brick", "--data_path is required"),
     ("train", TRAIN + " --bs 0", "--bs: must be 1 or more"),
@@ -59,6 +61,10 @@ CATALOGUE = [
     ("demo_data", "--output_dir {out}/demo --n_train 0", "--n_train"),
     ("bench", "--device tpu9", "--device 'tpu9' is not a device"),
     ("bench_synthesis", "--samples 0", "--samples"),
+    ("calibrate", f"--checkpoint_path {{ckpt}} --base_model_name {BASE} --obj_id brick", "--data_path"),
+    ("calibrate", CALIBRATE + " --val_fraction 1.5", "--val_fraction must be between 0 and 1"),
+    ("calibrate", CALIBRATE + " --image_size 64 --good_dir {out}/nothing", "--good_dir"),
+    ("train", TRAIN + " --good_dir {out}/nothing --epochs 1 --bs 4", "--good_dir"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""export_onnx.py: one graph image → (anomaly map, image score) that matches PyTorch at any batch size."""
+"""export_onnx.py: one graph image → (anomaly map, image score[, decisions]) that matches PyTorch at any batch size."""
 from pathlib import Path
 
 import cv2
@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from calibration import write_thresholds
 from checkpoints import save_checkpoint
 from loss import DraemLoss
 from metrics import image_scores
@@ -17,8 +18,9 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (p
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements.txt)")
 
 # Imported after the skips: export_onnx itself imports onnx and onnxruntime.
+import export_onnx
 from evaluation import DraemScorer
-from export_onnx import main, onnx_bytes
+from export_onnx import ThresholdedScorer, float32_at_least, main, onnx_bytes, parity
 
 SIZE = 64
 WIDTH = 4
@@ -121,3 +123,78 @@ def test_bad_input_is_one_line_and_exit_1(model, tmp_path: Path, capsys, flags):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_threshold_rounds_up_to_float32_so_the_graph_decides_like_python():
+    for value in (0.7, 0.9, 0.3, 0.5):  # float32's nearest is below 0.7 and 0.9, above 0.3, equal for 0.5
+        rounded = float32_at_least(value)
+        assert float(np.float32(rounded)) == rounded and rounded >= value
+        assert float(np.nextafter(np.float32(rounded), np.float32(0))) < value  # the smallest such float32
+
+
+def export_with_thresholds(model, tmp_path, thresholds: dict | None, *flags: str) -> tuple[dict, "ort.InferenceSession", str]:
+    save_checkpoint(model, tmp_path / "ckpt", "tiny", "widget")
+    if thresholds is not None:
+        write_thresholds(tmp_path / "ckpt", "tiny", "widget", {**thresholds, "image_size": SIZE})
+    output = tmp_path / "draem.onnx"
+    worst = main(["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id", "widget",
+                  "--output", str(output), "--image_size", str(SIZE), *flags])
+    return worst, ort.InferenceSession(str(output), providers=["CPUExecutionProvider"]), str(output)
+
+
+def test_threshold_file_adds_decisions_equal_to_pytorch(model, tmp_path, capsys):
+    images = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected_map = anomaly_map(model(images)[1]).numpy()
+    expected_scores = image_scores(torch.from_numpy(expected_map)).numpy()
+    ranked = np.sort(expected_scores)
+    gap = int(np.argmax(np.diff(ranked)[1:-1])) + 1  # the widest gap between two scores, some below and some above
+    image_threshold = float((ranked[gap] + ranked[gap + 1]) / 2)
+    pixel_threshold = float(np.median(expected_map))
+
+    worst, session, _ = export_with_thresholds(model, tmp_path, {"image_threshold": image_threshold,
+                                                                 "pixel_threshold": pixel_threshold})
+
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "image_score", "is_anomalous", "defect_mask"]
+    assert worst["is_anomalous"] == 0 and worst["defect_mask"] == 0 and max(worst.values()) < TOLERANCE
+    out = capsys.readouterr().out
+    assert f"is_anomalous = image_score >= {image_threshold:.6g}" in out
+    assert f"defect_mask = anomaly_map >= {pixel_threshold:.6g}" in out
+    amap, _, is_anomalous, mask = session.run(None, {"image": images.numpy()})
+    assert is_anomalous.dtype == bool and mask.dtype == bool and mask.shape == (6, 1, SIZE, SIZE)
+    # The image threshold sits mid-gap, farther than the float tolerance from every score (checked): exact equality.
+    assert ranked[gap + 1] - ranked[gap] > 2 * TOLERANCE
+    np.testing.assert_array_equal(is_anomalous, expected_scores >= image_threshold)
+    assert is_anomalous.any() and not is_anomalous.all()
+    # Pixels: the graph's mask is exactly its own map at the threshold, and equals PyTorch's except where the two float
+    # maps (within TOLERANCE of each other) fall on opposite sides of it, which float rounding decides.
+    np.testing.assert_array_equal(mask, amap >= pixel_threshold)
+    rounding_decides = (amap >= pixel_threshold) != (expected_map >= pixel_threshold)
+    np.testing.assert_array_equal(mask[~rounding_decides], (expected_map >= pixel_threshold)[~rounding_decides])
+    assert mask.any() and not mask.all()
+
+
+def test_threshold_flag_overrides_the_file_and_works_without_one(model, tmp_path):
+    worst, session, _ = export_with_thresholds(model, tmp_path / "with_file", {"image_threshold": 2.0, "pixel_threshold": 0.5},
+                                               "--threshold", "-1")
+    assert set(worst) == {"anomaly_map", "image_score", "is_anomalous", "defect_mask"}
+    (is_anomalous,) = session.run(["is_anomalous"], {"image": np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32)})
+    assert is_anomalous.tolist() == [True, True]  # -1 from the flag, not 2.0 from the file
+
+    worst, session, _ = export_with_thresholds(model, tmp_path / "flag_only", None, "--threshold", "2")
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "image_score", "is_anomalous"]
+    (is_anomalous,) = session.run(["is_anomalous"], {"image": np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32)})
+    assert is_anomalous.tolist() == [False, False]
+
+
+def test_parity_counts_decisions_that_differ_and_main_refuses_them(model, tmp_path, monkeypatch, capsys):
+    everything = onnx_bytes(ThresholdedScorer(DraemScorer(model), -1.0, -1.0), SIZE)  # every image and pixel anomalous
+    worst = parity(ThresholdedScorer(DraemScorer(model), 2.0, 2.0), everything, SIZE)  # PyTorch: none anomalous
+    assert worst["is_anomalous"] == 1 + 3 and worst["defect_mask"] == (1 + 3) * SIZE * SIZE  # batch sizes 1 and 3
+
+    monkeypatch.setattr(export_onnx, "parity", lambda *args, **kwargs: {**worst, "anomaly_map": 0.0, "image_score": 0.0})
+    with pytest.raises(SystemExit) as exc:
+        export_with_thresholds(model, tmp_path, None, "--threshold", "0.5")
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "is_anomalous 4 elements" in err

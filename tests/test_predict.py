@@ -1,4 +1,4 @@
-"""predict.py: one CSV row per file, unreadable files reported not fatal, scores equal to test_draem.py's."""
+"""predict.py: one CSV row per file, unreadable files not fatal, scores equal to test_draem.py's, calibrated thresholds used."""
 import csv
 import subprocess
 import sys
@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import evaluation
+from calibration import threshold_path, write_thresholds
 from checkpoints import model_from_checkpoint, save_checkpoint
 from data_loader import MVTecDRAEMTestDataset
 from evaluation import DraemScorer
-from metrics import DraemEvaluator
-from model_unet import DraemModel
-from predict import main
+from images import read_image, to_chw
+from metrics import DraemEvaluator, image_scores
+from model_unet import DraemModel, anomaly_map
+from predict import defect_mask, main
 from visualize import GAP
 
 SIZE = 64
@@ -129,6 +131,45 @@ def test_threshold_column_and_overlays(setup):
     assert overlay.shape == (SIZE, 2 * SIZE + GAP, 3)  # image | heat map: no ground truth in the wild
 
 
+def test_threshold_file_gives_is_anomalous_and_defect_masks_and_threshold_overrides_it(setup, capsys):
+    paths = sorted(setup["test"].rglob("*.png"))
+    model = model_from_checkpoint(setup["checkpoints"], BASE_NAME, CATEGORY).eval()
+    with torch.no_grad():  # the maps and scores of the test protocol, computed here directly
+        maps = anomaly_map(model(torch.from_numpy(np.stack([to_chw(read_image(p, (SIZE, SIZE))) for p in paths])))[1])
+    scores = image_scores(maps).tolist()
+    # Thresholds equal to a score and to a map value (the median of 5, the middle pixel): ">=" versus ">" matters.
+    image_threshold, pixel_threshold = float(np.median(scores)), float(np.sort(maps.numpy().ravel())[maps.numel() // 2])
+    write_thresholds(setup["checkpoints"], BASE_NAME, CATEGORY,
+                     {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "image_size": SIZE})
+
+    main(predict_args(setup, setup["test"], "--save_images"))
+
+    rows = read_rows(setup["out"] / "scores.csv")
+    assert [row["path"] for row in rows] == [str(p) for p in paths]
+    assert [row["is_anomalous"] for row in rows] == [str(int(s >= image_threshold)) for s in scores]
+    assert {row["is_anomalous"] for row in rows} == {"0", "1"}
+    assert str(threshold_path(setup["checkpoints"], BASE_NAME, CATEGORY)) in capsys.readouterr().out
+    for path, amap in zip(paths, maps[:, 0].numpy()):
+        mask = cv2.imread(str(setup["out"] / "masks" / f"{path.relative_to(setup['test']).as_posix()}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.dtype == np.uint8 and mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
+        # predict.py scores these 5 images in one batch, as here: the same arithmetic, so the masks agree exactly.
+        np.testing.assert_array_equal(mask, np.where(amap >= pixel_threshold, 255, 0))
+        assert (mask == 255).any() and (mask == 0).any()
+
+    main(predict_args(setup, setup["test"], "--threshold", str(max(scores) + 1)))
+
+    assert [row["is_anomalous"] for row in read_rows(setup["out"] / "scores.csv")] == ["0"] * len(paths)
+    assert "(--threshold)" in capsys.readouterr().out
+
+
+def test_defect_mask_is_255_at_or_above_the_pixel_threshold_compared_exactly():
+    # float32 0.7 is 0.69999999, below the threshold 0.7; 0.75 and 0.8 are at or above 0.75.
+    amap = torch.tensor([[[0.7, 0.75], [0.8, 0.1]]], dtype=torch.float32)
+    np.testing.assert_array_equal(defect_mask(amap, 0.7), [[0, 255], [255, 0]])
+    np.testing.assert_array_equal(defect_mask(amap, 0.75), [[0, 255], [255, 0]])
+    assert defect_mask(amap, 0.7).dtype == np.uint8
+
+
 def test_single_image_input_scores_like_the_folder_run(setup):
     main(predict_args(setup, setup["test"]))
     from_folder = {row["path"]: row["image_score"] for row in read_rows(setup["out"] / "scores.csv")}
@@ -153,15 +194,18 @@ def test_output_folder_inside_the_input_folder_is_not_scored(setup):
     assert len(first) == 5
 
 
-@pytest.mark.parametrize("case", ["no_images", "missing_checkpoint", "bad_image_size", "not_an_image_file"])
+@pytest.mark.parametrize("case", ["no_images", "missing_checkpoint", "bad_image_size", "not_an_image_file", "threshold_size"])
 def test_bad_input_is_one_line_and_exit_1(setup, capsys, case):
     empty = setup["test"].parent / "empty"
     empty.mkdir()
+    write_thresholds(setup["checkpoints"], BASE_NAME, CATEGORY, {"image_threshold": 0.5, "pixel_threshold": 0.5,
+                                                                 "image_size": 2 * SIZE if case == "threshold_size" else SIZE})
     args = {
         "no_images": predict_args(setup, empty),
         "missing_checkpoint": predict_args({**setup, "checkpoints": empty}, setup["test"]),
         "bad_image_size": predict_args(setup, setup["test"]) + ["--image_size", "48"],
         "not_an_image_file": predict_args(setup, setup["checkpoints"] / f"{BASE_NAME}_{CATEGORY}_.pckl"),
+        "threshold_size": predict_args(setup, setup["test"]),  # a threshold file calibrated at another size
     }[case]
     with pytest.raises(SystemExit) as exc:
         main(args)

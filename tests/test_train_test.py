@@ -10,7 +10,7 @@ import torch
 import test_draem
 import train_draem
 from checkpoints import checkpoint_paths, run_base_name
-from metrics import METRICS
+from metrics import METRICS, TABLE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--image_size", "64", "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0", "--seed", "0"]
@@ -39,8 +39,9 @@ def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
     results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path",
                                str(tmp_path / "ckpt"), "--base_model_name", base, "--image_size", "64",
                                "--output_dir", str(tmp_path / "results"), "--save_images"])
-    assert set(results["brick"]) == set(METRICS)
-    assert all(0.0 <= v <= 1.0 for v in results["brick"].values())
+    assert (tmp_path / "ckpt" / f"{base}_brick_threshold.json").is_file(), "training calibrated no thresholds"
+    assert set(results["brick"]) == set(TABLE_METRICS)  # the _at_t ones: training wrote a threshold file
+    assert all(0.0 <= results["brick"][m] <= 1.0 for m in (*METRICS, "image_recall_at_t"))  # precision is NaN if none is called
     table = json.loads((tmp_path / "results" / f"results_{base}.json").read_text())
     assert [row["category"] for row in table] == ["brick", "mean"]
     assert all(table[0][m] is not None for m in METRICS)
@@ -107,7 +108,7 @@ def test_fast_options_train_and_their_checkpoints_load_in_the_plain_path(tiny_mv
     results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path",
                                str(tmp_path / "ckpt"), "--base_model_name", "DRAEM_test_0.0001_2_bs4", "--image_size", "64",
                                "--output_dir", str(tmp_path / "results")])
-    assert all(0.0 <= v <= 1.0 for v in results["brick"].values())
+    assert all(0.0 <= results["brick"][m] <= 1.0 for m in METRICS)
 
 
 def test_device_synthesis_resumes_exactly_without_workers(tiny_mvtec, tmp_path, monkeypatch):
