@@ -58,23 +58,37 @@ def gamma_contrast(images: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
     return TF.to_dtype(scaled, torch.uint8, scale=True)
 
 
+# OpenCV's integer RGB <-> luma-chroma conversions (YCrCb and YUV differ only in their coefficients): Y from
+# fixed weights, each chroma a scaled difference (colour - Y) + 128; back, each colour is Y plus weighted chromas.
+LUMA_WEIGHTS = (4899, 9617, 1868)  # R, G, B, scaled by 2**YCRCB_SHIFT
+YCRCB = {"chroma": ((0, 11682), (2, 9241)), "inverse": (((0, 22987),), ((0, -11698), (1, -5636)), ((1, 29049),))}
+YUV = {"chroma": ((2, 8061), (0, 14369)), "inverse": (((1, 18678),), ((0, -6472), (1, -9519)), ((0, 33292),))}
+
+
+def _rgb_to_luma_chroma(images: torch.Tensor, table: dict) -> torch.Tensor:
+    """OpenCV's integer RGB -> Y + two chromas on uint8, bit exact; int32 N×3×H×W. `table`: YCRCB or YUV."""
+    rgb = images.int().unbind(1)
+    y = _descale(sum(c * w for c, w in zip(rgb, LUMA_WEIGHTS)), YCRCB_SHIFT)
+    chromas = [_descale((rgb[c] - y) * k + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255) for c, k in table["chroma"]]
+    return torch.stack((y, *chromas), dim=1)
+
+
+def _luma_chroma_to_rgb(values: torch.Tensor, table: dict) -> torch.Tensor:
+    """OpenCV's integer Y + two chromas -> RGB on uint8 values (int32 in, uint8 out), bit exact."""
+    y, *chromas = values.unbind(1)
+    chromas = [c - 128 for c in chromas]
+    rgb = [y + _descale(sum(chromas[i] * k for i, k in terms), YCRCB_SHIFT) for terms in table["inverse"]]
+    return torch.stack(rgb, dim=1).clamp(0, 255).to(torch.uint8)
+
+
 def rgb_to_ycrcb(images: torch.Tensor) -> torch.Tensor:
     """OpenCV's COLOR_RGB2YCrCb on uint8, bit exact (its integer coefficients); int32 N×3×H×W."""
-    r, g, b = images.int().unbind(1)
-    y = _descale(r * 4899 + g * 9617 + b * 1868, YCRCB_SHIFT)
-    cr = _descale((r - y) * 11682 + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255)
-    cb = _descale((b - y) * 9241 + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255)
-    return torch.stack((y, cr, cb), dim=1)
+    return _rgb_to_luma_chroma(images, YCRCB)
 
 
 def ycrcb_to_rgb(ycrcb: torch.Tensor) -> torch.Tensor:
     """OpenCV's COLOR_YCrCb2RGB on uint8 values (int32 in, uint8 out), bit exact."""
-    y, cr, cb = ycrcb.unbind(1)
-    cr, cb = cr - 128, cb - 128
-    r = y + _descale(cr * 22987, YCRCB_SHIFT)
-    g = y + _descale(cr * -11698 + cb * -5636, YCRCB_SHIFT)
-    b = y + _descale(cb * 29049, YCRCB_SHIFT)
-    return torch.stack((r, g, b), dim=1).clamp(0, 255).to(torch.uint8)
+    return _luma_chroma_to_rgb(ycrcb, YCRCB)
 
 
 def sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -245,21 +259,12 @@ def _matrix_times(matrix: tuple[tuple[float, ...], ...], channels: torch.Tensor)
 
 def rgb_to_yuv(images: torch.Tensor) -> torch.Tensor:
     """OpenCV's COLOR_RGB2YUV on uint8, bit exact (its integer coefficients); int32 N×3×H×W."""
-    r, g, b = images.int().unbind(1)
-    y = _descale(r * 4899 + g * 9617 + b * 1868, YCRCB_SHIFT)
-    u = _descale((b - y) * 8061 + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255)
-    v = _descale((r - y) * 14369 + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255)
-    return torch.stack((y, u, v), dim=1)
+    return _rgb_to_luma_chroma(images, YUV)
 
 
 def yuv_to_rgb(yuv: torch.Tensor) -> torch.Tensor:
     """OpenCV's COLOR_YUV2RGB on uint8 values (int32 in, uint8 out), bit exact."""
-    y, u, v = yuv.unbind(1)
-    u, v = u - 128, v - 128
-    r = y + _descale(v * 18678, YCRCB_SHIFT)
-    g = y + _descale(u * -6472 + v * -9519, YCRCB_SHIFT)
-    b = y + _descale(u * 33292, YCRCB_SHIFT)
-    return torch.stack((r, g, b), dim=1).clamp(0, 255).to(torch.uint8)
+    return _luma_chroma_to_rgb(yuv, YUV)
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:

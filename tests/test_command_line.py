@@ -45,6 +45,9 @@ CATALOGUE = [
     ("train", TRAIN + " --image_size 100", "--image_size must be a positive multiple of 32"),
     ("train", TRAIN + " --seed -3", "--seed: must be 0 or more"),
     ("train", TRAIN.replace("brick", "brikc"), "unknown category 'brikc'"),
+    ("train", TRAIN.replace("{data}", "{out}/nowhere"), "does not exist"),
+    ("train", TRAIN.replace("--dataset folder", "--dataset mvtec").replace("brick", "carpet").replace("{data}", "{empty}"),
+     "no .png/.jpg/.jpeg training images"),
     ("train", TRAIN + " --no_such_flag", "unrecognized arguments: --no_such_flag"),
     ("train", TRAIN + " --epochs 2 --bs 4 --resume", "cannot read resume file"),
     ("test", "--data_path {data}", "--checkpoint_path"),
@@ -76,7 +79,9 @@ def places(tiny_mvtec, tmp_path):
     resume = train_draem.resume_path(ckpt, BASE, "brick")
     torch.save({"model": DraemModel(4, 4).state_dict()}, resume)
     resume.write_bytes(resume.read_bytes()[:1000])  # a run killed while copying the file by hand, say
-    return {"data": tiny_mvtec.mvtec_root, "sources": tiny_mvtec.texture_root, "ckpt": ckpt, "out": tmp_path / "out"}
+    (tmp_path / "empty" / "carpet" / "train" / "good").mkdir(parents=True)
+    return {"data": tiny_mvtec.mvtec_root, "sources": tiny_mvtec.texture_root, "ckpt": ckpt, "out": tmp_path / "out",
+            "empty": tmp_path / "empty"}
 
 
 def contents(folder: Path) -> dict[str, bytes]:

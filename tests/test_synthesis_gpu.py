@@ -3,6 +3,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from imgaug_reference import IMGAUG_BRIGHTNESS_SPACES, imgaug_brightness
 from torch.utils.data import DataLoader, default_collate
 
 import augment
@@ -104,15 +105,6 @@ def test_solarize_is_applied_to_about_half_of_the_samples():
     assert 0.45 < inverted.mean() < 0.55
 
 
-# imgaug's brightness colour spaces in its order: OpenCV's conversion there and back and the brightness channel.
-IMGAUG_BRIGHTNESS_SPACES = {
-    "YCrCb": (cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, 0),
-    "HSV": (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2),
-    "HLS": (cv2.COLOR_RGB2HLS, cv2.COLOR_HLS2RGB, 1),
-    "Lab": (cv2.COLOR_RGB2Lab, cv2.COLOR_Lab2RGB, 0),
-    "Luv": (cv2.COLOR_RGB2Luv, cv2.COLOR_Luv2RGB, 0),
-    "YUV": (cv2.COLOR_RGB2YUV, cv2.COLOR_YUV2RGB, 0),
-}
 # Mean |device - OpenCV| in levels allowed per colour space. The first four ports are exact on rows made of
 # whole SIMD blocks (64 pixels here). Lab and Luv are float equivalents of OpenCV's fixed-point tables.
 # On this batch of noise, with the ranges' end points, they measure 0.22-0.23 and 1.5-1.6 over four seeds.
@@ -121,21 +113,6 @@ IMGAUG_BRIGHTNESS_SPACES = {
 BRIGHTNESS_MEAN_TOLERANCE = {"YCrCb": 0, "HSV": 0, "HLS": 0, "Lab": 0.35, "Luv": 2.0, "YUV": 0}
 
 
-def imgaug_brightness(image: np.ndarray, multiply: float, add: float, space: str, add_first: bool) -> np.ndarray:
-    """Reference: OpenCV into the space, imgaug's uint8 Multiply (float32 product, clipped, truncated) and Add
-    (value rounded half to even, sum clipped) on the brightness channel, in the given order, OpenCV back."""
-    to_space, from_space, channel = IMGAUG_BRIGHTNESS_SPACES[space]
-    converted = cv2.cvtColor(image, to_space)
-    level = converted[..., channel].astype(np.int64)
-
-    def times(x):
-        return np.floor(np.minimum(x.astype(np.float32) * np.float32(multiply), 255)).astype(np.int64)
-
-    def plus(x):
-        return np.clip(x + round(add), 0, 255)  # Python's round: half to even, as NumPy's
-
-    converted[..., channel] = times(plus(level)) if add_first else plus(times(level))
-    return cv2.cvtColor(converted, from_space)
 
 
 # The device ports of OpenCV's 8-bit conversions that claim its exact bytes: name -> (port, OpenCV code).
