@@ -357,11 +357,12 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         losses = distributed.average(torch.stack(losses))  # per step, over the ranks: every rank sees the same values
         part_means = distributed.average(torch.stack(list(part_sums.values()))) / len(losses)
         check_finite(losses, category, epoch, step, args.checkpoint_path)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with (the log and the curves show it)
         scheduler.step()
         rng_states = distributed.gather_objects(rng_state(generator, device, synthesis_rng))  # all ranks', each resumes its own
         if not distributed.is_main():
             continue
-        record = {"category": category, "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+        record = {"category": category, "epoch": epoch + 1, "step": step, "lr": lr,
                   "loss": losses.mean().item(), **dict(zip(part_sums, part_means.tolist())),
                   "seconds": round(time.time() - started, 2)}
         if validation.due(epoch + 1, args.val_every, args.epochs):
