@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from atomic import atomic_torch_save
-from cli import ArgumentParser
-from errors import DraemInputError, one_line_errors
+from errors import DraemInputError
 from model_unet import DraemModel
 
 RELEASED_BASE_NAME = "DRAEM_seg_large_ae_large_0.0001_800_bs8"
@@ -175,22 +174,3 @@ def convert_anomalib_checkpoint(
     atomic_torch_save(parts["reconstructive_subnetwork"], rec_path)
     atomic_torch_save(parts["discriminative_subnetwork"], seg_path)
     return rec_path, seg_path
-
-
-@one_line_errors
-def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(description="Convert an anomalib DRAEM checkpoint to the released two-file format.")
-    parser.add_argument("anomalib_checkpoint", help="anomalib .ckpt (Lightning) or a plain state dict with model.* keys")
-    parser.add_argument("--checkpoint_path", required=True, help="folder to write the .pckl pair into")
-    parser.add_argument("--obj_id", "--category", dest="obj_id", required=True,
-                        help="category name used in the file names, e.g. carpet")
-    parser.add_argument("--base_model_name", default="DRAEM_anomalib", help="base name of the written files")
-    parser.add_argument("--trust", action="store_true", help="unpickle non-tensor objects (only for files you trust)")
-    args = parser.parse_args(argv)
-    for written in convert_anomalib_checkpoint(args.anomalib_checkpoint, args.checkpoint_path, args.base_model_name,
-                                               args.obj_id, args.trust):
-        print(f"wrote {written}")
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
+import convert_anomalib
 from checkpoints import convert_anomalib_checkpoint, load_anomalib_checkpoint, model_from_checkpoint
 from model_unet import DraemModel
 
@@ -99,7 +99,7 @@ def test_an_anomalib_sspcab_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     state["model.reconstructive_subnetwork.encoder.block5.attention_module.fc1.weight"] = torch.zeros(4, 32)
     torch.save({"state_dict": state}, tmp_path / "draem.ckpt")
     with pytest.raises(SystemExit) as stopped:
-        checkpoints.main([str(tmp_path / "draem.ckpt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id", "carpet"])
+        convert_anomalib.main([str(tmp_path / "draem.ckpt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id", "carpet"])
     assert stopped.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SSPCAB" in err[0] and "no ReLU" in err[0]

@@ -128,7 +128,7 @@ def test_non_anomalib_file_is_rejected(tmp_path):
 
 def test_convert_cli_reports_one_line_on_bad_input(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "checkpoints.py"), str(tmp_path / "absent.ckpt"), "--checkpoint_path", str(tmp_path),
+        [sys.executable, str(ROOT / "convert_anomalib.py"), str(tmp_path / "absent.ckpt"), "--checkpoint_path", str(tmp_path),
          "--category", "x"],
         check=False, capture_output=True, text=True, cwd=ROOT,
     )

@@ -14,7 +14,7 @@ import torch
 import bench_draem
 import bench_synthesis
 import calibrate
-import checkpoints
+import convert_anomalib
 import export_onnx
 import make_demo_data
 import predict
@@ -25,7 +25,7 @@ from model_unet import DraemModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"train": train_draem.main, "test": test_draem.main, "predict": predict.main, "export": export_onnx.main,
-            "convert": checkpoints.main, "demo_data": make_demo_data.main, "bench": bench_draem.main,
+            "convert": convert_anomalib.main, "demo_data": make_demo_data.main, "bench": bench_draem.main,
             "bench_synthesis": bench_synthesis.main, "calibrate": calibrate.main}
 BASE = run_base_name(1e-4, 2, 4)
 
