@@ -92,8 +92,8 @@ class MVTecDRAEMTrainDataset(Dataset):
 class RawTrainDataset(MVTecDRAEMTrainDataset):
     """What the DataLoader hands to `synthesize_batch`: decoded, resized uint8 images, nothing else.
 
-    The CPU-path training set (same constructor, same image list, so validation.hold_out works on it
-    too) with another item: {"image": uint8 3×H×W, "source": uint8 3×H×W}, without "source" when
+    The CPU-path training set (same constructor and image list, so the training script builds either alike)
+    with another item: {"image": uint8 3×H×W, "source": uint8 3×H×W}, without "source" when
     there is no source folder (the device draws the noise). Training images are decoded once when the
     dataset is built and shared with forked workers; sources go through the CPU dataset's bounded
     cache. As on the CPU path the index is ignored: image and source are drawn uniformly from torch's

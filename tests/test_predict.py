@@ -111,7 +111,7 @@ def test_scores_equal_test_protocol_and_unreadable_file_is_a_row(setup, monkeypa
 
 def test_threshold_column_and_overlays(setup):
     (setup["test"] / "good" / "broken.jpg").write_bytes(b"")
-    main(predict_args(setup, setup["test"], "--num_workers", "1"))
+    main(predict_args(setup, setup["test"], "--workers", "1"))
     scores = [float(row["image_score"]) for row in read_rows(setup["out"] / "scores.csv") if row["image_score"]]
     threshold = float(np.median(scores))
 
