@@ -19,7 +19,15 @@ known-good images as normals, to raise the threshold against false alarms on rea
 import argparse
 from pathlib import Path
 
-from calibration import calibrate, calibration_set, write_thresholds
+from calibration import (
+    TRAINING_SOURCE,
+    VALIDATION_SOURCE,
+    calibrate,
+    good_image_paths,
+    synthetic_set,
+    with_good_images,
+    write_thresholds,
+)
 from checkpoints import model_from_checkpoint
 from cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, at_least
 from errors import one_line_errors
@@ -65,11 +73,14 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
     category = args.obj_id
-    paths = train_image_paths(args.dataset, args.data_path, category)
+    if args.good_dir is not None:
+        good_image_paths(args.good_dir)  # now, not after the samples are made
+    paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
     if args.val_fraction is not None:
         _, paths = split_paths(paths, args.val_fraction, args.seed)
-    samples, source = calibration_set(paths, args.val_fraction is not None, args.anomaly_source_path, args.image_size,
-                                      args.samples, args.seed, args.good_dir)
+        source = VALIDATION_SOURCE
+    samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
+    samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
     device = select_device(args.device, args.gpu_id)
     scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)

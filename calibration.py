@@ -162,34 +162,29 @@ def good_images(good_dir: str | os.PathLike, image_size: int) -> torch.Tensor:
 
 def synthetic_set(
     image_paths: list[Path], anomaly_source_path: str | os.PathLike | None, image_size: int, num_samples: int, seed: int,
-    good_dir: str | os.PathLike | None = None,
 ) -> "ValidationSet":
-    """The calibration set: `num_samples` training-style samples (METHOD.md §2) from `image_paths`, plus `good_dir`'s images.
+    """`num_samples` training-style samples (METHOD.md §2) from `image_paths`, for checkpoints trained elsewhere.
 
     The samples come from validation.synthesize with the training dataset's anomaly sources, so with the
     image paths a run held out (validation.split_paths) and the same seed and count, they are that run's
-    validation set. Every image under `good_dir` is appended as a normal sample with an empty mask.
+    validation set; train_draem.py calibrates on the samples it already has.
     """
-    from validation import ValidationSet, synthesize  # validation imports evaluation, which imports this module
+    from validation import synthesize  # validation imports evaluation, which imports this module
 
-    good = None if good_dir is None else good_images(good_dir, image_size)  # first: a wrong folder fails fast
     dataset = MVTecDRAEMTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=(image_size, image_size),
                                      image_paths=image_paths)
-    samples = synthesize(dataset.images, dataset.draw_source, num_samples, seed)
-    if good is None:
-        return samples
-    return ValidationSet(images=torch.cat([samples.images, good]),
-                         masks=torch.cat([samples.masks, torch.zeros(len(good), 1, image_size, image_size)]),
-                         labels=torch.cat([samples.labels, torch.zeros(len(good))]))
+    return synthesize(dataset.images, dataset.draw_source, num_samples, seed)
 
 
-def calibration_set(
-    image_paths: list[Path], held_out: bool, anomaly_source_path: str | os.PathLike | None, image_size: int,
-    num_samples: int, seed: int, good_dir: str | os.PathLike | None = None,
+def with_good_images(
+    samples: "ValidationSet", source: str, good_dir: str | os.PathLike | None, image_size: int
 ) -> tuple["ValidationSet", str]:
-    """`synthetic_set` and the sentence saying what it was made from (`held_out`: images a run never trained on)."""
-    samples = synthetic_set(image_paths, anomaly_source_path, image_size, num_samples, seed, good_dir)
-    source = VALIDATION_SOURCE if held_out else TRAINING_SOURCE
-    if good_dir is not None:
-        source += f" + {len(samples.labels) - num_samples} extra good images from {good_dir}"
-    return samples, source
+    """`samples` plus every image under `good_dir` as a normal sample with an empty mask, and `source` saying so;
+    both unchanged without `good_dir`."""
+    if good_dir is None:
+        return samples, source
+    good = good_images(good_dir, image_size)
+    samples = samples._replace(images=torch.cat([samples.images, good]),
+                               masks=torch.cat([samples.masks, torch.zeros(len(good), 1, image_size, image_size)]),
+                               labels=torch.cat([samples.labels, torch.zeros(len(good))]))
+    return samples, f"{source} + {len(good)} extra good images from {good_dir}"

@@ -133,11 +133,8 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
         make_demo_dataset(DEMO_ROOT)
 
 
-def make_datasets(
-    args: argparse.Namespace, category: str
-) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None, list[Path]]:
-    """The training dataset; with --val_every, the validation set made from images held out of it (rank 0 only);
-    and the images the thresholds are calibrated on (the held-out ones, else the training images)."""
+def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
+    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
     paths, held_paths = train_image_paths(args.dataset, args.data_path, category), []
     if args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
         paths, held_paths = validation.split_paths(paths, args.val_fraction, args.seed)
@@ -145,11 +142,11 @@ def make_datasets(
     shape = (args.image_size, args.image_size)
     dataset = dataset_class(anomaly_source_path=args.anomaly_source_path, resize_shape=shape, image_paths=paths)
     if not held_paths or not distributed.is_main():
-        return dataset, None, held_paths or dataset.image_paths
+        return dataset, None
     val_set = validation.synthesize(load_images(held_paths, shape), dataset.draw_source, args.val_samples, args.seed)
     print(f"{category}: validating on {len(val_set.labels)} samples ({int(val_set.labels.sum())} anomalous) made from "
           f"{len(held_paths)} held-out training images ({', '.join(p.name for p in held_paths)})")
-    return dataset, val_set, held_paths
+    return dataset, val_set
 
 
 def training_batch(batch: dict, device: torch.device, synthesis_rng: torch.Generator | None) -> tuple[torch.Tensor, ...]:
@@ -272,14 +269,19 @@ def validate(args: argparse.Namespace, model: DraemModel, val_set: validation.Va
     return record
 
 
-def calibrate_thresholds(args: argparse.Namespace, model: DraemModel, paths: list[Path], base_name: str, category: str,
-                         device: torch.device) -> None:
-    """Write the pair's deployment thresholds, calibrated on data the test never sees (calibration.py): synthetic
-    anomalies on the held-out images with validation on (its very validation set), else on the training images;
+def calibrate_thresholds(
+    args: argparse.Namespace, model: DraemModel, dataset: MVTecDRAEMTrainDataset, val_set: validation.ValidationSet | None,
+    base_name: str, category: str, device: torch.device,
+) -> None:
+    """Write the pair's deployment thresholds, calibrated on data the test never sees (calibration.py): the
+    validation set with validation on, else synthetic anomalies on the training images the dataset holds;
     plus --good_dir's images as normals."""
-    count = args.val_samples if args.val_every else args.calibration_samples
-    samples, source = calibration.calibration_set(paths, bool(args.val_every), args.anomaly_source_path, args.image_size,
-                                                  count, args.seed, args.good_dir)
+    if val_set is not None:
+        samples, source = val_set, calibration.VALIDATION_SOURCE
+    else:
+        samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
+        source = calibration.TRAINING_SOURCE
+    samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs, source=source)
     path = calibration.write_thresholds(args.checkpoint_path, base_name, category, thresholds)
@@ -314,7 +316,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     resume_file = resume_path(args.checkpoint_path, base_name, category)
     # Read before any slow work, so a bad resume file is one line at once.
     resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
-    dataset, val_set, calibration_paths = make_datasets(args, category)
+    dataset, val_set = make_datasets(args, category)
     # A fresh worker per epoch, reseeded from `generator`, makes --resume bitwise exact; the device path keeps its workers.
     loader = train_loader(dataset, args.bs, args.workers, generator, device, sampler=distributed.rank_sampler(dataset),
                           persistent_workers=args.synthesis == "gpu")
@@ -374,7 +376,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         save_epoch(args, model, optimizer, scheduler, rng_states, epoch + 1, log_lines, best, base_name, category)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     if distributed.is_main():
-        calibrate_thresholds(args, model, calibration_paths, base_name, category, device)
+        calibrate_thresholds(args, model, dataset, val_set, base_name, category, device)
     distributed.barrier()  # rank 0's last files are written before any rank moves on
 
 

@@ -204,7 +204,7 @@ def test_calibrate_on_the_held_out_split_is_the_training_runs_validation_set_plu
         "--obj_id", CATEGORY, "--data_path", str(trained_setup["data"]), "--anomaly_source_path", str(tiny_mvtec.texture_root),
         "--image_size", str(SIZE), "--workers", "0", "--seed", "1", "--val_every", "1", "--val_fraction", "0.34",
         "--val_samples", "16", "--checkpoint_path", str(trained_setup["tmp"] / "unused")])
-    _, val_set, _ = train_draem.make_datasets(train_args, CATEGORY)
+    _, val_set = train_draem.make_datasets(train_args, CATEGORY)
     assert torch.equal(seen["images"][:16], val_set.images) and torch.equal(seen["masks"][:16], val_set.masks)
     assert torch.equal(seen["labels"][:16], val_set.labels)
     # Then the good images, read as the test program reads images (sorted paths), normal with empty masks.

@@ -28,8 +28,7 @@ def arguments(data, out, *extra: str) -> list[str]:
 
 def datasets(data, tmp_path, *extra: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
     """What train_draem trains and validates on for these flags."""
-    dataset, val_set, _ = train_draem.make_datasets(train_draem.parse_args(arguments(data, tmp_path, *extra)), "brick")
-    return dataset, val_set
+    return train_draem.make_datasets(train_draem.parse_args(arguments(data, tmp_path, *extra)), "brick")
 
 
 def test_validation_set_is_fixed_by_the_seed(tiny_mvtec, tmp_path):
