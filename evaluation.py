@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from calibration import metrics_at_threshold, read_thresholds
+from calibration import metrics_at_threshold, usable_thresholds
 from checkpoints import model_from_checkpoint
 from data_loader import make_test_dataset
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
@@ -111,7 +111,7 @@ def evaluate_checkpoints(
             overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
             result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
                                        batch_size, layout, mask_suffix, overlay_dir)
-            thresholds = read_thresholds(checkpoint_path, base_name, category)
+            thresholds = usable_thresholds(checkpoint_path, base_name, category, image_size)
             threshold = None if thresholds is None else thresholds["image_threshold"]
             result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
             runs[base_name][category] = result
