@@ -20,7 +20,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -83,6 +83,27 @@ def usable_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, categor
                               f"image size {thresholds['image_size']}, not {image_size}: calibrate again at this size "
                               "(calibrate.py --image_size) or use the size it was made for")
     return thresholds
+
+
+class ThresholdsInUse(NamedTuple):
+    """The thresholds a program applies to one checkpoint pair, and where the image threshold came from."""
+
+    image: float | None  # None: no --threshold and no file
+    image_source: str  # "--threshold" or "from <file>"
+    pixel: float | None  # the file's pixel threshold, if there is a file
+    file: Path  # where the threshold file is (or would be)
+
+
+def thresholds_in_use(
+    checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int, override: float | None
+) -> ThresholdsInUse:
+    """--threshold (`override`) if given, else the threshold file's image threshold; the file's pixel threshold."""
+    thresholds = usable_thresholds(checkpoint_dir, base_name, category, image_size)
+    file = threshold_path(checkpoint_dir, base_name, category)
+    image, source = override, "--threshold"
+    if image is None and thresholds is not None:
+        image, source = thresholds["image_threshold"], f"from {file}"
+    return ThresholdsInUse(image, source, None if thresholds is None else thresholds["pixel_threshold"], file)
 
 
 def write_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict) -> Path:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from atomic import atomic_write_bytes
-from calibration import threshold_path, usable_thresholds
+from calibration import thresholds_in_use
 from checkpoints import model_from_checkpoint
 from cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
 from errors import ParityCheckFailed, one_line_errors
@@ -149,14 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def thresholded(scorer: DraemScorer, args: argparse.Namespace) -> tuple[DraemScorer | ThresholdedScorer, str]:
     """The scorer with the thresholds known for the checkpoint pair baked in (if any), and a line saying which."""
-    thresholds = usable_thresholds(args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size)
-    path = threshold_path(args.checkpoint_path, args.base_model_name, args.obj_id)
-    if args.threshold is None and thresholds is None:
-        return scorer, f"no thresholds baked in ({path} not found: run calibrate.py, or give --threshold)"
-    image_threshold, image_source = args.threshold, "--threshold"
+    image_threshold, image_source, pixel_threshold, path = thresholds_in_use(
+        args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size, args.threshold)
     if image_threshold is None:
-        image_threshold, image_source = thresholds["image_threshold"], f"from {path}"
-    pixel_threshold = None if thresholds is None else thresholds["pixel_threshold"]
+        return scorer, f"no thresholds baked in ({path} not found: run calibrate.py, or give --threshold)"
     baked = ThresholdedScorer(scorer, image_threshold, pixel_threshold)
     line = f"thresholds baked in: {IS_ANOMALOUS} = {OUTPUT_NAMES[1]} >= {image_threshold:.6g} ({image_source})"
     if pixel_threshold is not None:

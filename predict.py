@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from atomic import atomic_write_text
-from calibration import threshold_path, usable_thresholds
+from calibration import thresholds_in_use
 from checkpoints import model_from_checkpoint
 from cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
 from errors import DraemInputError, one_line_errors
@@ -177,12 +177,8 @@ def main(argv: list[str] | None = None) -> Path:
                           args.channels_last, args.compile)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     output_dir = Path(args.output_dir)
-    thresholds = usable_thresholds(args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size)
-    threshold_file = threshold_path(args.checkpoint_path, args.base_model_name, args.obj_id)
-    threshold, threshold_source = args.threshold, "--threshold"
-    if threshold is None and thresholds is not None:
-        threshold, threshold_source = thresholds["image_threshold"], f"from {threshold_file}"
-    pixel_threshold = None if thresholds is None else thresholds["pixel_threshold"]
+    threshold, threshold_source, pixel_threshold, threshold_file = thresholds_in_use(
+        args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size, args.threshold)
 
     def save_images(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
         save_png(output_image_path(output_dir, OVERLAY_DIR, Path(args.input), paths[index]),
