@@ -71,6 +71,11 @@ def save_training_curves(records: list[dict], path: str | os.PathLike) -> None:
     category = records[-1].get("category") if records else None
     if category:
         figure.suptitle(f"DRAEM training curves: {category}")
+    atomic_write_bytes(path, png_bytes(figure))
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """A matplotlib figure as PNG bytes, drawn with the Agg canvas (no pyplot, no display backend)."""
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

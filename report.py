@@ -8,7 +8,6 @@ external resource. Curves are drawn with matplotlib's object interface (a `Figur
 so nothing depends on a display or on global figure state. Every file is written atomically.
 """
 import html
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,13 +15,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from atomic import atomic_write_bytes, atomic_write_text
 from images import read_image, to_chw
 from metrics import MEAN_ROW, PAPER_METRICS, PAPER_RESULTS, TABLE_METRICS, THRESHOLD_METRICS
+from plots import png_bytes
 from visualize import heatmap_overlay, save_png
 
 if TYPE_CHECKING:  # evaluation imports this module to write the report
@@ -111,13 +110,10 @@ def _draw_curves(ax_roc, ax_pr, labels: np.ndarray, scores: np.ndarray, level: s
 def curves_png(result: "CategoryResult") -> bytes:
     """One PNG with four panels: image ROC, image PR, pixel ROC, pixel PR (pixels: masks after the released cast)."""
     figure = Figure(figsize=(14.0, 3.4), dpi=90, layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.subplots(1, 4)
     _draw_curves(axes[0], axes[1], result.labels, result.scores, "image", result.metrics)
     _draw_curves(axes[2], axes[3], result.masks.ravel(), result.maps.ravel(), "pixel", result.metrics)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 # --- gallery ----------------------------------------------------------------------------------
