@@ -24,12 +24,14 @@ the CPU path (the dataset index is ignored).
 import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
 from augment import AUGMENTATIONS_PER_SOURCE, RANGES, rotate_maps
 from data_loader import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
 from perlin import perlin_mask_batch
+from util.images import to_float as cpu_to_float
 
 YCRCB_SHIFT = 14  # OpenCV's fixed-point RGB <-> YCrCb for uint8: coefficients scaled by 2**14
 HSV_SHIFT = 12  # OpenCV's fixed-point RGB -> HSV for uint8
@@ -92,13 +94,24 @@ def ycrcb_to_rgb(ycrcb: torch.Tensor) -> torch.Tensor:
 
 
 def sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """PIL-style sharpness with one factor per sample (N,), computed as torchvision's adjust_sharpness."""
+    """PIL-style sharpness with one factor per sample (N,), computed as torchvision's adjust_sharpness.
+
+    The smoothed image, torchvision's float convolution with weights 1/13 (centre 5/13) rounded, is
+    round(n / 13) for the integer n = 3×3 sum + 4 × centre. n / 13 is never a tie (n + 6.5 is no multiple
+    of 13), and the float sum is off by less than 1e-3, so computing it as (n + 6) // 13 in integers gives
+    the same bytes on every device, where a convolution would depend on the backend (TF32 on GPUs).
+    """
     if images.shape[-1] <= 2 or images.shape[-2] <= 2:
         return images
-    kernel = torch.ones(3, 3, device=images.device) / 13.0
-    kernel[1, 1] = 5.0 / 13.0
+    height, width = images.shape[-2:]
+    values = images.int()
+    centre = values[..., 1:-1, 1:-1]
+    total = 4 * centre
+    for dy in range(3):
+        for dx in range(3):
+            total = total + values[..., dy : dy + height - 2, dx : dx + width - 2]
+    degenerate = ((total + 6) // 13).float()
     output = images.float()
-    degenerate = torch.nn.functional.conv2d(output, kernel.expand(3, 1, 3, 3), groups=3).round_()
     inner = output[..., 1:-1, 1:-1]
     # Border pixels keep their value, as in PIL and torchvision.
     inner.add_((1.0 - _per_sample(factors)) * (degenerate - inner))
@@ -138,12 +151,8 @@ def hsv_full_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     saturation, value = hsv[:, 1].float() * (1.0 / 255.0), hsv[:, 2].float() * (1.0 / 255.0)
     sector = hue.floor()
     frac = hue - sector
-    sector = sector.long() % 6
     tab = torch.stack((value, value * (1 - saturation), value * (1 - saturation * frac), value * (1 - saturation * (1 - frac))))
-    # OpenCV's sector table gives the tab entry of (b, g, r) per sector; we store r, g, b.
-    sector_rgb = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=hsv.device)
-    picks = sector_rgb[sector].permute(3, 0, 1, 2)  # 3×N×H×W indices into tab
-    rgb = tab.gather(0, picks).permute(1, 0, 2, 3)
+    rgb = _pick_by_sector(tab, sector)
     rgb = torch.where((saturation == 0)[:, None], value[:, None].expand_as(rgb), rgb)
     return (rgb * 255).round().clamp(0, 255).to(torch.uint8)
 
@@ -496,9 +505,17 @@ def rotate_some_images(images: torch.Tensor, generator: torch.Generator | None) 
     return torch.where(rotated, rotate(images, degrees), images)
 
 
+@functools.cache
+def _float_levels(device: torch.device) -> torch.Tensor:
+    """The 256 float32 values of the uint8 levels, computed by the CPU path's own conversion, once per device."""
+    return torch.from_numpy(cpu_to_float(np.arange(256, dtype=np.uint8))).to(device)
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 to float32 0..1, the same values as data_loader.to_float (a true division by 255)."""
-    return images.float() / 255.0
+    """uint8 0..255 to float32 0..1 with exactly the values of the CPU path (util.images.to_float, a true division
+    by 255), looked up on the device. `images / 255` would not do: CUDA divides by a number as a multiplication
+    by its reciprocal, which rounds 126 of the 256 levels to the neighbouring float."""
+    return _float_levels(images.device)[images.int()]
 
 
 def synthesize_batch(
@@ -513,6 +530,9 @@ def synthesize_batch(
     """
     n, _, height, width = images.shape
     device = images.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the synthesis generator lives on {generator.device}, the images on {device}: "
+                         f"make it with device_generator(images.device, seed)")
     if sources is None:
         sources = torch.randint(0, 256, images.shape, generator=generator, device=device, dtype=torch.uint8)
     image = to_float(rotate_some_images(images, generator))

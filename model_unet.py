@@ -31,6 +31,47 @@ def up(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), *conv_bn_relu(in_ch, out_ch))
 
 
+def interpolation_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """(size_out, size_in) float32 weights of linear interpolation with align_corners=True, as nn.Upsample uses:
+    output i samples input position i·(size_in − 1)/(size_out − 1), weight 1 − t on its left neighbour and t on
+    its right one. Built on `device` from arange (no host-to-device copy), in float64 and rounded once."""
+    scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    position = torch.arange(size_out, device=device, dtype=torch.float64) * scale
+    left = position.floor().clamp(max=size_in - 1)
+    right = (left + 1).clamp(max=size_in - 1)
+    t = (position - left)[:, None]
+    columns = torch.arange(size_in, device=device, dtype=torch.float64)
+    return ((1 - t) * (columns == left[:, None]) + t * (columns == right[:, None])).float()
+
+
+class MatrixUpsample(nn.Module):
+    """Bilinear upsampling with align_corners=True written as two matrix products, rows @ x @ columnsᵀ: the same
+    math as nn.Upsample (equal to float rounding), but its backward is matrix products too, deterministic on CUDA,
+    where nn.Upsample's backward adds into the input gradient with atomics in no fixed order. Computed in float32
+    also under autocast, as nn.Upsample computes. No parameters or buffers, so the state-dict keys do not change."""
+
+    def __init__(self, scale_factor: int = 2):
+        super().__init__()
+        self.scale_factor = scale_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        rows = interpolation_matrix(height, height * self.scale_factor, x.device)
+        columns = interpolation_matrix(width, width * self.scale_factor, x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return (rows @ (x.float() @ columns.T)).to(x.dtype)
+
+
+def deterministic_upsampling(model: nn.Module) -> nn.Module:
+    """Replace, in place, every bilinear align_corners nn.Upsample of `model` by the equivalent MatrixUpsample
+    (--deterministic training); returns `model`. The module tree and the state-dict keys stay as they were."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Upsample) and child.mode == "bilinear" and child.align_corners:
+                setattr(parent, name, MatrixUpsample(int(child.scale_factor)))
+    return model
+
+
 def out_conv(in_ch: int, out_ch: int) -> nn.Sequential:
     """The final 3×3 conv, wrapped in a Sequential because the released keys are `fin_out.0.*`."""
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1))

@@ -35,7 +35,7 @@ from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add
 from util.errors import DraemInputError, one_line_errors
 from util.images import FOLDER_IMAGE_SUFFIXES, read_image, to_chw
 from util.pictures import heatmap_overlay, save_png
-from util.runtime import prepare_model, select_device
+from util.runtime import prepare_model, select_device, set_fp32_precision
 from util.thresholds import thresholds_in_use
 
 CSV_NAME = "scores.csv"
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
     paths = find_images(args.input, skip_dir=args.output_dir)
+    set_fp32_precision(args.fp32_precision)
     device = select_device(args.device, args.gpu_id)
     model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id).to(device),
                           args.channels_last, args.compile)

@@ -23,7 +23,7 @@ from util.checkpoints import run_base_name
 from util.cli import ArgumentParser, add_dataset_flags, add_device_flags, add_fast_flags, at_least
 from util.errors import DraemInputError, one_line_errors
 from util.layouts import LAYOUTS, categories_for
-from util.runtime import select_device
+from util.runtime import select_device, set_fp32_precision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     check_image_size(args.image_size)
+    set_fp32_precision(args.fp32_precision)
     return evaluate_checkpoints(
         checkpoint_path=args.checkpoint_path, base_model_names=args.base_model_name, data_path=args.data_path,
         categories=categories, image_size=args.image_size, device=select_device(args.device, args.gpu_id),

@@ -3,6 +3,7 @@
     python train_draem.py --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
     python train_draem.py --demo      # makes a small dataset, trains a small model on CPU, tests it
     torchrun --nproc_per_node 4 train_draem.py --obj_id carpet --data_path ...   # one process per GPU (DDP)
+    torchrun --nproc_per_node 4 train_draem.py --obj_id -1 --parallel categories ...   # whole categories per GPU
 
 Defaults are the paper's: batch 8, Adam lr 1e-4 on both subnetworks, 700 epochs, learning rate ×0.2
 at 80 % and 90 % of the epochs, loss = L2 + SSIM + focal. Under torchrun --bs is per process.
@@ -24,7 +25,7 @@ from device_synthesis import device_generator, synthesize_batch
 from engine import calibration, validation
 from engine.evaluation import DraemScorer, evaluate_checkpoints
 from loss import DraemLoss
-from model_unet import DraemModel, anomaly_map, check_image_size
+from model_unet import DraemModel, anomaly_map, check_image_size, deterministic_upsampling
 from util import distributed
 from util.atomic import atomic_torch_save, atomic_write_text
 from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
@@ -34,7 +35,7 @@ from util.errors import DraemInputError, TrainingDiverged, one_line_errors
 from util.images import load_images
 from util.layouts import LAYOUTS, categories_for, train_image_paths
 from util.pictures import save_png, save_training_curves, training_grid
-from util.runtime import autocast, prepare_model, to_memory_format
+from util.runtime import autocast, math_settings, prepare_model, set_deterministic, set_fp32_precision, to_memory_format
 from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, write_thresholds
 
 DEMO_ROOT = Path("datasets/demo")
@@ -64,9 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataset_flags(extra, LAYOUTS)
     extra.add_argument("--visualize_every", type=at_least(1), default=200, help="steps between sample grids with --visualize")
     extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
-    extra.add_argument("--seed", type=at_least(0), default=0,
+    extra.add_argument("--seed", type=at_least(0), nargs="+", default=[0],
                        help="seed of every random stream (model init, sampling, synthesis); a seed other than 0 is added "
-                            "to the run name (<base>_seed<N>), so several seeds never overwrite each other")
+                            "to the run name (<base>_seed<N>), so several seeds never overwrite each other; several "
+                            "(--seed 0 1 2) train one run per seed and category")
     extra.add_argument("--workers", type=at_least(0), default=4, help="DataLoader worker processes (0: load in the main process)")
     extra.add_argument("--resume", action="store_true", help="continue each category from its resume file in --checkpoint_path")
     extra.add_argument("--image_size", type=int, default=256, help="side of the square training images; a multiple of 32")
@@ -87,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="cpu: the faithful per-sample synthesis in the loader workers; gpu: batched on the training device "
                            "(same distributions; workers only decode; persistent workers, so --resume is seeded but not bitwise)")
     add_fast_flags(fast)
+    fast.add_argument("--deterministic", action="store_true",
+                      help="deterministic algorithms only, so a CUDA run repeats bit for bit: cuDNN's deterministic kernels, "
+                           "cuBLAS with a fixed workspace, the upsampling as matrix products (same math, a backward "
+                           "without atomic adds); slower (see tools.bench_draem). CPU training is bit-exact without it")
     val = parser.add_argument_group("validation during training "
                                     "(off by default: then every training image is trained on, as in the paper)")
     val.add_argument("--val_every", type=at_least(0), default=0,
@@ -99,8 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="also report the test-set metrics (released protocol) when <data_path>/<category>/test exists")
     val.add_argument("--save_best", action="store_true",
                      help="also keep the checkpoint pair with the best validation pixel AP, base name <base>_best")
-    ddp = parser.add_argument_group("multi-GPU: run under torchrun --nproc_per_node N "
-                                    "(one process per GPU, DDP; --bs is per process)")
+    ddp = parser.add_argument_group("multi-GPU: run under torchrun --nproc_per_node N (process i on cuda:i)")
+    ddp.add_argument("--parallel", choices=("ddp", "categories"), default="ddp",
+                     help="ddp: the processes train each category together (DDP, gradients averaged, --bs per process); "
+                          "categories: each process trains whole categories (and seeds) alone, exactly as a single "
+                          "process would, balanced by training-image count; process 0 writes the summary")
     ddp.add_argument("--sync_bn", action="store_true",
                      help="synchronise BatchNorm statistics across the processes (SyncBatchNorm; CUDA only)")
     args = parser.parse_args(argv)
@@ -305,8 +314,25 @@ def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, op
     return loss.detach(), parts, reconstruction.detach(), logits.detach()
 
 
-def train_category(args: argparse.Namespace, category: str, device: torch.device) -> None:
-    """Train one category from scratch (or from its resume file) and write its checkpoints every epoch (rank 0)."""
+def check_synthesis_state(state: dict, device: torch.device, path: Path) -> None:
+    """A --synthesis gpu run continues only on the device type whose generator drew its synthesis stream (a CUDA
+    generator's state is a seed and an offset, a CPU one's a Mersenne Twister): else one line naming the fix."""
+    expected = device_generator(device, 0).get_state().numel()
+    cpu_size = torch.Generator().get_state().numel()
+    for rank_state in state["rng"]:
+        written = rank_state.get("synthesis")
+        if written is not None and written.numel() != expected:
+            where = "cpu" if written.numel() == cpu_size else "cuda"
+            raise DraemInputError(f"{path} continues a --synthesis gpu run whose synthesis random stream was drawn on "
+                                  f"{where} ({written.numel()}-byte generator state), this run is on {device.type}: resume "
+                                  f"it with --device {where}, or leave out --resume to start this category over")
+
+
+def train_category(args: argparse.Namespace, category: str, device: torch.device) -> dict | None:
+    """Train one category from scratch (or from its resume file) and write its checkpoints every epoch (rank 0).
+
+    Returns, on rank 0, the run's line of the training summary (category, seed, epochs, last loss, seconds)."""
+    started_run = time.time()
     seed = args.seed + distributed.rank()  # each rank its own random streams; a single process uses --seed itself
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -314,12 +340,16 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     resume_file = resume_path(args.checkpoint_path, base_name, category)
     # Read before any slow work, so a bad resume file is one line at once.
     resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
+    if resumed is not None and args.synthesis == "gpu":
+        check_synthesis_state(resumed, device, resume_file)
     dataset, val_set = make_datasets(args, category)
     # A fresh worker per epoch, reseeded from `generator`, makes --resume bitwise exact; the device path keeps its workers.
     loader = train_loader(dataset, args.bs, args.workers, generator, device, sampler=distributed.rank_sampler(dataset),
                           persistent_workers=args.synthesis == "gpu")
     synthesis_rng = device_generator(device, seed) if args.synthesis == "gpu" else None
     model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
+    if args.deterministic:
+        deterministic_upsampling(model)  # after the initialisation, which draws no number for the upsampling
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # Released milestones: 80 % and 90 % of the epochs. The released float milestones are never reached when
     # fractional (e.g. 22.5); rounding up keeps them reachable and changes nothing when they are whole numbers.
@@ -340,7 +370,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         net.train()
         started, losses, part_sums = time.time(), [], {}
         progress = tqdm(loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                        disable=not distributed.is_main())
+                        disable=distributed.process_index()[0] != 0)  # one progress bar on the terminal
         for batch in progress:
             image, augmented, mask = training_batch(batch, device, synthesis_rng)
             loss, parts, reconstruction, logits = train_step(net, model, criterion, optimizer, image, augmented, mask,
@@ -376,6 +406,43 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     if distributed.is_main():
         calibrate_thresholds(args, model, dataset, val_set, base_name, category, device)
     distributed.barrier()  # rank 0's last files are written before any rank moves on
+    if not distributed.is_main():
+        return None
+    last = json.loads(log_lines[-1]) if log_lines else {}
+    return {"category": category, "seed": args.seed, "base_name": base_name, "device": str(device),
+            "process": distributed.process_index()[0], "epochs": last.get("epoch", 0), "loss": last.get("loss"),
+            "seconds": round(time.time() - started_run, 2)}
+
+
+def run_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """The flags of one run: `args` with its single seed."""
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
+def process_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """This process's share of the (category, seed) runs under --parallel categories: balanced by the number of
+    training images (a run's time is proportional to it), the same assignment computed in every process."""
+    index, count = distributed.process_index()
+    costs = [len(train_image_paths(args.dataset, args.data_path, category)) for category, _ in jobs]
+    return [job for job, owner in zip(jobs, distributed.assign_jobs(costs, count)) if owner == index]
+
+
+def summary_path(args: argparse.Namespace) -> Path:
+    """<log_path>/<base of the first seed>[_<N>seeds]_summary.json."""
+    seeds = args.seed
+    stem = run_base_name(args.lr, args.epochs, args.bs, seeds[0]) + (f"_{len(seeds)}seeds" if len(seeds) > 1 else "")
+    return Path(args.log_path) / f"{stem}_summary.json"
+
+
+def write_summary(args: argparse.Namespace, device: torch.device, records: list[dict], seconds: float) -> Path:
+    """The training summary, one line per run, with what decided the float results (precision policy, determinism)."""
+    summary = {"parallel": args.parallel if distributed.launched_by_torchrun() else "single process",
+               "processes": distributed.process_index()[1], **math_settings(device), "precision": args.precision,
+               "channels_last": args.channels_last, "compile": args.compile, "synthesis": args.synthesis,
+               "seconds": round(seconds, 2), "runs": records}
+    path = summary_path(args)
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    return path
 
 
 @one_line_errors
@@ -387,7 +454,12 @@ def main(argv: list[str] | None = None) -> None:
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     if args.good_dir is not None:
         calibration.good_image_paths(args.good_dir)  # now, not after training
-    with distributed.process_group(args.device, args.gpu_id) as device:
+    set_deterministic(args.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting at start-up
+    set_fp32_precision(args.fp32_precision)
+    started = time.time()
+    by_category = args.parallel == "categories"
+    jobs = [(category, seed) for seed in args.seed for category in categories]
+    with distributed.process_group(args.device, args.gpu_id, coordination_only=by_category) as device:
         if distributed.is_main():
             if args.anomaly_source_path is None:
                 print("warning: no --anomaly_source_path: anomalies are cut from random noise, "
@@ -396,11 +468,23 @@ def main(argv: list[str] | None = None) -> None:
                 print("warning: --synthesis gpu on a CPU is about 10x slower than the default CPU synthesis in loader workers")
             processes = f" in {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
             print(f"training {', '.join(categories)} on {device} for {args.epochs} epochs{processes}")
-        for category in categories:
-            train_category(args, category, device)
-        if args.demo and distributed.is_main():
+        if by_category:
+            mine = process_jobs(args, jobs)
+            index, count = distributed.process_index()
+            print(f"process {index + 1}/{count} on {device}: "
+                  + (", ".join(f"{category} (seed {seed})" for category, seed in mine) or "nothing to train"))
+            with distributed.solo():  # each run exactly as a single process trains it
+                mine_records = [train_category(run_args(args, seed), category, device) for category, seed in mine]
+            gathered = [record for part in distributed.gather_objects(mine_records) for record in part]
+            records = sorted(gathered, key=lambda record: jobs.index((record["category"], record["seed"])))
+        else:
+            records = [train_category(run_args(args, seed), category, device) for category, seed in jobs]
+        if distributed.process_index()[0] != 0:
+            return
+        print(f"training summary: {write_summary(args, device, records, time.time() - started)}")
+        if args.demo:
             evaluate_checkpoints(checkpoint_path=args.checkpoint_path,
-                                 base_model_names=[run_base_name(args.lr, args.epochs, args.bs, args.seed)],
+                                 base_model_names=[run_base_name(args.lr, args.epochs, args.bs, seed) for seed in args.seed],
                                  data_path=args.data_path, categories=categories, image_size=args.image_size, device=device,
                                  output_dir="results/demo", layout=args.dataset, mask_suffix=args.mask_suffix)
 

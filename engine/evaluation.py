@@ -4,6 +4,7 @@ One scoring path serves every program: `DraemScorer` turns images into anomaly m
 scores (test, validation, predict, the ONNX export and the benchmark all call it), and `evaluate`
 streams scored batches into the released protocol's metrics.
 """
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,10 +17,11 @@ from tqdm import tqdm
 
 from data_loader import make_test_dataset
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
+from util.atomic import atomic_write_text
 from util.metrics import CategoryResult, DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from util.pictures import heatmap_overlay, save_png
 from util.report import write_report
-from util.runtime import autocast, prepare_model, to_memory_format
+from util.runtime import autocast, math_settings, prepare_model, to_memory_format
 from util.thresholds import metrics_at_threshold, usable_thresholds
 
 
@@ -106,6 +108,11 @@ def evaluate_checkpoints(
     rows = results_rows(per_run)
     stem = f"results_{base_model_names[0]}" + (f"_{len(runs)}runs" if len(runs) > 1 else "")
     written = write_results(rows, output_dir, stem)
+    # What decided the float results (device, TF32 or strict fp32, determinism, the fast-path options), beside them.
+    settings = {**math_settings(device), "precision": precision, "channels_last": channels_last, "compile": compile,
+                "batch_size": batch_size, "image_size": image_size, "base_model_names": list(base_model_names)}
+    written["settings"] = Path(output_dir) / f"{stem}_settings.json"
+    atomic_write_text(written["settings"], json.dumps(settings, indent=2) + "\n")
     print(format_markdown(rows))
     print(f"results written to {', '.join(str(p) for p in written.values())}")
     # Curves and pictures need one run's maps: the first; the page says so when the table is over several runs.

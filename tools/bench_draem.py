@@ -1,15 +1,20 @@
 """Benchmark DRAEM's fast path side by side on whatever device is present; print a table, write JSON.
 
-    python bench_draem.py                                     # paper size: widths 128/64, 256 px, batch 8 (a GPU job)
-    python bench_draem.py --base_width 16 --image_size 128    # a small model: about a minute on a 2-core CPU
+    python -m tools.bench_draem                                     # paper size: widths 128/64, 256 px, batch 8 (GPU)
+    python -m tools.bench_draem --base_width 16 --image_size 128    # a small model: minutes on a 2-core CPU
 
 Measured in one run, every training row from the same initial weights and the same batch:
-- training samples/s of fp32 eager, then bf16 autocast, channels_last, torch.compile each alone, then
-  all of them together, and all of them fed by the device synthesis (a uint8 batch -> samples on the
-  device, every step). Each row also gives the loss after its steps (the options should change it only
-  by rounding), the achieved FLOP rate (FLOPs of one step counted by torch.utils.flop_counter) as a
-  fraction of the device's measured bf16 (and fp32) matmul rate, and peak memory (CUDA: allocated by
-  torch; CPU: the process's peak resident set so far, so it only grows down the table);
+- training samples/s of fp32 eager (TF32 convolutions on GPUs, torch's default), then strict fp32 (no
+  TF32) and --deterministic (deterministic kernels, matrix upsampling: their cost), bf16 autocast,
+  channels_last, torch.compile each alone, then the last three together, and those fed by the device
+  synthesis (a uint8 batch -> samples on the device, every step). Each row also gives the loss after its
+  steps (the options should change it only by rounding), the achieved FLOP rate (FLOPs of one step counted
+  by torch.utils.flop_counter) as a fraction of the device's measured bf16 (and fp32) matmul rate, and peak
+  memory (CUDA: allocated by torch; CPU: the process's peak resident set so far, so it only grows down the
+  table);
+- on a GPU machine whose CPU has AMX-BF16, the CPU's own fp32 and bf16 training rows (`--cpu_bf16`);
+- the estimated wall time of the paper's table (15 MVTec categories x 700 epochs) at each row's rate, on one
+  device and with --parallel categories over the machine's GPUs;
 - synthesis samples/s: the CPU path (MVTecDRAEMTrainDataset, one process) next to the device path
   (RawTrainDataset in one process + synthesize_batch, and synthesize_batch alone);
 - inference latency at batch 1 and batch 8, fp32 eager and with the fast options.
@@ -22,6 +27,7 @@ On CPU the defaults are also a smaller batch and fewer steps.
 import argparse
 import functools
 import json
+import os
 import platform
 import resource
 import tempfile
@@ -38,13 +44,21 @@ from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything
 from device_synthesis import device_generator, synthesize_batch
 from engine.evaluation import DraemScorer
 from loss import DraemLoss
-from model_unet import DraemModel, check_image_size
+from model_unet import DraemModel, check_image_size, deterministic_upsampling
 from train_draem import train_step
 from util.atomic import atomic_write_text
 from util.cli import ArgumentParser, at_least
 from util.demo_data import make_demo_dataset
+from util.distributed import assign_jobs
 from util.errors import one_line_errors
-from util.runtime import prepare_model, select_device
+from util.runtime import CUBLAS_DETERMINISTIC_WORKSPACE, prepare_model, select_device, set_deterministic, set_fp32_precision
+
+# MVTec AD's training split, images per category (Bergmann et al., CVPR 2019, Table 1): one epoch draws this many
+# samples, so the paper's table is 700 epochs over 3629 images.
+MVTEC_TRAIN_IMAGES = {"bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264, "hazelnut": 391,
+                      "leather": 245, "metal_nut": 220, "pill": 267, "screw": 320, "tile": 230, "toothbrush": 60,
+                      "transistor": 213, "wood": 247, "zipper": 240}
+PAPER_EPOCHS = 700
 
 
 @dataclass(frozen=True)
@@ -55,17 +69,21 @@ class Options:
     channels_last: bool = False
     compile: bool = False
     device_synthesis: bool = False  # the training batch is synthesised on the device every step
+    fp32_precision: str = "tf32"  # util.runtime.set_fp32_precision: TF32 convolutions on GPUs, or strict fp32
+    deterministic: bool = False  # train_draem --deterministic
 
     def label(self) -> str:
         parts = [self.precision] if self.precision != "fp32" else []
+        parts += ["strict fp32"] if self.fp32_precision == "strict" else []
+        parts += ["deterministic"] if self.deterministic else []
         parts += [name for name in ("channels_last", "compile") if getattr(self, name)]
         parts += ["device synthesis"] if self.device_synthesis else []
         return " + ".join(parts) or "fp32 eager"
 
 
 FAST = Options("bf16", channels_last=True, compile=True)
-TRAIN_CONFIGS = (Options(), Options("bf16"), Options(channels_last=True), Options(compile=True), FAST,
-                 replace(FAST, device_synthesis=True))
+TRAIN_CONFIGS = (Options(), Options(fp32_precision="strict"), Options(deterministic=True), Options("bf16"),
+                 Options(channels_last=True), Options(compile=True), FAST, replace(FAST, device_synthesis=True))
 INFERENCE_CONFIGS = (Options(), FAST)
 # Per device type: batch size, timed steps, warm-up steps, latency repeats, synthesis samples, matmul side.
 DEFAULTS = {"cuda": (8, 20, 3, 20, 512, 8192), "cpu": (2, 3, 1, 2, 32, 512)}
@@ -91,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_path",
                         help="a train/good folder for the synthesis rows (default: demo images made in a temp folder)")
     parser.add_argument("--anomaly_source_path", help="texture folder for the synthesis rows (default: the demo textures)")
+    parser.add_argument("--cpu_bf16", choices=("auto", "on", "off"), default="auto",
+                        help="also time training on the CPU in fp32 and bf16: auto = on a CUDA run whose CPU has AMX-BF16 "
+                             "(/proc/cpuinfo flag amx_bf16), where CPU bf16 is fast")
+    parser.add_argument("--gpus", type=at_least(1),
+                        help="GPUs for the --parallel categories estimate of the paper's table (default: this machine's)")
     parser.add_argument("--threads", type=at_least(1),
                         help="CPU threads for torch (default: torch's choice); on a CPU shared with other jobs, "
                              "1 (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning against each other")
@@ -116,7 +139,7 @@ def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device)
     for _ in range(calls):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / max(calls, 1)  # no calls (--warmup 0): no time
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -158,9 +181,13 @@ def raw_batch(dataset: RawTrainDataset, batch_size: int, device: torch.device) -
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def make_model(args: argparse.Namespace, device: torch.device, channels_last: bool, compile: bool) -> DraemModel:
+def make_model(args: argparse.Namespace, device: torch.device, channels_last: bool, compile: bool,
+               deterministic: bool = False) -> DraemModel:
     torch.manual_seed(args.seed)
-    return prepare_model(DraemModel(args.base_width, args.seg_base_width).to(device), channels_last, compile)
+    model = DraemModel(args.base_width, args.seg_base_width).to(device)
+    if deterministic:
+        deterministic_upsampling(model)
+    return prepare_model(model, channels_last, compile)
 
 
 def count_train_flops(args: argparse.Namespace, device: torch.device, batch: dict[str, torch.Tensor]) -> int:
@@ -177,7 +204,20 @@ def bench_training(
     raw: dict[str, torch.Tensor], step_flops: int, matmul: dict[str, float],
 ) -> dict:
     """Time one training configuration; every configuration starts from the same weights and batch."""
-    model = make_model(args, device, options.channels_last, options.compile)
+    set_fp32_precision(options.fp32_precision)
+    set_deterministic(options.deterministic)
+    try:
+        return _bench_training(args, device, options, batch, raw, step_flops, matmul)
+    finally:
+        set_deterministic(False)
+        set_fp32_precision("tf32")
+
+
+def _bench_training(
+    args: argparse.Namespace, device: torch.device, options: Options, batch: dict[str, torch.Tensor],
+    raw: dict[str, torch.Tensor], step_flops: int, matmul: dict[str, float],
+) -> dict:
+    model = make_model(args, device, options.channels_last, options.compile, options.deterministic)
     optimizer, criterion = torch.optim.Adam(model.parameters(), lr=1e-4), DraemLoss()
     generator = device_generator(device, args.seed)
     losses = []
@@ -287,16 +327,32 @@ def format_table(results: dict) -> str:
         table_row("inference (eval mode)", ["batch 1 ms", "batch 8 ms"]),
     ]
     lines += [table_row(row["config"], [f"{row['batch1_ms']:.1f}", f"{row['batch8_ms']:.1f}"]) for row in results["inference"]]
+    if "cpu_bf16" in results:
+        cpu = results["cpu_bf16"]
+        amx = "AMX-BF16" if cpu["amx_bf16"] else "no AMX"
+        lines += ["", table_row(f"CPU training ({cpu['threads']} threads, {amx})", ["samples/s", "% bf16 mm"])]
+        lines += [table_row(row["config"], [f"{row['samples_per_s']:.2f}", f"{100 * row['fraction_of_bf16_matmul']:.1f}%"])
+                  for row in cpu["train"]]
+        lines.append(f"CPU bf16 is {cpu['bf16_speedup']:.2f}x its fp32")
+    estimate = results.get("table_estimate")
+    if estimate:
+        gpus = str(estimate["gpus"])
+        lines += ["", table_row(f"paper's table ({estimate['samples']} samples) at this width",
+                                ["1 device h", f"{gpus} GPUs h"])]
+        lines += [table_row(config, [f"{hours['1']:.1f}", f"{hours[gpus]:.1f}"]) for config, hours in estimate["hours"].items()]
     return "\n".join(lines)
 
 
-def without_unavailable(options: Options, compile_on: bool, bf16_on: bool) -> Options:
-    """`options` less the switches this run leaves out."""
-    return replace(options, compile=options.compile and compile_on, precision=options.precision if bf16_on else "fp32")
+def without_unavailable(options: Options, compile_on: bool, bf16_on: bool, cuda: bool = True) -> Options:
+    """`options` less the switches this run leaves out (TF32 exists only on CUDA GPUs: on a CPU fp32 is strict)."""
+    return replace(options, compile=options.compile and compile_on, precision=options.precision if bf16_on else "fp32",
+                   fp32_precision=options.fp32_precision if cuda else "tf32")
 
 
-def skip_reasons(options: Options, compile_on: bool, bf16_on: bool, matmul: dict[str, float]) -> list[str]:
+def skip_reasons(options: Options, compile_on: bool, bf16_on: bool, matmul: dict[str, float], cuda: bool = True) -> list[str]:
     reasons = []
+    if options.fp32_precision == "strict" and not cuda:
+        reasons.append("there is no TF32 on a CPU: its fp32 is always strict")
     if options.compile and not compile_on:
         reasons.append("torch.compile is off (--compile auto leaves it out on CPU, where inductor's C++ build takes minutes)")
     if options.precision == "bf16" and not bf16_on:
@@ -306,10 +362,53 @@ def skip_reasons(options: Options, compile_on: bool, bf16_on: bool, matmul: dict
     return reasons
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def bench_cpu_bf16(args: argparse.Namespace, batch: dict[str, torch.Tensor]) -> dict:
+    """fp32 and bf16 training rows on the CPU at the benchmark's widths (batch 2, a few steps): AMX makes bf16 fast."""
+    cpu = torch.device("cpu")
+    small = argparse.Namespace(**{**vars(args), "batch_size": 2, "steps": 2, "warmup": 1})
+    cpu_batch = {key: value[:2].to(cpu) for key, value in batch.items()}
+    matmul = {"bf16": matmul_tflops(cpu, 1024, torch.bfloat16), "fp32": matmul_tflops(cpu, 1024, torch.float32)}
+    step_flops = count_train_flops(small, cpu, cpu_batch)
+    rows = [bench_training(small, cpu, options, cpu_batch, cpu_batch, step_flops, matmul)
+            for options in (Options(), Options("bf16"))]
+    flags = cpu_flags()
+    return {"threads": torch.get_num_threads(), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "matmul_tflops": matmul, "train": rows, "bf16_speedup": rows[1]["samples_per_s"] / rows[0]["samples_per_s"]}
+
+
+def table_hours(samples_per_s: float, processes: int = 1) -> float:
+    """Hours to train the paper's table (15 MVTec categories x 700 epochs) at `samples_per_s` per process, the
+    categories spread over `processes` as train_draem --parallel categories spreads them."""
+    counts = list(MVTEC_TRAIN_IMAGES.values())
+    loads = [0] * processes
+    for count, owner in zip(counts, assign_jobs(counts, processes)):
+        loads[owner] += count
+    return PAPER_EPOCHS * max(loads) / samples_per_s / 3600
+
+
+def table_estimates(rows: list[dict], gpus: int) -> dict:
+    """Per training row: the paper's table in hours on one device and over `gpus` GPUs (category-parallel)."""
+    return {"gpus": gpus, "samples": PAPER_EPOCHS * sum(MVTEC_TRAIN_IMAGES.values()),
+            "hours": {row["config"]: {"1": table_hours(row["samples_per_s"]), str(gpus): table_hours(row["samples_per_s"], gpus)}
+                      for row in rows}}
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # The --deterministic row needs cuBLAS's fixed workspace, which cuBLAS reads once, at its first use.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
     device = select_device(args.device, args.gpu_id)
+    cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_size, steps, warmup, repeats, synthesis_samples, matmul_side = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
@@ -336,16 +435,25 @@ def main(argv: list[str] | None = None) -> dict:
         step_flops = count_train_flops(args, device, batch)
         results["train_flops_per_sample"] = step_flops / args.batch_size
         for options in TRAIN_CONFIGS:
-            effective = without_unavailable(options, compile_on, bf16_on)
+            effective = without_unavailable(options, compile_on, bf16_on, cuda)
             if effective != options and effective.label() in {row["config"] for row in results["train"]}:
-                results["skipped"][options.label()] = "; ".join(skip_reasons(options, compile_on, bf16_on, matmul))
+                results["skipped"][options.label()] = "; ".join(skip_reasons(options, compile_on, bf16_on, matmul, cuda))
                 continue
             print(f"training: {effective.label()} ...", flush=True)
             results["train"].append(bench_training(args, device, effective, batch, raw, step_flops, matmul))
         print("synthesis ...", flush=True)
         results["synthesis"] = bench_synthesis(args, device, cpu_dataset, raw_dataset, synthesis_samples)
+        flags = cpu_flags()
+        if args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cuda and "amx_bf16" in flags):
+            print("CPU fp32 and bf16 training ...", flush=True)
+            results["cpu_bf16"] = bench_cpu_bf16(args, batch)
+        else:
+            results["skipped"]["CPU bf16"] = ("the CPU has no AMX-BF16" if "amx_bf16" not in flags
+                                              else "--cpu_bf16 auto measures it on CUDA runs")
+    gpus = args.gpus or (torch.cuda.device_count() if cuda else 1)
+    results["table_estimate"] = table_estimates(results["train"], gpus)
     for options in INFERENCE_CONFIGS:
-        effective = without_unavailable(options, compile_on, bf16_on)
+        effective = without_unavailable(options, compile_on, bf16_on, cuda)
         print(f"inference: {effective.label()} ...", flush=True)
         results["inference"].append(bench_inference(args, device, effective, repeats))
     print(format_table(results))

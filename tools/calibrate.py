@@ -23,10 +23,10 @@ from engine.calibration import calibrate, good_image_paths, synthetic_set, with_
 from engine.evaluation import DraemScorer
 from engine.validation import split_paths
 from model_unet import check_image_size, model_from_checkpoint
-from util.cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, at_least
+from util.cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, add_fast_flags, at_least
 from util.errors import one_line_errors
 from util.layouts import LAYOUTS, train_image_paths
-from util.runtime import select_device
+from util.runtime import prepare_model, select_device, set_fp32_precision
 from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, write_thresholds
 
 
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same thresholds)")
     add_device_flags(parser)
+    add_fast_flags(parser.add_argument_group("fast path (off by default; as the model is deployed)"))
     args = parser.parse_args(argv)
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
@@ -73,8 +74,10 @@ def main(argv: list[str] | None = None) -> Path:
         source = VALIDATION_SOURCE
     samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
     samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
+    set_fp32_precision(args.fp32_precision)
     device = select_device(args.device, args.gpu_id)
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
+    model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, category).to(device)
+    scorer = DraemScorer(prepare_model(model, args.channels_last, args.compile), args.precision, args.channels_last)
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
     path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds)
     print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 {thresholds['image_f1']:.3f}), "

@@ -6,7 +6,7 @@ name is kept and the other spellings are aliases (`--obj_id` / `--category`).
 import argparse
 import sys
 
-from util.runtime import PRECISIONS
+from util.runtime import FP32_PRECISIONS, PRECISIONS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -65,6 +65,10 @@ def add_dataset_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, 
 def add_fast_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="bf16: forward under bf16 autocast; losses and metrics stay fp32")
+    group.add_argument("--fp32_precision", choices=FP32_PRECISIONS, default="tf32",
+                       help="float32 math on CUDA GPUs with TF32 (Ampere and later): tf32 (default, torch's) = "
+                            "convolutions with TF32 inputs, about 1e-3 relative, faster; strict = full fp32 everywhere, "
+                            "CPU parity about 1e-6; no effect on the CPU")
     group.add_argument("--channels_last", action="store_true", help="channels-last memory layout for weights and inputs")
     group.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step; needs a C compiler)")
 

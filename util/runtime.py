@@ -1,5 +1,8 @@
-"""Where and how the networks run: device selection and the fast-path options (precision, memory layout, compilation)."""
+"""Where and how the networks run: device selection, the fp32 precision policy, determinism, and the fast-path
+options (precision, memory layout, compilation)."""
 import contextlib
+import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -7,17 +10,107 @@ from torch import nn
 from util.errors import DraemInputError
 
 
-def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear error."""
+def _device_name(name: str) -> str:
+    """`name` with `auto` resolved; a name that is no device is a one-line error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         raise DraemInputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:<index>")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
-        return torch.device(f"cuda:{gpu_id}") if name == "cuda" else torch.device(name)
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
+    return name
+
+
+def _use_cuda_device(index: int) -> torch.device:
+    """cuda:<index>, made this process's current CUDA device before anything else touches CUDA.
+
+    Without it, every call that uses "the current device" (pinned memory, cuBLAS and cuDNN handles, a
+    device-less torch.cuda call) opens a context on GPU 0, even when training on GPU 3.
+    """
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DraemInputError(f"CUDA device {index} asked for, but this machine has {count} (cuda:0 .. cuda:{count - 1}); "
+                              f"use another --device / --gpu_id, or check CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:
+    """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear error.
+
+    A CUDA device becomes the current one (see `_use_cuda_device`), so nothing opens a context on GPU 0.
+    """
+    name = _device_name(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    return _use_cuda_device(gpu_id if name == "cuda" else int(name[5:]))
+
+
+def torchrun_device(name: str, gpu_id: int, local_rank: int, local_world_size: int) -> torch.device:
+    """The device of process `local_rank` of `local_world_size` on this machine under torchrun: cuda:<local_rank>.
+
+    All processes get the same flags, so an explicit index (`--device cuda:N`, `--gpu_id N` other than 0)
+    would put every process on GPU N: refused when the machine runs more than one process, used as given
+    when it runs one.
+    """
+    name = _device_name(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    flag, index = (f"--device {name}", int(name[5:])) if name != "cuda" else (f"--gpu_id {gpu_id}", gpu_id or None)
+    if index is None:
+        return _use_cuda_device(local_rank)
+    if local_world_size > 1:
+        raise DraemInputError(f"{flag} under torchrun with {local_world_size} processes on this machine would put every "
+                              f"process on GPU {index}: use --device cuda (process i trains on cuda:i) and choose the "
+                              f"GPUs with CUDA_VISIBLE_DEVICES")
+    return _use_cuda_device(index)
+
+
+FP32_PRECISIONS = ("tf32", "strict")
+
+
+def set_fp32_precision(policy: str = "tf32") -> None:
+    """How float32 math runs on CUDA GPUs that have TF32 (Ampere and later); no effect on the CPU.
+
+    tf32 (torch's default): cuDNN convolutions, all of DRAEM's heavy math, take TF32 inputs (10-bit
+    mantissa, fp32 accumulation: about 1e-3 relative, several times faster); matmuls stay full fp32.
+    strict: convolutions in full fp32 too (IEEE, CPU parity about 1e-6, slower). Set explicitly on every
+    run, so a caller's or an earlier run's setting never leaks in.
+    """
+    if policy not in FP32_PRECISIONS:
+        raise ValueError(f"--fp32_precision must be one of {', '.join(FP32_PRECISIONS)}, got {policy!r}")
+    torch.backends.cudnn.allow_tf32 = policy == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# cuBLAS is deterministic only with a fixed workspace configuration, read when its first handle is made.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def set_deterministic(on: bool) -> None:
+    """--deterministic: deterministic algorithms only (cuDNN's deterministic kernels, cuBLAS with a fixed workspace),
+    so a CUDA run repeats bit for bit; a model also needs its upsampling swapped (model_unet.deterministic_upsampling).
+
+    Set both ways on every run (torch's defaults when off), so an earlier run in the same process never leaks in.
+    Call before the first CUDA operation: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+
+
+def math_settings(device: torch.device) -> dict:
+    """What decides the float results on `device`, for the results files: TF32, determinism, device and torch."""
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+        "fp32_precision": ("tf32" if torch.backends.cudnn.allow_tf32 else "strict") if cuda else "ieee (cpu)",
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -42,19 +135,23 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def prepare_model(
-    model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor"
+    model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str | Callable = "inductor"
 ) -> nn.Module:
     """Apply the fast-path options to `model` in place and return it.
 
     Both keep the checkpoint format: channels-last changes only the weights' strides (shapes and keys
     stay; loading copies into any layout), and `nn.Module.compile` compiles the forward in place, so
     `state_dict()` has no `_orig_mod.` prefix, unlike the wrapper `torch.compile(model)` returns.
-    Compilation happens at the first forward (and again when the train/eval mode or the input shape
-    changes). `compile_backend="aot_eager"` traces and differentiates the same graphs without
-    generating kernels: a quick check that the model compiles, or a way to tell an inductor bug.
+    Compilation happens at the first forward. Shapes are compiled dynamic (`dynamic=True`): one graph
+    serves every batch size from 2 up (the last partial batch, validation and test batches) and every
+    image size; sizes of 1 are specialised, as torch does, so a model needs at most four graphs (train and
+    eval mode, batch 1 and the others), far below dynamo's recompile limit, past which it would fall back
+    to eager without a word. Models of the same widths share them. `compile_backend="aot_eager"` traces
+    and differentiates the same graphs without generating kernels: a quick check that the model
+    compiles, or a way to tell an inductor bug.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.compile(backend=compile_backend)
+        model.compile(backend=compile_backend, dynamic=True)
     return model
