@@ -35,7 +35,7 @@ from util.errors import DraemInputError, TrainingDiverged, one_line_errors
 from util.images import load_images
 from util.layouts import LAYOUTS, categories_for, train_image_paths
 from util.pictures import save_png, save_training_curves, training_grid
-from util.runtime import autocast, math_settings, prepare_model, set_deterministic, set_fp32_precision, to_memory_format
+from util.runtime import autocast, math_settings, model_input, prepare_model, set_deterministic, set_fp32_precision
 from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, write_thresholds
 
 DEMO_ROOT = Path("datasets/demo")
@@ -306,7 +306,7 @@ def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, op
     reconstruction and logits.
     """
     with autocast(image.device, precision):
-        reconstruction, logits = net(to_memory_format(augmented, channels_last))
+        reconstruction, logits = net(model_input(model, augmented, channels_last))
     loss, parts = criterion(reconstruction, image, logits, mask, model.sspcab_io)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -21,7 +21,7 @@ from util.atomic import atomic_write_text
 from util.metrics import CategoryResult, DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from util.pictures import heatmap_overlay, save_png
 from util.report import write_report
-from util.runtime import autocast, math_settings, prepare_model, to_memory_format
+from util.runtime import autocast, math_settings, model_input, prepare_model
 from util.thresholds import metrics_at_threshold, usable_thresholds
 
 
@@ -38,7 +38,7 @@ class DraemScorer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(images.device, self.precision):
-            _, logits = self.model(to_memory_format(images, self.channels_last))
+            _, logits = self.model(model_input(self.model, images, self.channels_last))
         amap = anomaly_map(logits)
         return amap, image_scores(amap)
 

@@ -134,6 +134,18 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+_DYNAMIC_BATCH = "_draem_dynamic_batch"  # set by prepare_model on a model it compiled
+
+
+def model_input(model: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The batch `x` as `model` takes it: channels-last when asked and, when prepare_model compiled the model, its
+    batch dimension marked dynamic, so one compiled graph serves every batch size from 2 up (see prepare_model)."""
+    x = to_memory_format(x, channels_last)
+    if getattr(model, _DYNAMIC_BATCH, False):
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+    return x
+
+
 def prepare_model(
     model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str | Callable = "inductor"
 ) -> nn.Module:
@@ -142,16 +154,18 @@ def prepare_model(
     Both keep the checkpoint format: channels-last changes only the weights' strides (shapes and keys
     stay; loading copies into any layout), and `nn.Module.compile` compiles the forward in place, so
     `state_dict()` has no `_orig_mod.` prefix, unlike the wrapper `torch.compile(model)` returns.
-    Compilation happens at the first forward. Shapes are compiled dynamic (`dynamic=True`): one graph
-    serves every batch size from 2 up (the last partial batch, validation and test batches) and every
-    image size; sizes of 1 are specialised, as torch does, so a model needs at most four graphs (train and
-    eval mode, batch 1 and the others), far below dynamo's recompile limit, past which it would fall back
-    to eager without a word. Models of the same widths share them. `compile_backend="aot_eager"` traces
-    and differentiates the same graphs without generating kernels: a quick check that the model
-    compiles, or a way to tell an inductor bug.
+    Compilation happens at the first forward. Inputs passed through `model_input` (the training step and
+    the scorer do) have their batch dimension marked dynamic: one graph per mode (train, eval) serves the
+    full batches, the last partial batch and every evaluation batch size; size 1 is specialised, as torch
+    does. So a model needs at most four graphs, far below dynamo's recompile limit (past it, dynamo falls
+    back to eager without a word), and models of the same widths (the next category) reuse them. Only the
+    batch dimension: `dynamic=True` would also make BatchNorm's float attributes symbolic, which splits
+    every forward into two graphs. `compile_backend="aot_eager"` traces and differentiates the same graphs
+    without generating kernels: a quick check that the model compiles, or a way to tell an inductor bug.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.compile(backend=compile_backend, dynamic=True)
+        model.compile(backend=compile_backend)
+        setattr(model, _DYNAMIC_BATCH, True)
     return model
