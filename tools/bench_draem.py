@@ -337,9 +337,10 @@ def format_table(results: dict) -> str:
     estimate = results.get("table_estimate")
     if estimate:
         gpus = str(estimate["gpus"])
+        columns = ["1"] if gpus == "1" else ["1", gpus]
         lines += ["", table_row(f"paper's table ({estimate['samples']} samples) at this width",
-                                ["1 device h", f"{gpus} GPUs h"])]
-        lines += [table_row(config, [f"{hours['1']:.1f}", f"{hours[gpus]:.1f}"]) for config, hours in estimate["hours"].items()]
+                                [f"{n} device{'s' if n != '1' else ''} h" for n in columns])]
+        lines += [table_row(config, [f"{hours[n]:.1f}" for n in columns]) for config, hours in estimate["hours"].items()]
     return "\n".join(lines)
 
 
@@ -349,16 +350,18 @@ def without_unavailable(options: Options, compile_on: bool, bf16_on: bool, cuda:
                    fp32_precision=options.fp32_precision if cuda else "tf32")
 
 
-def skip_reasons(options: Options, compile_on: bool, bf16_on: bool, matmul: dict[str, float], cuda: bool = True) -> list[str]:
+def skip_reasons(options: Options, args: argparse.Namespace, compile_on: bool, bf16_on: bool, matmul: dict[str, float],
+                 cuda: bool = True) -> list[str]:
     reasons = []
     if options.fp32_precision == "strict" and not cuda:
         reasons.append("there is no TF32 on a CPU: its fp32 is always strict")
     if options.compile and not compile_on:
-        reasons.append("torch.compile is off (--compile auto leaves it out on CPU, where inductor's C++ build takes minutes)")
+        reasons.append("--compile off" if args.compile == "off" else
+                       "torch.compile is off (--compile auto leaves it out on CPU, where inductor's C++ build takes minutes)")
     if options.precision == "bf16" and not bf16_on:
-        reasons.append(f"bf16 is emulated here (bf16 matmul {1e3 * matmul['bf16']:.1f} GFLOP/s "
-                       f"vs fp32 {1e3 * matmul['fp32']:.1f}; "
-                       "--bf16 on measures it anyway)")
+        reasons.append("--bf16 off" if args.bf16 == "off" else
+                       f"bf16 is emulated here (bf16 matmul {1e3 * matmul['bf16']:.1f} GFLOP/s "
+                       f"vs fp32 {1e3 * matmul['fp32']:.1f}; --bf16 on measures it anyway)")
     return reasons
 
 
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         for options in TRAIN_CONFIGS:
             effective = without_unavailable(options, compile_on, bf16_on, cuda)
             if effective != options and effective.label() in {row["config"] for row in results["train"]}:
-                results["skipped"][options.label()] = "; ".join(skip_reasons(options, compile_on, bf16_on, matmul, cuda))
+                results["skipped"][options.label()] = "; ".join(skip_reasons(options, args, compile_on, bf16_on, matmul, cuda))
                 continue
             print(f"training: {effective.label()} ...", flush=True)
             results["train"].append(bench_training(args, device, effective, batch, raw, step_flops, matmul))

@@ -127,9 +127,11 @@ def summary_lines(tests: dict | None, bench: dict, seconds: float) -> list[str]:
     gpus = str(estimate["gpus"])
     paper = estimate["hours"].get(PAPER_CONFIG, next(iter(estimate["hours"].values())))
     fast = estimate["hours"][fastest["config"]]
+    one = "this CPU" if bench.get("device", "").startswith("cpu") else "one GPU"
+    parallel = f", {paper[gpus]:.1f} h with --parallel categories on {gpus} GPUs" if gpus != "1" else ""
     lines.append(f"paper's table (15 categories x 700 epochs, {estimate['samples']} samples) at {PAPER_CONFIG}: "
-                 f"{paper['1']:.1f} h on one GPU, {paper[gpus]:.1f} h with --parallel categories on {gpus} GPUs; "
-                 f"{fastest['config']} ({fastest['samples_per_s'] / base:.2f}x): {fast['1']:.1f} h, {fast[gpus]:.1f} h")
+                 f"{paper['1']:.1f} h on {one}{parallel}; {fastest['config']} ({fastest['samples_per_s'] / base:.2f}x): "
+                 f"{fast['1']:.1f} h" + (f", {fast[gpus]:.1f} h" if gpus != "1" else ""))
     return lines
 
 
