@@ -31,9 +31,9 @@ from tqdm import tqdm
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
 from util.atomic import atomic_write_text
-from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
+from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, add_image_size_flag, at_least
 from util.errors import DraemInputError, one_line_errors
-from util.images import FOLDER_IMAGE_SUFFIXES, read_image, to_chw
+from util.images import FOLDER_IMAGE_SUFFIXES, image_shape, read_image, to_chw
 from util.pictures import heatmap_overlay, save_png
 from util.runtime import prepare_model, select_device
 from util.thresholds import thresholds_in_use
@@ -70,9 +70,9 @@ def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> l
 class ImageFiles(Dataset):
     """Reads image files with the project's test preprocessing; an unreadable file yields its error instead."""
 
-    def __init__(self, paths: list[Path], image_size: int):
+    def __init__(self, paths: list[Path], image_size: int | tuple[int, int]):
         self.paths = paths
-        self.resize_shape = (image_size, image_size)
+        self.resize_shape = image_shape(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,7 +103,7 @@ def defect_mask(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
 
 @torch.no_grad()
 def predict(
-    scorer: DraemScorer, paths: list[Path], image_size: int, device: torch.device, batch_size: int = 8,
+    scorer: DraemScorer, paths: list[Path], image_size: int | tuple[int, int], device: torch.device, batch_size: int = 8,
     num_workers: int = 0, on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
 ) -> tuple[list[float | None], list[str]]:
     """Score `paths` in order; return (score or None, error or '') per path.
@@ -155,8 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save_images", action="store_true",
                         help="save a heat-map overlay per image under <output_dir>/overlays and, when the threshold "
                              "file gives a pixel threshold, a 0/255 defect mask per image under <output_dir>/masks")
-    parser.add_argument("--image_size", type=int, default=256,
-                        help="side images are resized to, a multiple of 32 (use the size the model was tested at; released: 256)")
+    add_image_size_flag(parser, "images (use the size the model was tested at)")
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same scores)")
     parser.add_argument("--workers", "--num_workers", dest="workers", type=at_least(0), default=0,

@@ -48,6 +48,22 @@ def positive_float(text: str) -> float:
     return value
 
 
+class ImageSize(argparse.Action):
+    """--image_size S (square) or --image_size H W: stored as the tuple (height, width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            parser.error(f"{option_string} takes one side or height and width, got {len(values)} numbers")
+        setattr(namespace, self.dest, (values[0], values[-1]))
+
+
+def add_image_size_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser, what: str) -> None:
+    """--image_size: `what` (the images this size applies to) is resized to it; default 256 x 256, as released."""
+    group.add_argument("--image_size", nargs="+", type=int, action=ImageSize, default=(256, 256), metavar="SIDE",
+                       help=f"{what}: one side (square; released: 256) or height and width (e.g. 256 384), "
+                            "multiples of 32")
+
+
 def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, gpu_id: bool = True) -> None:
     group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
     if gpu_id:
