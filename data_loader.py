@@ -206,7 +206,7 @@ class MVTecDRAEMTestDataset(Dataset):
         for image, mask, _ in self.records:
             if not image.is_file():
                 raise DraemInputError(f"test image {image} does not exist")
-            if mask is not None and not mask.is_file():
+            if mask is not None and not mask.exists():  # a file, or a folder of masks (MVTec LOCO AD)
                 raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
@@ -241,7 +241,8 @@ def make_test_dataset(
     resize_shape: tuple[int, int] = (256, 256),
     mask_suffix: str = MVTEC_MASK_SUFFIX,
 ) -> MVTecDRAEMTestDataset:
-    """The labelled test set of `category` in a dataset of `layout`; folder and VisA masks count every non-zero pixel."""
+    """The labelled test set of `category` in a dataset of `layout`; masks of the layouts other than mvtec count every
+    non-zero pixel (MVTec LOCO AD's several masks per image merged)."""
     records = evaluation_records(layout, data_path, category, mask_suffix)
     mask_reader = read_mask if layout == "mvtec" else read_nonzero_mask
     return MVTecDRAEMTestDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)

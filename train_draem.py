@@ -28,14 +28,21 @@ from model_unet import DraemModel, anomaly_map, check_image_size
 from util import distributed
 from util.atomic import atomic_torch_save, atomic_write_text
 from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
-from util.cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, positive_float
+from util.cli import ArgumentParser, add_dataset_flags, add_fast_flags, add_image_size_flag, at_least, positive_float
 from util.demo_data import make_demo_dataset
 from util.errors import DraemInputError, TrainingDiverged, one_line_errors
 from util.images import load_images
-from util.layouts import LAYOUTS, categories_for, train_image_paths
+from util.layouts import LAYOUTS, VALIDATION_LAYOUTS, categories_for, train_image_paths, validation_image_paths
 from util.pictures import save_png, save_training_curves, training_grid
 from util.runtime import autocast, prepare_model, to_memory_format
-from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, write_thresholds
+from util.thresholds import (
+    DEFAULT_K,
+    RULES,
+    TRAINING_SOURCE,
+    VALIDATION_GOOD_SYNTHETIC_SOURCE,
+    VALIDATION_SOURCE,
+    write_thresholds,
+)
 
 DEMO_ROOT = Path("datasets/demo")
 
@@ -69,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "to the run name (<base>_seed<N>), so several seeds never overwrite each other")
     extra.add_argument("--workers", type=at_least(0), default=4, help="DataLoader worker processes (0: load in the main process)")
     extra.add_argument("--resume", action="store_true", help="continue each category from its resume file in --checkpoint_path")
-    extra.add_argument("--image_size", type=int, default=256, help="side of the square training images; a multiple of 32")
+    add_image_size_flag(extra, "training images (and validation, calibration and --demo test images)")
     extra.add_argument("--base_width", type=int, default=128, help="reconstructive network width (released: 128)")
     extra.add_argument("--seg_base_width", type=int, default=64, help="discriminative network width (released: 64)")
     extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
@@ -79,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "epoch, written to <base>_<category>_threshold.json (with --val_every: the validation set)")
     extra.add_argument("--good_dir",
                        help="a folder of extra known-good images, counted as normal when calibrating the thresholds")
+    extra.add_argument("--threshold_rule", choices=tuple(RULES), default="f1",
+                       help="how the thresholds are calibrated after the last epoch: f1 (F1-max on synthetic anomalies "
+                            "and normal images) or mean_std (mean + k·std of the scores on normal images only: the "
+                            "layout's validation/good, the --val_every held-out images, + --good_dir)")
+    extra.add_argument("--threshold_k", type=at_least(0, float), default=DEFAULT_K, help="k of the mean_std rule")
     extra.add_argument("--demo", action="store_true",
                        help="make the demo dataset if absent, train small models on CPU and test them; "
                             "other flags keep their meaning")
@@ -122,7 +134,7 @@ def check_validation_args(args: argparse.Namespace, parser: argparse.ArgumentPar
 def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
     demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"),
-            "epochs": 32, "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
+            "epochs": 32, "image_size": (128, 128), "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
     for name, value in demo.items():
         if getattr(args, name) == parser.get_default(name):
@@ -132,18 +144,22 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 
 def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
-    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
+    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only);
+    in the layouts with a validation/good set (mvtec_ad2, mvtec_loco) from that set, and every training image trains."""
     paths, held_paths = train_image_paths(args.dataset, args.data_path, category), []
-    if args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
+    if args.val_every and args.dataset in VALIDATION_LAYOUTS:
+        held_paths = validation_image_paths(args.dataset, args.data_path, category)
+    elif args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
         paths, held_paths = validation.split_paths(paths, args.val_fraction, args.seed)
     dataset_class = RawTrainDataset if args.synthesis == "gpu" else MVTecDRAEMTrainDataset
-    shape = (args.image_size, args.image_size)
+    shape = args.image_size
     dataset = dataset_class(anomaly_source_path=args.anomaly_source_path, resize_shape=shape, image_paths=paths)
     if not held_paths or not distributed.is_main():
         return dataset, None
     val_set = validation.synthesize(load_images(held_paths, shape), dataset.draw_source, args.val_samples, args.seed)
+    held = "validation/good" if args.dataset in VALIDATION_LAYOUTS else "held-out training"
     print(f"{category}: validating on {len(val_set.labels)} samples ({int(val_set.labels.sum())} anomalous) made from "
-          f"{len(held_paths)} held-out training images ({', '.join(p.name for p in held_paths)})")
+          f"{len(held_paths)} {held} images ({', '.join(p.name for p in held_paths)})")
     return dataset, val_set
 
 
@@ -271,20 +287,34 @@ def calibrate_thresholds(
     args: argparse.Namespace, model: DraemModel, dataset: MVTecDRAEMTrainDataset, val_set: validation.ValidationSet | None,
     base_name: str, category: str, device: torch.device,
 ) -> None:
-    """Write the pair's deployment thresholds, calibrated on data the test never sees (calibration.py): the
-    validation set with validation on, else synthetic anomalies on the training images the dataset holds;
-    plus --good_dir's images as normals."""
-    if val_set is not None:
-        samples, source = val_set, VALIDATION_SOURCE
-    else:
-        samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
-        source = TRAINING_SOURCE
-    samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
+    """Write the pair's deployment thresholds, calibrated on data the test never sees (calibration.py). The f1 rule: on
+    the validation set with validation on, else on synthetic anomalies on the layout's validation/good images or, without
+    one, on the training images the dataset holds; plus --good_dir's images as normals. The mean_std rule: on the
+    normal images the model never trained on (`calibration.normal_set`) and --good_dir's."""
     scorer = DraemScorer(model, args.precision, args.channels_last)
-    thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs, source=source)
+    if args.threshold_rule == "mean_std":
+        paths, source = calibration.normal_set(args.dataset, args.data_path, category,
+                                               args.val_fraction if args.val_every else None, args.seed)
+        images, source = calibration.normal_images(paths, source, args.good_dir, args.image_size)
+        thresholds = calibration.calibrate_normal_only(scorer, images, device, args.bs, k=args.threshold_k, source=source)
+    else:
+        if val_set is not None:
+            samples = val_set
+            source = VALIDATION_GOOD_SYNTHETIC_SOURCE if args.dataset in VALIDATION_LAYOUTS else VALIDATION_SOURCE
+        elif args.dataset in VALIDATION_LAYOUTS:
+            held = load_images(validation_image_paths(args.dataset, args.data_path, category), args.image_size)
+            samples = validation.synthesize(held, dataset.draw_source, args.calibration_samples, args.seed)
+            source = VALIDATION_GOOD_SYNTHETIC_SOURCE
+        else:
+            samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
+            source = TRAINING_SOURCE
+        samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
+        thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs,
+                                           source=source)
     path = write_thresholds(args.checkpoint_path, base_name, category, thresholds)
+    rule = " (mean_std rule)" if args.threshold_rule == "mean_std" else ""
     print(f"{category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
-          f"{thresholds['pixel_threshold']:.4g}, from {source} -> {path}")
+          f"{thresholds['pixel_threshold']:.4g}{rule}, from {source} -> {path}")
 
 
 def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, optimizer: torch.optim.Optimizer,
@@ -387,6 +417,10 @@ def main(argv: list[str] | None = None) -> None:
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     if args.good_dir is not None:
         calibration.good_image_paths(args.good_dir)  # now, not after training
+    for category in categories if args.threshold_rule == "mean_std" else ():  # now, not after training
+        paths, _ = calibration.normal_set(args.dataset, args.data_path, category,
+                                          args.val_fraction if args.val_every else None, args.seed)
+        calibration.require_normal_set(paths, args.good_dir)
     with distributed.process_group(args.device, args.gpu_id) as device:
         if distributed.is_main():
             if args.anomaly_source_path is None:
