@@ -13,16 +13,19 @@ import math
 import pickle
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything, train_loader
 from device_synthesis import device_generator, synthesize_batch
 from engine import calibration, validation
 from engine.evaluation import DraemScorer, evaluate_checkpoints
+from engine.validation import ValidationSet
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map, check_image_size
 from util import distributed
@@ -131,7 +134,28 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
         make_demo_dataset(DEMO_ROOT)
 
 
-def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
+@dataclass
+class Run:
+    """One category's training run: its settings, data, model and optimiser, and how far it has come."""
+
+    args: argparse.Namespace
+    category: str
+    device: torch.device
+    base_name: str
+    dataset: MVTecDRAEMTrainDataset
+    val_set: ValidationSet | None  # with --val_every, on rank 0
+    loader: DataLoader
+    generator: torch.Generator  # the loader's: shuffling and every worker's seed
+    synthesis_rng: torch.Generator | None  # --synthesis gpu: the device synthesis stream
+    model: DraemModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0  # epochs done
+    log_lines: list[str] = field(default_factory=list)
+    best: float | None = None  # best validation pixel AP so far (--save_best)
+
+
+def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, ValidationSet | None]:
     """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
     paths, held_paths = train_image_paths(args.dataset, args.data_path, category), []
     if args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
@@ -147,6 +171,35 @@ def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTr
     return dataset, val_set
 
 
+def start_run(args: argparse.Namespace, category: str, device: torch.device) -> Run:
+    """Seed this process, build the data, the model and its optimiser; continue from the resume file with --resume."""
+    seed = args.seed + distributed.rank()  # each rank its own random streams; a single process uses --seed itself
+    seed_everything(seed)
+    generator = torch.Generator().manual_seed(seed)
+    base_name = run_base_name(args.lr, args.epochs, args.bs, args.seed)
+    resume_file = resume_path(args.checkpoint_path, base_name, category)
+    # Read before any slow work, so a bad resume file is one line at once.
+    resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
+    dataset, val_set = make_datasets(args, category)
+    # A fresh worker per epoch, reseeded from `generator`, makes --resume bitwise exact; the device path keeps its workers.
+    loader = train_loader(dataset, args.bs, args.workers, generator, device, sampler=distributed.rank_sampler(dataset),
+                          persistent_workers=args.synthesis == "gpu")
+    synthesis_rng = device_generator(device, seed) if args.synthesis == "gpu" else None
+    model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # Released milestones: 80 % and 90 % of the epochs. The released float milestones are never reached when
+    # fractional (e.g. 22.5); rounding up keeps them reachable and changes nothing when they are whole numbers.
+    milestones = [math.ceil(args.epochs * 0.8), math.ceil(args.epochs * 0.9)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
+    run = Run(args, category, device, base_name, dataset, val_set, loader, generator, synthesis_rng, model, optimizer,
+              scheduler)
+    if resumed is not None:
+        load_epoch(run, resumed)
+        if distributed.is_main():
+            print(f"{category}: resuming after epoch {run.epoch}/{args.epochs}")
+    return run
+
+
 def training_batch(batch: dict, device: torch.device, synthesis_rng: torch.Generator | None) -> tuple[torch.Tensor, ...]:
     """(image, augmented image, mask) on the device: moved from the loader, or synthesised there with --synthesis gpu."""
     if synthesis_rng is not None:
@@ -155,26 +208,26 @@ def training_batch(batch: dict, device: torch.device, synthesis_rng: torch.Gener
     return tuple(batch[key].to(device, non_blocking=True) for key in ("image", "augmented_image", "anomaly_mask"))
 
 
-def rng_state(generator: torch.Generator, device: torch.device, synthesis_rng: torch.Generator | None) -> dict:
+def rng_state(run: Run) -> dict:
     """Every random stream this process draws from, to continue it exactly on --resume."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "loader": generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if synthesis_rng is not None:
-        state["synthesis"] = synthesis_rng.get_state()
+             "loader": run.generator.get_state()}
+    if run.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(run.device)
+    if run.synthesis_rng is not None:
+        state["synthesis"] = run.synthesis_rng.get_state()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator, device: torch.device, synthesis_rng: torch.Generator | None) -> None:
+def set_rng_state(run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    generator.set_state(state["loader"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if synthesis_rng is not None and "synthesis" in state:
-        synthesis_rng.set_state(state["synthesis"])
+    run.generator.set_state(state["loader"])
+    if "cuda" in state and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], run.device)
+    if run.synthesis_rng is not None and "synthesis" in state:
+        run.synthesis_rng.set_state(state["synthesis"])
 
 
 def resume_path(checkpoint_dir: str | Path, base_name: str, category: str) -> Path:
@@ -189,23 +242,21 @@ def resume_path(checkpoint_dir: str | Path, base_name: str, category: str) -> Pa
 RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "log_lines", "best_val_pixel_ap")
 
 
-def write_outputs(args: argparse.Namespace, model: DraemModel, log_lines: list[str], base_name: str, category: str) -> None:
+def write_outputs(run: Run) -> None:
     """The checkpoint pair, the JSONL log of the run so far and its training curves (each file atomically)."""
-    save_checkpoint(model, args.checkpoint_path, base_name, category)
-    atomic_write_text(Path(args.log_path) / f"{base_name}_{category}_log.jsonl", "\n".join(log_lines) + "\n")
-    save_training_curves([json.loads(line) for line in log_lines], Path(args.log_path) / f"{base_name}_{category}_curves.png")
+    args, stem = run.args, f"{run.base_name}_{run.category}"
+    save_checkpoint(run.model, args.checkpoint_path, run.base_name, run.category)
+    atomic_write_text(Path(args.log_path) / f"{stem}_log.jsonl", "\n".join(run.log_lines) + "\n")
+    save_training_curves([json.loads(line) for line in run.log_lines], Path(args.log_path) / f"{stem}_curves.png")
 
 
-def save_epoch(
-    args: argparse.Namespace, model: DraemModel, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, rng_states: list[dict], epoch: int, log_lines: list[str],
-    best: float | None, base_name: str, category: str,
-) -> None:
+def save_epoch(run: Run, rng_states: list[dict]) -> None:
     """Write the resume file, then the checkpoint pair and the log, for the epoch just finished."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_states, "epoch": epoch, "log_lines": log_lines, "best_val_pixel_ap": best, "args": vars(args)}
-    atomic_torch_save(state, resume_path(args.checkpoint_path, base_name, category))
-    write_outputs(args, model, log_lines, base_name, category)
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "rng": rng_states, "epoch": run.epoch, "log_lines": run.log_lines,
+             "best_val_pixel_ap": run.best, "args": vars(run.args)}
+    atomic_torch_save(state, resume_path(run.args.checkpoint_path, run.base_name, run.category))
+    write_outputs(run)
 
 
 def read_resume_file(path: Path) -> dict:
@@ -224,66 +275,80 @@ def read_resume_file(path: Path) -> dict:
     return state
 
 
-def load_epoch(
-    args: argparse.Namespace, state: dict, model: DraemModel, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, device: torch.device,
-    synthesis_rng: torch.Generator | None, base_name: str, category: str,
-) -> tuple[int, list[str], float | None]:
-    """Restore a run from its resume state, rewrite its pair and log; return (epochs done, log lines, best val pixel AP)."""
-    path = resume_path(args.checkpoint_path, base_name, category)
-    load_state_dict_checked(model, state["model"], str(path))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+def load_epoch(run: Run, state: dict) -> None:
+    """Restore a run from its resume state (epochs done, log, best value) and rewrite its pair and log."""
+    path = resume_path(run.args.checkpoint_path, run.base_name, run.category)
+    load_state_dict_checked(run.model, state["model"], str(path))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     if len(state["rng"]) != distributed.world_size():
         raise DraemInputError(f"{path} was written by {len(state['rng'])} training process(es), this run has "
                               f"{distributed.world_size()}: resume with the same number of processes, or leave out --resume")
-    set_rng_state(state["rng"][distributed.rank()], generator, device, synthesis_rng)  # each rank continues its own stream
+    set_rng_state(run, state["rng"][distributed.rank()])  # each rank continues its own stream
+    run.epoch, run.log_lines, run.best = state["epoch"], state["log_lines"], state["best_val_pixel_ap"]
     if distributed.is_main():
-        write_outputs(args, model, state["log_lines"], base_name, category)
-    return state["epoch"], state["log_lines"], state["best_val_pixel_ap"]
+        write_outputs(run)
 
 
-def check_finite(losses: torch.Tensor, category: str, epoch: int, step: int, checkpoint_path: str) -> None:
-    """Stop with one line naming the first non-finite step of the epoch (one device sync for all its steps)."""
+def epoch_record(run: Run, step: int, losses: list[torch.Tensor], part_sums: dict, started: float) -> dict:
+    """The log record of the epoch just trained (losses averaged over steps and ranks); a non-finite loss stops the run
+    with one line naming its step (one device sync for the whole epoch)."""
+    losses = distributed.average(torch.stack(losses))  # per step, over the ranks: every rank sees the same values
+    part_means = distributed.average(torch.stack(list(part_sums.values()))) / len(losses)
     bad = ~torch.isfinite(losses)
     if bad.any():
         index = int(bad.nonzero()[0, 0])
         raise TrainingDiverged(
-            f"{category}: loss became {losses[index].item()} at epoch {epoch + 1}, step {step - len(losses) + index + 1}; "
-            f"stopped, the last good checkpoint (epoch {epoch}) is kept in {checkpoint_path} (try a lower --lr)"
+            f"{run.category}: loss became {losses[index].item()} at epoch {run.epoch + 1}, step "
+            f"{step - len(losses) + index + 1}; stopped, the last good checkpoint (epoch {run.epoch}) is kept in "
+            f"{run.args.checkpoint_path} (try a lower --lr)"
         )
+    return {"category": run.category, "epoch": run.epoch + 1, "step": step,
+            "lr": run.optimizer.param_groups[0]["lr"],  # the rate this epoch trained with (the log and the curves show it)
+            "loss": losses.mean().item(), **dict(zip(part_sums, part_means.tolist())),
+            "seconds": round(time.time() - started, 2)}
 
 
-def validate(args: argparse.Namespace, model: DraemModel, val_set: validation.ValidationSet, category: str,
-             device: torch.device) -> dict[str, float]:
-    """Validation metrics of the model now (`val_*`; `test_*` too with --val_test) and the seconds they took."""
+def validation_due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether to validate after (1-based) `epoch`: every `every` epochs and after the last; never when `every` is 0."""
+    return every > 0 and (epoch % every == 0 or epoch == epochs)
+
+
+def validate(run: Run, record: dict) -> None:
+    """When due, add the validation metrics (`val_*`; `test_*` too with --val_test) and their seconds to `record`;
+    with --save_best keep the pair with the best validation pixel AP (NaN never improves)."""
+    args = run.args
+    if not validation_due(record["epoch"], args.val_every, args.epochs):
+        return
     started = time.time()
-    scorer = DraemScorer(model, args.precision, args.channels_last)
-    record = validation.evaluate_synthetic(scorer, val_set, device, args.bs)
+    scorer = DraemScorer(run.model, args.precision, args.channels_last)
+    record.update(validation.evaluate_synthetic(scorer, run.val_set, run.device, args.bs))
     if args.val_test:
-        record.update(validation.evaluate_test_set(scorer, args.data_path, category, args.image_size, device, args.bs,
-                                                   args.dataset, args.mask_suffix))
+        record.update(validation.evaluate_test_set(scorer, args.data_path, run.category, args.image_size, run.device,
+                                                   args.bs, args.dataset, args.mask_suffix))
     record["val_seconds"] = round(time.time() - started, 2)
-    return record
+    value = record["val_pixel_ap"]
+    if args.save_best and not math.isnan(value) and (run.best is None or value > run.best):
+        run.best = value
+        save_checkpoint(run.model, args.checkpoint_path, f"{run.base_name}_best", run.category)
 
 
-def calibrate_thresholds(
-    args: argparse.Namespace, model: DraemModel, dataset: MVTecDRAEMTrainDataset, val_set: validation.ValidationSet | None,
-    base_name: str, category: str, device: torch.device,
-) -> None:
-    """Write the pair's deployment thresholds, calibrated on data the test never sees (calibration.py): the
+def calibrate_thresholds(run: Run) -> None:
+    """Write the pair's deployment thresholds, calibrated on data the test never sees (util/thresholds.py): the
     validation set with validation on, else synthetic anomalies on the training images the dataset holds;
     plus --good_dir's images as normals."""
-    if val_set is not None:
-        samples, source = val_set, VALIDATION_SOURCE
+    args, dataset = run.args, run.dataset
+    if run.val_set is not None:
+        samples, source = run.val_set, VALIDATION_SOURCE
     else:
         samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
         source = TRAINING_SOURCE
     samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
-    scorer = DraemScorer(model, args.precision, args.channels_last)
-    thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs, source=source)
-    path = write_thresholds(args.checkpoint_path, base_name, category, thresholds)
-    print(f"{category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
+    scorer = DraemScorer(run.model, args.precision, args.channels_last)
+    thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, run.device, args.bs,
+                                       source=source)
+    path = write_thresholds(args.checkpoint_path, run.base_name, run.category, thresholds)
+    print(f"{run.category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
           f"{thresholds['pixel_threshold']:.4g}, from {source} -> {path}")
 
 
@@ -307,74 +372,41 @@ def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, op
 
 def train_category(args: argparse.Namespace, category: str, device: torch.device) -> None:
     """Train one category from scratch (or from its resume file) and write its checkpoints every epoch (rank 0)."""
-    seed = args.seed + distributed.rank()  # each rank its own random streams; a single process uses --seed itself
-    seed_everything(seed)
-    generator = torch.Generator().manual_seed(seed)
-    base_name = run_base_name(args.lr, args.epochs, args.bs, args.seed)
-    resume_file = resume_path(args.checkpoint_path, base_name, category)
-    # Read before any slow work, so a bad resume file is one line at once.
-    resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
-    dataset, val_set = make_datasets(args, category)
-    # A fresh worker per epoch, reseeded from `generator`, makes --resume bitwise exact; the device path keeps its workers.
-    loader = train_loader(dataset, args.bs, args.workers, generator, device, sampler=distributed.rank_sampler(dataset),
-                          persistent_workers=args.synthesis == "gpu")
-    synthesis_rng = device_generator(device, seed) if args.synthesis == "gpu" else None
-    model = DraemModel(args.base_width, args.seg_base_width, sspcab=args.sspcab).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # Released milestones: 80 % and 90 % of the epochs. The released float milestones are never reached when
-    # fractional (e.g. 22.5); rounding up keeps them reachable and changes nothing when they are whole numbers.
-    milestones = [math.ceil(args.epochs * 0.8), math.ceil(args.epochs * 0.9)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
+    run = start_run(args, category, device)
     criterion = DraemLoss(args.sspcab_lambda)
-    start_epoch, log_lines, best = 0, [], None
-    if resumed is not None:
-        start_epoch, log_lines, best = load_epoch(args, resumed, model, optimizer, scheduler, generator, device, synthesis_rng,
-                                                  base_name, category)
-        if distributed.is_main():
-            print(f"{category}: resuming after epoch {start_epoch}/{args.epochs}")
-    prepare_model(model, args.channels_last, args.compile)  # in place: the state-dict keys stay the released ones
-    net = distributed.wrap_model(model, device, args.sync_bn)  # what the loop calls; `model` is what is saved
+    prepare_model(run.model, args.channels_last, args.compile)  # in place: the state-dict keys stay the released ones
+    net = distributed.wrap_model(run.model, device, args.sync_bn)  # what the loop calls; `run.model` is what is saved
 
-    step = start_epoch * len(loader)
-    for epoch in range(start_epoch, args.epochs):
+    step = run.epoch * len(run.loader)
+    for epoch in range(run.epoch, args.epochs):
         net.train()
         started, losses, part_sums = time.time(), [], {}
-        progress = tqdm(loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+        progress = tqdm(run.loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
                         disable=not distributed.is_main())
         for batch in progress:
-            image, augmented, mask = training_batch(batch, device, synthesis_rng)
-            loss, parts, reconstruction, logits = train_step(net, model, criterion, optimizer, image, augmented, mask,
-                                                             args.precision, args.channels_last)
+            image, augmented, mask = training_batch(batch, device, run.synthesis_rng)
+            loss, parts, reconstruction, logits = train_step(net, run.model, criterion, run.optimizer, image, augmented,
+                                                             mask, args.precision, args.channels_last)
             losses.append(loss)  # a tensor: calling .item() here would stall the GPU every step
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0.0) + value
             step += 1
             if args.visualize and distributed.is_main() and step % args.visualize_every == 0:
                 grid = training_grid(augmented, reconstruction.float(), image, mask, anomaly_map(logits))
-                save_png(Path(args.log_path) / f"{base_name}_{category}_step{step:07d}.png", grid)
+                save_png(Path(args.log_path) / f"{run.base_name}_{category}_step{step:07d}.png", grid)
             if len(losses) % 10 == 0:
                 progress.set_postfix(loss=f"{losses[-1].item():.4f}")
-        losses = distributed.average(torch.stack(losses))  # per step, over the ranks: every rank sees the same values
-        part_means = distributed.average(torch.stack(list(part_sums.values()))) / len(losses)
-        check_finite(losses, category, epoch, step, args.checkpoint_path)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with (the log and the curves show it)
-        scheduler.step()
-        rng_states = distributed.gather_objects(rng_state(generator, device, synthesis_rng))  # all ranks', each resumes its own
-        if not distributed.is_main():
-            continue
-        record = {"category": category, "epoch": epoch + 1, "step": step, "lr": lr,
-                  "loss": losses.mean().item(), **dict(zip(part_sums, part_means.tolist())),
-                  "seconds": round(time.time() - started, 2)}
-        if validation.due(epoch + 1, args.val_every, args.epochs):
-            record.update(validate(args, model, val_set, category, device))
-            if args.save_best and validation.improves(record["val_pixel_ap"], best):
-                best = record["val_pixel_ap"]
-                save_checkpoint(model, args.checkpoint_path, validation.best_base_name(base_name), category)
-        log_lines.append(json.dumps(record))
-        save_epoch(args, model, optimizer, scheduler, rng_states, epoch + 1, log_lines, best, base_name, category)
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        record = epoch_record(run, step, losses, part_sums, started)
+        run.scheduler.step()
+        run.epoch = epoch + 1
+        rng_states = distributed.gather_objects(rng_state(run))  # all ranks', each resumes its own
+        if distributed.is_main():
+            validate(run, record)
+            run.log_lines.append(json.dumps(record))
+            save_epoch(run, rng_states)
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     if distributed.is_main():
-        calibrate_thresholds(args, model, dataset, val_set, base_name, category, device)
+        calibrate_thresholds(run)
     distributed.barrier()  # rank 0's last files are written before any rank moves on
 
 

@@ -10,7 +10,6 @@ Both steps draw from NumPy generators seeded by --seed alone (not by the trainin
 is identical in every run and on every rank with the same seed. The anomaly sources (DTD) are shared
 with training: what is held out is the object images the model must learn to reconstruct.
 """
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +24,6 @@ from util.errors import DraemInputError
 # Tags that give the split and the synthesis streams of their own, apart from each other and from training.
 SPLIT_STREAM = 1
 SYNTHESIS_STREAM = 2
-BEST_SUFFIX = "_best"
 
 
 class ValidationSet(NamedTuple):
@@ -64,11 +62,6 @@ def synthesize(
     )
 
 
-def due(epoch: int, every: int, epochs: int) -> bool:
-    """Whether to validate after (1-based) `epoch`: every `every` epochs and after the last; never when `every` is 0."""
-    return every > 0 and (epoch % every == 0 or epoch == epochs)
-
-
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in metrics.items()}
 
@@ -93,13 +86,3 @@ def evaluate_test_set(
         return {}
     result = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout, mask_suffix)
     return prefixed(result.metrics, "test_")
-
-
-def improves(value: float, best: float | None) -> bool:
-    """Whether a validation pixel AP beats the best so far (NaN never does)."""
-    return not math.isnan(value) and (best is None or value > best)
-
-
-def best_base_name(base_name: str) -> str:
-    """Base name of the best-validation checkpoint pair: `<base>_best_<category>_.pckl` and `<base>_best_<category>__seg.pckl`."""
-    return f"{base_name}{BEST_SUFFIX}"
