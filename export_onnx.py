@@ -34,7 +34,7 @@ from torch import nn
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
 from util.atomic import atomic_write_bytes
-from util.cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
+from util.cli import ArgumentParser, add_checkpoint_flags, add_image_size_flag, at_least, positive_float
 from util.errors import ParityCheckFailed, one_line_errors
 from util.thresholds import thresholds_in_use
 
@@ -134,8 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_checkpoint_flags(parser)
     parser.add_argument("--output", required=True, help="ONNX file to write, e.g. draem_carpet.onnx")
-    parser.add_argument("--image_size", type=int, default=256,
-                        help="image side the graph takes, a multiple of 32 (released: 256)")
+    add_image_size_flag(parser)
     parser.add_argument("--opset", type=at_least(7), default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest ONNX-vs-PyTorch difference accepted in the parity check")

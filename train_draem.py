@@ -21,20 +21,30 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything, train_loader
+from data_loader import TrainDataset, TrainImageDataset, seed_everything, train_loader
 from device_synthesis import device_generator, synthesize_batch
 from engine import calibration, validation
 from engine.evaluation import DraemScorer, evaluate_checkpoints
-from engine.validation import ValidationSet
+from engine.validation import SampleSet
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map, check_image_size
 from util import distributed
 from util.atomic import atomic_torch_save, atomic_write_text
 from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
-from util.cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, positive_float
+from util.cli import (
+    ArgumentParser,
+    add_dataset_flags,
+    add_device_flags,
+    add_fast_flags,
+    add_image_size_flag,
+    add_width_flags,
+    at_least,
+    fraction,
+    positive_float,
+)
 from util.demo_data import make_demo_dataset
 from util.errors import DraemInputError, TrainingDiverged, one_line_errors
-from util.images import load_images
+from util.images import find_images, load_images
 from util.layouts import LAYOUTS, categories_for, train_image_paths
 from util.pictures import save_png, save_training_curves, training_grid
 from util.runtime import autocast, prepare_model, to_memory_format
@@ -66,15 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra = parser.add_argument_group("additions")
     add_dataset_flags(extra, LAYOUTS)
     extra.add_argument("--visualize_every", type=at_least(1), default=200, help="steps between sample grids with --visualize")
-    extra.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
+    add_device_flags(extra, gpu_id=False)  # --gpu_id is among the released flags above
     extra.add_argument("--seed", type=at_least(0), default=0,
                        help="seed of every random stream (model init, sampling, synthesis); a seed other than 0 is added "
                             "to the run name (<base>_seed<N>), so several seeds never overwrite each other")
     extra.add_argument("--workers", type=at_least(0), default=4, help="DataLoader worker processes (0: load in the main process)")
     extra.add_argument("--resume", action="store_true", help="continue each category from its resume file in --checkpoint_path")
-    extra.add_argument("--image_size", type=int, default=256, help="side of the square training images; a multiple of 32")
-    extra.add_argument("--base_width", type=int, default=128, help="reconstructive network width (released: 128)")
-    extra.add_argument("--seg_base_width", type=int, default=64, help="discriminative network width (released: 64)")
+    add_image_size_flag(extra)
+    add_width_flags(extra)
     extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
     extra.add_argument("--sspcab_lambda", type=float, default=0.1, help="weight of the SSPCAB loss")
     extra.add_argument("--calibration_samples", type=at_least(2), default=64,
@@ -94,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "(off by default: then every training image is trained on, as in the paper)")
     val.add_argument("--val_every", type=at_least(0), default=0,
                      help="evaluate on held-out synthetic anomalies every N epochs and after the last; 0: off")
-    val.add_argument("--val_fraction", type=float, default=0.1,
+    val.add_argument("--val_fraction", type=fraction, default=0.1,
                      help="fraction of the training images held out, never trained on (at least 1; chosen by --seed)")
     val.add_argument("--val_samples", type=at_least(1), default=64,
                      help="synthetic samples made once from the held-out images, the training mix (about half anomalous)")
@@ -108,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="synchronise BatchNorm statistics across the processes (SyncBatchNorm; CUDA only)")
     args = parser.parse_args(argv)
     if args.demo:
-        apply_demo_defaults(args, parser)
+        apply_demo_defaults(args, parser.typed(argv))
     if args.data_path is None:
         parser.error("--data_path is required (or use --demo)")
     check_validation_args(args, parser)
@@ -116,19 +125,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_validation_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if not 0 < args.val_fraction < 1:
-        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if (args.save_best or args.val_test) and not args.val_every:
         parser.error("--save_best and --val_test need validation: add --val_every N")
 
 
-def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
+def apply_demo_defaults(args: argparse.Namespace, typed: set[str]) -> None:
+    """Small-and-quick settings for the demo, for every flag the user did not type."""
     demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"),
             "epochs": 32, "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
     for name, value in demo.items():
-        if getattr(args, name) == parser.get_default(name):
+        if name not in typed:
             setattr(args, name, value)
     if Path(args.data_path) == DEMO_ROOT / "mvtec" and not Path(args.data_path).is_dir():
         make_demo_dataset(DEMO_ROOT)
@@ -142,8 +149,8 @@ class Run:
     category: str
     device: torch.device
     base_name: str
-    dataset: MVTecDRAEMTrainDataset
-    val_set: ValidationSet | None  # with --val_every, on rank 0
+    dataset: TrainDataset
+    val_set: SampleSet | None  # with --val_every, on rank 0
     loader: DataLoader
     generator: torch.Generator  # the loader's: shuffling and every worker's seed
     synthesis_rng: torch.Generator | None  # --synthesis gpu: the device synthesis stream
@@ -155,12 +162,12 @@ class Run:
     best: float | None = None  # best validation pixel AP so far (--save_best)
 
 
-def make_datasets(args: argparse.Namespace, category: str) -> tuple[MVTecDRAEMTrainDataset, ValidationSet | None]:
+def make_datasets(args: argparse.Namespace, category: str) -> tuple[TrainDataset, SampleSet | None]:
     """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
     paths, held_paths = train_image_paths(args.dataset, args.data_path, category), []
     if args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
         paths, held_paths = validation.split_paths(paths, args.val_fraction, args.seed)
-    dataset_class = RawTrainDataset if args.synthesis == "gpu" else MVTecDRAEMTrainDataset
+    dataset_class = TrainImageDataset if args.synthesis == "gpu" else TrainDataset
     shape = (args.image_size, args.image_size)
     dataset = dataset_class(anomaly_source_path=args.anomaly_source_path, resize_shape=shape, image_paths=paths)
     if not held_paths or not distributed.is_main():
@@ -414,11 +421,9 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    if not Path(args.data_path).is_dir():
-        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     if args.good_dir is not None:
-        calibration.good_image_paths(args.good_dir)  # now, not after training
+        find_images(args.good_dir, "--good_dir")  # now, not after training
     with distributed.process_group(args.device, args.gpu_id) as device:
         if distributed.is_main():
             if args.anomaly_source_path is None:

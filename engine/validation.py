@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_loader import make_training_sample
-from engine.evaluation import DraemScorer, evaluate, evaluate_category
+from engine.evaluation import DraemScorer, evaluate, evaluate_category, tensor_batches
 from util.errors import DraemInputError
 
 # Tags that give the split and the synthesis streams of their own, apart from each other and from training.
@@ -26,7 +26,9 @@ SPLIT_STREAM = 1
 SYNTHESIS_STREAM = 2
 
 
-class ValidationSet(NamedTuple):
+class SampleSet(NamedTuple):
+    """Synthetic training-mix samples held in memory: the validation set, and the calibration set of the thresholds."""
+
     images: torch.Tensor  # N×3×H×W synthetic inputs (the augmented images), float32 in [0, 1]
     masks: torch.Tensor  # N×1×H×W binary anomaly masks
     labels: torch.Tensor  # (N,) 1 for a sample with an anomaly, else 0
@@ -51,11 +53,11 @@ def split_paths(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list
 
 def synthesize(
     images: np.ndarray, draw_source: Callable[[np.random.Generator], np.ndarray], num_samples: int, seed: int
-) -> ValidationSet:
+) -> SampleSet:
     """`num_samples` training-style samples from `images` (uint8 N×H×W×3), all drawn from one generator seeded by `seed`."""
     rng = np.random.default_rng([SYNTHESIS_STREAM, seed])
     samples = [make_training_sample(rng, len(images), images.__getitem__, draw_source) for _ in range(num_samples)]
-    return ValidationSet(
+    return SampleSet(
         images=torch.from_numpy(np.stack([s["augmented_image"] for s in samples])),
         masks=torch.from_numpy(np.stack([s["anomaly_mask"] for s in samples])),
         labels=torch.from_numpy(np.concatenate([s["has_anomaly"] for s in samples])),
@@ -66,11 +68,10 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in metrics.items()}
 
 
-def evaluate_synthetic(scorer: DraemScorer, val_set: ValidationSet, device: torch.device, batch_size: int) -> dict[str, float]:
+def evaluate_synthetic(scorer: DraemScorer, val_set: SampleSet, device: torch.device, batch_size: int) -> dict[str, float]:
     """The test protocol's metrics on the validation set, keys `val_*`; leaves the model in eval mode."""
     n, _, height, width = val_set.images.shape
-    batches = ({"image": val_set.images[i : i + batch_size], "mask": val_set.masks[i : i + batch_size],
-                "has_anomaly": val_set.labels[i : i + batch_size]} for i in range(0, n, batch_size))
+    batches = tensor_batches(val_set.images, val_set.masks, val_set.labels, batch_size)
     return prefixed(evaluate(scorer, batches, n, (height, width), device, desc="validate").metrics, "val_")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_draem
-from data_loader import MVTecDRAEMTrainDataset
+from data_loader import TrainDataset
 from engine import validation
 from engine.evaluation import DraemScorer
 from model_unet import DraemModel, model_from_checkpoint
@@ -26,7 +26,7 @@ def arguments(data, out, *extra: str) -> list[str]:
             "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"), *SMALL, *extra]
 
 
-def datasets(data, tmp_path, *extra: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
+def datasets(data, tmp_path, *extra: str) -> tuple[TrainDataset, validation.SampleSet | None]:
     """What train_draem trains and validates on for these flags."""
     return train_draem.make_datasets(train_draem.parse_args(arguments(data, tmp_path, *extra)), "brick")
 
