@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_checkpoint_flags(parser)
     parser.add_argument("--output", required=True, help="ONNX file to write, e.g. draem_carpet.onnx")
-    add_image_size_flag(parser, "images the graph takes")
+    add_image_size_flag(parser)
     parser.add_argument("--opset", type=at_least(7), default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest ONNX-vs-PyTorch difference accepted in the parity check")

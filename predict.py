@@ -33,7 +33,7 @@ from model_unet import check_image_size, model_from_checkpoint
 from util.atomic import atomic_write_text
 from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, add_image_size_flag, at_least
 from util.errors import DraemInputError, one_line_errors
-from util.images import FOLDER_IMAGE_SUFFIXES, image_shape, read_image, to_chw
+from util.images import FOLDER_IMAGE_SUFFIXES, find_images, image_shape, read_image, to_chw
 from util.pictures import heatmap_overlay, save_png
 from util.runtime import prepare_model, select_device
 from util.thresholds import thresholds_in_use
@@ -43,7 +43,7 @@ OVERLAY_DIR = "overlays"
 MASK_DIR = "masks"
 
 
-def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
+def input_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
     """The image files under a folder (recursively, sorted), or the one image file given.
 
     Files under `skip_dir` are left out, so an output folder inside the input folder does not get its
@@ -55,16 +55,7 @@ def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> l
             raise DraemInputError(f"--input {input_path} is not an image file "
                                   f"(expected one of {', '.join(FOLDER_IMAGE_SUFFIXES)})")
         return [input_path]
-    if not input_path.is_dir():
-        raise DraemInputError(f"--input {input_path} does not exist (give an image file or a folder of images)")
-    skip = Path(skip_dir).resolve() if skip_dir is not None else None
-    images = sorted(
-        p for p in input_path.rglob("*")
-        if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and (skip is None or skip not in p.resolve().parents)
-    )
-    if not images:
-        raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --input {input_path}")
-    return images
+    return find_images(input_path, "--input", hint=" (give an image file or a folder of images)", skip=skip_dir)
 
 
 class ImageFiles(Dataset):
@@ -155,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save_images", action="store_true",
                         help="save a heat-map overlay per image under <output_dir>/overlays and, when the threshold "
                              "file gives a pixel threshold, a 0/255 defect mask per image under <output_dir>/masks")
-    add_image_size_flag(parser, "images (use the size the model was tested at)")
+    add_image_size_flag(parser)
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same scores)")
     parser.add_argument("--workers", "--num_workers", dest="workers", type=at_least(0), default=0,
@@ -169,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    paths = find_images(args.input, skip_dir=args.output_dir)
+    paths = input_images(args.input, skip_dir=args.output_dir)
     device = select_device(args.device, args.gpu_id)
     model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id).to(device),
                           args.channels_last, args.compile)

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_loader import MVTecDRAEMTrainDataset
-from engine.evaluation import DraemScorer
-from engine.validation import ValidationSet, split_paths, synthesize
+from data_loader import TrainDataset
+from engine.evaluation import DraemScorer, score, tensor_batches
+from engine.validation import SampleSet, split_paths, synthesize
 from util.errors import DraemInputError
-from util.images import FOLDER_IMAGE_SUFFIXES, image_shape, read_image, shape_record, sorted_images, to_chw
+from util.images import find_images, image_shape, read_image, shape_record, to_chw
 from util.layouts import VALIDATION_LAYOUTS, train_image_paths, validation_image_paths
+from util.metrics import f1_max_threshold
 from util.thresholds import (
     DEFAULT_K,
     HELD_OUT_SOURCE,
@@ -21,7 +22,6 @@ from util.thresholds import (
     TRAINING_SOURCE,
     VALIDATION_GOOD_SOURCE,
     MeanStd,
-    f1_max_threshold,
 )
 
 
@@ -48,14 +48,10 @@ def calibrate(
     if n_anomalous in (0, n) or pixel_labels.all() or not pixel_labels.any():
         raise DraemInputError(f"the calibration set needs normal and anomalous samples and pixels, got {n - n_anomalous} "
                               f"normal and {n_anomalous} anomalous samples: calibrate on more samples (--samples)")
-    scorer.eval().to(device)
-    maps, scores = [], []
-    for start in range(0, n, batch_size):
-        batch_maps, batch_scores = scorer(images[start : start + batch_size].to(device))
-        maps.append(batch_maps.float().cpu().numpy())
-        scores.append(batch_scores.float().cpu().numpy())
-    image_threshold, image_f1 = f1_max_threshold(labels, np.concatenate(scores))
-    pixel_threshold, pixel_f1 = f1_max_threshold(pixel_labels, np.concatenate(maps).reshape(-1))
+    scored, _ = score(scorer, tensor_batches(images, masks, torch.from_numpy(labels), batch_size), n,
+                      tuple(images.shape[2:]), device, desc="calibrate")
+    image_threshold, image_f1 = f1_max_threshold(labels, scored.scores)
+    pixel_threshold, pixel_f1 = f1_max_threshold(pixel_labels, scored.maps.reshape(-1))
     return {
         "image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "image_f1": image_f1, "pixel_f1": pixel_f1,
         "rule": RULE, "source": source, "n_normal": n - n_anomalous, "n_anomalous": n_anomalous,
@@ -74,14 +70,16 @@ def calibrate_normal_only(
     `write_thresholds` stores: image_threshold, pixel_threshold, rule, k, source, n_normal, n_anomalous (0),
     image_size, and the means and standard deviations they come from. Leaves the scorer in eval mode.
     """
-    if len(images) < 2:
-        raise DraemInputError(f"the normal-only rule needs at least 2 normal images to measure a spread, got {len(images)}")
-    scorer.eval().to(device)
+    n = len(images)
+    if n < 2:
+        raise DraemInputError(f"the normal-only rule needs at least 2 normal images to measure a spread, got {n}")
+    masks, labels = torch.zeros(n, 1, *images.shape[2:]), torch.zeros(n)
+    scored, _ = score(scorer, tensor_batches(images, masks, labels, batch_size), n, tuple(images.shape[2:]), device,
+                      desc="calibrate")
     image_stats, pixel_stats = MeanStd(), MeanStd()
-    for start in range(0, len(images), batch_size):
-        batch_maps, batch_scores = scorer(images[start : start + batch_size].to(device))
-        image_stats.update(batch_scores.float().cpu().numpy())
-        pixel_stats.update(batch_maps.float().cpu().numpy())
+    image_stats.update(scored.scores)
+    for amap in scored.maps:  # image by image: no float64 copy of every pixel at once
+        pixel_stats.update(amap)
     return {
         "image_threshold": image_stats.threshold(k), "pixel_threshold": pixel_stats.threshold(k),
         "rule": NORMAL_RULE, "k": k, "source": source, "n_normal": len(images), "n_anomalous": 0,
@@ -91,14 +89,6 @@ def calibrate_normal_only(
     }
 
 
-def good_image_paths(good_dir: str | os.PathLike) -> list[Path]:
-    """Every image under `good_dir` (recursively, sorted); none, or no folder, is a one-line error."""
-    paths = sorted_images(Path(good_dir).rglob("*"), FOLDER_IMAGE_SUFFIXES) if Path(good_dir).is_dir() else []
-    if not paths:
-        raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --good_dir {good_dir}")
-    return paths
-
-
 def read_images(paths: list[Path], image_size: int | tuple[int, int]) -> torch.Tensor:
     """Images read as the test program reads them: N×3×H×W."""
     return torch.from_numpy(np.stack([to_chw(read_image(path, image_shape(image_size))) for path in paths]))
@@ -106,27 +96,27 @@ def read_images(paths: list[Path], image_size: int | tuple[int, int]) -> torch.T
 
 def good_images(good_dir: str | os.PathLike, image_size: int | tuple[int, int]) -> torch.Tensor:
     """Every image under `good_dir`, read as the test program reads images: N×3×H×W."""
-    return read_images(good_image_paths(good_dir), image_size)
+    return read_images(find_images(good_dir, "--good_dir"), image_size)
 
 
 def synthetic_set(
     image_paths: list[Path], anomaly_source_path: str | os.PathLike | None, image_size: int | tuple[int, int],
     num_samples: int, seed: int,
-) -> ValidationSet:
+) -> SampleSet:
     """`num_samples` training-style samples (METHOD.md §2) from `image_paths`, for checkpoints trained elsewhere.
 
     The samples come from validation.synthesize with the training dataset's anomaly sources, so with the
     image paths a run held out (validation.split_paths) and the same seed and count, they are that run's
     validation set; train_draem.py calibrates on the samples it already has.
     """
-    dataset = MVTecDRAEMTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=image_shape(image_size),
-                                     image_paths=image_paths)
+    dataset = TrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=image_shape(image_size),
+                           image_paths=image_paths)
     return synthesize(dataset.images, dataset.draw_source, num_samples, seed)
 
 
 def with_good_images(
-    samples: ValidationSet, source: str, good_dir: str | os.PathLike | None, image_size: int | tuple[int, int]
-) -> tuple[ValidationSet, str]:
+    samples: SampleSet, source: str, good_dir: str | os.PathLike | None, image_size: int | tuple[int, int]
+) -> tuple[SampleSet, str]:
     """`samples` plus every image under `good_dir` as a normal sample with an empty mask, and `source` saying so;
     both unchanged without `good_dir`."""
     if good_dir is None:
@@ -157,7 +147,7 @@ def normal_images(
     """`paths` plus every image under `good_dir`, read as the test program reads images (N×3×H×W), and what they are."""
     require_normal_set(paths, good_dir)
     if good_dir is not None:
-        extra = good_image_paths(good_dir)
+        extra = find_images(good_dir, "--good_dir")
         paths = [*paths, *extra]
         source = f"{source} + {len(extra)} good images from {good_dir}" if source else f"{len(extra)} good images from {good_dir}"
     return read_images(paths, image_size), source

@@ -6,7 +6,7 @@ streams scored batches into the released protocol's metrics. MVTec AD 2's test s
 leaderboard's metrics at each image's own resolution (`full_resolution_metrics`).
 """
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_loader import MVTecDRAEMTestDataset, make_test_dataset
+from data_loader import LabelledImageDataset, make_test_dataset
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from util.ad2 import full_resolution_map, image_decision, submission_mask
 from util.errors import DraemInputError
@@ -26,6 +26,7 @@ from util.metrics import (
     FullResolutionEvaluator,
     format_markdown,
     image_scores,
+    mean_and_std,
     results_rows,
     write_results,
 )
@@ -53,12 +54,20 @@ class DraemScorer(nn.Module):
         return amap, image_scores(amap)
 
 
+def tensor_batches(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[dict]:
+    """Samples held in memory (N×3×H×W, N×1×H×W, (N,)) as the scoring loop's batches, in order."""
+    for start in range(0, len(images), batch_size):
+        end = start + batch_size
+        yield {"image": images[start:end], "mask": masks[start:end], "has_anomaly": labels[start:end]}
+
+
 @torch.no_grad()
-def evaluate(
-    scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
+def score(
+    scorer: nn.Module, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
     overlay_dir: Path | None = None, desc: str = "test",
-) -> CategoryResult:
-    """The protocol's metrics over `batches` of {"image", "mask", "has_anomaly"} (and "path" for overlays and the result).
+) -> tuple[DraemEvaluator, list[str]]:
+    """The one scoring loop (test, validation, calibration): `batches` of {"image", "mask", "has_anomaly"} (and "path"
+    for overlays) scored by `scorer` into a DraemEvaluator; returns it and the paths in order.
 
     With `overlay_dir`, each image's heat-map overlay is saved as `<overlay_dir>/<defect>_<stem>.png`.
     Leaves the model in eval mode.
@@ -75,6 +84,15 @@ def evaluate(
                 path = Path(batch["path"][i])
                 overlay = heatmap_overlay(batch["image"][i], amap[i].cpu(), batch["mask"][i], score=score)
                 save_png(overlay_dir / f"{path.parent.name}_{path.stem}.png", overlay)
+    return evaluator, paths
+
+
+def evaluate(
+    scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
+    overlay_dir: Path | None = None, desc: str = "test",
+) -> CategoryResult:
+    """The protocol's metrics over scored `batches` (see `score`), and what they were computed from."""
+    evaluator, paths = score(scorer, batches, num_images, image_shape, device, overlay_dir, desc)
     n = evaluator.count
     return CategoryResult(evaluator.compute(), evaluator.scores[:n], evaluator.labels[:n], evaluator.maps[:n],
                           evaluator.masks[:n], paths)
@@ -100,13 +118,13 @@ def evaluate_category(
 
 
 def full_resolution_metrics(
-    result: CategoryResult, dataset: MVTecDRAEMTestDataset, thresholds: dict | None
+    result: CategoryResult, dataset: LabelledImageDataset, thresholds: dict | None
 ) -> dict[str, float]:
     """MVTec AD 2's leaderboard metrics of an evaluated test set (FullResolutionEvaluator): each working-size map at
     its image's own size, as the submission writer makes it (util.ad2), against the mask at that size (every
     non-zero pixel anomalous); the masks and image decisions of `thresholds` when given."""
     evaluator = FullResolutionEvaluator()
-    for path, amap, score, label in zip(result.paths, result.maps, result.scores.tolist(), result.labels.tolist()):
+    for path, amap, image_score, label in zip(result.paths, result.maps, result.scores.tolist(), result.labels.tolist()):
         mask_path, shape = dataset.mask_path(Path(path)), stored_shape(path)
         truth = np.zeros(shape, dtype=bool) if mask_path is None else nonzero_mask(mask_path)
         if truth.shape != shape:
@@ -116,7 +134,7 @@ def full_resolution_metrics(
         if thresholds is None:
             evaluator.update(full, truth, label)
             continue
-        predicted = submission_mask(full, score, thresholds["image_threshold"], thresholds["pixel_threshold"])
+        predicted = submission_mask(full, image_score, thresholds["image_threshold"], thresholds["pixel_threshold"])
         evaluator.update(full, truth, label, predicted, image_decision(predicted))
     return evaluator.compute()
 
@@ -156,12 +174,10 @@ def evaluate_checkpoints(
     title = f"DRAEM results: {', '.join(base_model_names)}"
     report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title)
     print(f"report: {report}")  # last line, so a caller or a log reader finds the page
-    return {category: _mean_over_runs([run[category] for run in per_run]) for category in categories}
-
-
-def _mean_over_runs(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric's mean over the runs (fractions), and its sample standard deviation `<metric>_std` with several runs."""
-    merged = {name: float(np.mean([run[name] for run in runs])) for name in runs[0]}
-    if len(runs) > 1:
-        merged.update({f"{name}_std": float(np.std([run[name] for run in runs], ddof=1)) for name in runs[0]})
+    merged = {}
+    for category in categories:
+        merged[category] = {}
+        for name in per_run[0][category]:
+            mean, std = mean_and_std([run[category][name] for run in per_run])
+            merged[category].update({name: mean, f"{name}_std": std} if len(per_run) > 1 else {name: mean})
     return merged

@@ -61,7 +61,7 @@ CATALOGUE = [
     ("bench", "--device tpu9", "--device 'tpu9' is not a device"),
     ("bench_synthesis", "--samples 0", "--samples"),
     ("calibrate", f"--checkpoint_path {{ckpt}} --base_model_name {BASE} --obj_id brick", "--data_path"),
-    ("calibrate", CALIBRATE + " --val_fraction 1.5", "--val_fraction must be between 0 and 1"),
+    ("calibrate", CALIBRATE + " --val_fraction 1.5", "--val_fraction: must be between 0 and 1"),
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {out}/nothing", "--good_dir"),
     ("train", TRAIN + " --good_dir {out}/nothing --epochs 1 --bs 4", "--good_dir"),
     ("train", TRAIN + " --image_size 64 64 64", "--image_size takes one side or height and width, got 3"),

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, default_collate
 import augment
 import data_loader
 import device_synthesis
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, blend_anomaly
+from data_loader import TrainDataset, TrainImageDataset, blend_anomaly
 from device_synthesis import DEVICE_AUGMENTATIONS, augment_sources, draw_augmentation_indices, synthesize_batch, to_float
 from util.images import to_float as cpu_to_float
 
@@ -217,7 +217,7 @@ def test_device_brightness_statistics_match_the_cpu_path():
 
 def raw_batch(demo, n: int, size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    dataset = RawTrainDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
+    dataset = TrainImageDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
     return default_collate([dataset[0] for _ in range(n)])
 
 
@@ -280,8 +280,8 @@ def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
 
 def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     torch.manual_seed(0)
-    dataset = RawTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
-    assert isinstance(dataset, RawTrainDataset) and len(dataset) == 6
+    dataset = TrainImageDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    assert isinstance(dataset, TrainImageDataset) and len(dataset) == 6
     batch = next(iter(DataLoader(dataset, batch_size=6)))
     assert batch["image"].dtype == batch["source"].dtype == torch.uint8
     assert batch["image"].shape == batch["source"].shape == (6, 3, 64, 64)
@@ -291,7 +291,7 @@ def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     kept = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
     images = next(iter(DataLoader(dataset, batch_size=64)))["image"]
     assert all((kept == image).flatten(1).all(1).any() for image in images)
-    without_sources = RawTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
+    without_sources = TrainImageDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
     assert set(without_sources[0]) == {"image"}
 
 
@@ -311,7 +311,7 @@ def test_device_path_statistics_match_the_cpu_path(tiny_mvtec, monkeypatch):
     monkeypatch.setattr(device_synthesis, "augment_sources", lambda sources, generator: sources)
     n = 4096
     torch.manual_seed(0)
-    cpu_dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    cpu_dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     cpu = coverage_summary(default_collate([cpu_dataset[0] for _ in range(n)]))
     raw = raw_batch(tiny_mvtec, n)
     device = coverage_summary(synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0)))

@@ -30,7 +30,6 @@ from pathlib import Path
 from engine.calibration import (
     calibrate,
     calibrate_normal_only,
-    good_image_paths,
     normal_images,
     normal_set,
     synthetic_set,
@@ -39,8 +38,17 @@ from engine.calibration import (
 from engine.evaluation import DraemScorer
 from engine.validation import split_paths
 from model_unet import check_image_size, model_from_checkpoint
-from util.cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, add_image_size_flag, at_least
+from util.cli import (
+    ArgumentParser,
+    add_checkpoint_flags,
+    add_dataset_flags,
+    add_device_flags,
+    add_image_size_flag,
+    at_least,
+    fraction,
+)
 from util.errors import one_line_errors
+from util.images import find_images
 from util.layouts import LAYOUTS, VALIDATION_LAYOUTS, train_image_paths, validation_image_paths
 from util.runtime import select_device
 from util.thresholds import (
@@ -62,13 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anomaly_source_path",
                         help="texture folder (DTD) the model was trained with, searched recursively; "
                              "omitted: random-noise anomalies, as in training without it")
-    add_image_size_flag(parser, "calibration images, at the size the model is deployed at (predict.py and "
-                                "export_onnx.py refuse a file made at another size)")
+    add_image_size_flag(parser)
     parser.add_argument("--samples", type=at_least(1), default=64,
                         help="synthetic samples to calibrate on, the training mix (about half anomalous)")
     parser.add_argument("--seed", type=at_least(0), default=0,
                         help="seed of the synthesis and of the --val_fraction split (give the training run's seed)")
-    parser.add_argument("--val_fraction", type=float, default=None,
+    parser.add_argument("--val_fraction", type=fraction, default=None,
                         help="calibrate on the training images a run with --val_every and this --val_fraction held out "
                              "(never trained on); omitted: on all training images")
     parser.add_argument("--good_dir",
@@ -80,10 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same thresholds)")
     add_device_flags(parser)
-    args = parser.parse_args(argv)
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    return args
+    return parser.parse_args(argv)
 
 
 @one_line_errors
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
     check_image_size(args.image_size)
     category = args.obj_id
     if args.good_dir is not None:
-        good_image_paths(args.good_dir)  # now, not after the samples are made
+        find_images(args.good_dir, "--good_dir")  # now, not after the samples are made
     device = select_device(args.device, args.gpu_id)
     if args.rule == "mean_std":
         paths, source = normal_set(args.dataset, args.data_path, category, args.val_fraction, args.seed)

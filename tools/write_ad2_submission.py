@@ -1,13 +1,13 @@
-"""Write an MVTec AD 2 submission: every private image's anomaly map and binary mask, then check the whole tree.
+"""Write an MVTec AD 2 submission: every private image's anomaly map and binary mask, then check the tree.
 
     python -m tools.write_ad2_submission --data_path datasets/mvtec_ad2 --checkpoint_path checkpoints \\
-        --base_model_name DRAEM_test_0.0001_700_bs8 --image_size 256 512 --output_dir submission
+        --base_model_name DRAEM_test_0.0001_700_bs8 --obj_id can --image_size 256 512 --output_dir submission
 
 For each object (--obj_id, default -1: all 8) and each private split (test_private, test_private_mixed),
 every image is scored by the test protocol at --image_size, and its map is resized back to the image's
 own size (util/ad2.py) and written as
-  <output_dir>/anomaly_images/<object>/<split>/<stem>.tiff              one channel, float16, continuous scores
-  <output_dir>/anomaly_images_thresholded/<object>/<split>/<stem>.png   one channel, 0 and 255 only
+  <output_dir>/anomaly_images/<object>/<split>/<stem>.tiff             one channel, float16, continuous
+  <output_dir>/anomaly_images_thresholded/<object>/<split>/<stem>.png  one channel, 0 and 255 only
 with the thresholds of the checkpoint pair's threshold file (tools.calibrate; for AD 2, --rule mean_std
 calibrates on validation/good, the organisers' baseline recipe). Then the whole output folder is checked:
 one map and one mask per private image of every object in it and nothing else, float16 one-channel maps,
@@ -15,8 +15,8 @@ one map and one mask per private image of every object in it and nothing else, f
 dataset's private folders; the challenge's counts per split (AD2_PRIVATE_COUNTS) are checked as well when
 the submission holds all 8 objects or with --official_counts. A wrong count, type or value, a missing or
 an extra file is refused with one line (exit 1). --check_only checks an existing output folder without
-writing. Objects written by an earlier run into the same folder are checked along (so objects can be
-written one at a time).
+writing. Objects written by an earlier run into the same folder are checked along, so objects can be
+written one at a time, each at its own --image_size.
 """
 import argparse
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_loader import MVTecDRAEMTestDataset
+from data_loader import LabelledImageDataset
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
 from util.ad2 import (
@@ -52,21 +52,24 @@ from util.thresholds import threshold_path, usable_thresholds
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--data_path", required=True, help="MVTec AD 2 root: the folder holding <object>/test_private")
+    parser.add_argument("--data_path", required=True,
+                        help="MVTec AD 2 root: the folder holding <object>/test_private")
     parser.add_argument("--output_dir", required=True,
-                        help="folder for anomaly_images/ and anomaly_images_thresholded/ (it must hold nothing else)")
-    parser.add_argument("--checkpoint_path", help="folder holding the checkpoint pairs and their threshold files")
+                        help="folder for anomaly_images/ and anomaly_images_thresholded/ (and nothing else)")
+    parser.add_argument("--checkpoint_path", help="folder of the checkpoint pairs and their threshold files")
     parser.add_argument("--base_model_name", default=run_base_name(1e-4, 700, 8),
-                        help="checkpoint base name: files <base>_<object>_.pckl, <base>_<object>__seg.pckl and "
-                             "<base>_<object>_threshold.json (default: what train_draem.py writes with the paper's settings)")
+                        help="checkpoint base name: files <base>_<object>_.pckl, "
+                             "<base>_<object>__seg.pckl and <base>_<object>_threshold.json (default: what "
+                             "train_draem.py writes with the paper's settings)")
     parser.add_argument("--obj_id", "--category", dest="obj_id", default="-1",
                         help=f"an object ({', '.join(AD2_OBJECTS)}), its index, or -1 for all 8")
-    add_image_size_flag(parser, "private images, as the model was trained and calibrated (e.g. 256 512)")
-    parser.add_argument("--batch_size", type=at_least(1), default=8, help="images per forward pass (same maps)")
+    add_image_size_flag(parser)
+    parser.add_argument("--batch_size", type=at_least(1), default=8, help="images per forward pass")
     parser.add_argument("--workers", type=at_least(0), default=0, help="image-reading worker processes")
     parser.add_argument("--official_counts", action="store_true",
-                        help="also require the challenge's image count per private split for every object written")
-    parser.add_argument("--check_only", action="store_true", help="only check an existing --output_dir, write nothing")
+                        help="also require the challenge's image count per private split of every object")
+    parser.add_argument("--check_only", action="store_true",
+                        help="only check an existing --output_dir, write nothing")
     add_device_flags(parser)
     args = parser.parse_args(argv)
     if not args.check_only and args.checkpoint_path is None:
@@ -75,14 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def expected_files(data_path: str | Path, objects: list[str]) -> Expected:
-    """Per object and private split, each image's stem and (height, width): the files a submission must hold."""
-    return {category: {split: {path.stem: stored_shape(path) for path in ad2_private_images(data_path, category, split)}
+    """Per object and private split, each image's stem and (height, width): what a submission must hold."""
+    return {category: {split: {path.stem: stored_shape(path)
+                               for path in ad2_private_images(data_path, category, split)}
                        for split in AD2_PRIVATE_SPLITS}
             for category in objects}
 
 
 def objects_in(output_dir: Path) -> set[str]:
-    """The names of the object folders already in a submission tree (anything else is the check's to refuse)."""
+    """The object folders already in a submission tree (anything else is the check's to refuse)."""
     return {entry.name for tree in (MAPS_DIR, MASKS_DIR) if (output_dir / tree).is_dir()
             for entry in (output_dir / tree).iterdir() if entry.name in AD2_OBJECTS}
 
@@ -92,23 +96,27 @@ def write_object(args: argparse.Namespace, category: str, device: torch.device) 
     """Score one object's private images and write their maps and masks; return how many images."""
     thresholds = usable_thresholds(args.checkpoint_path, args.base_model_name, category, args.image_size)
     if thresholds is None:
-        raise DraemInputError(f"no threshold file {threshold_path(args.checkpoint_path, args.base_model_name, category)}: "
-                              f"calibrate one first (python -m tools.calibrate --rule mean_std --dataset mvtec_ad2 "
-                              f"--obj_id {category} ...)")
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category)).eval().to(device)
+        path = threshold_path(args.checkpoint_path, args.base_model_name, category)
+        raise DraemInputError(f"no threshold file {path}: calibrate one first (python -m tools.calibrate "
+                              f"--rule mean_std --dataset mvtec_ad2 --obj_id {category} ...)")
+    model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, category)
+    scorer = DraemScorer(model).eval().to(device)
     output_dir, count = Path(args.output_dir), 0
     for split in AD2_PRIVATE_SPLITS:
-        paths = ad2_private_images(args.data_path, category, split)
-        dataset = MVTecDRAEMTestDataset(resize_shape=args.image_size, records=[(path, None, 0) for path in paths])
+        records = [(path, None, 0) for path in ad2_private_images(args.data_path, category, split)]
+        dataset = LabelledImageDataset(resize_shape=args.image_size, records=records)
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
         for batch in tqdm(loader, desc=f"{category} {split}", leave=False, dynamic_ncols=True):
             maps, scores = scorer(batch["image"].to(device))
             for path, amap, score in zip(batch["path"], maps[:, 0].float().cpu().numpy(), scores.tolist()):
                 full = full_resolution_map(amap, stored_shape(path))
-                mask = submission_mask(full, score, thresholds["image_threshold"], thresholds["pixel_threshold"])
+                mask = submission_mask(full, score, thresholds["image_threshold"],
+                                       thresholds["pixel_threshold"])
                 stem = Path(path).stem
-                atomic_write_bytes(output_dir / MAPS_DIR / category / split / f"{stem}.tiff", tiff_bytes(full))
-                atomic_write_bytes(output_dir / MASKS_DIR / category / split / f"{stem}{MASK_SUFFIX}", png_bytes(mask))
+                atomic_write_bytes(output_dir / MAPS_DIR / category / split / f"{stem}.tiff",
+                                   tiff_bytes(full))
+                atomic_write_bytes(output_dir / MASKS_DIR / category / split / f"{stem}{MASK_SUFFIX}",
+                                   png_bytes(mask))
                 count += 1
     return count
 
@@ -117,13 +125,11 @@ def write_object(args: argparse.Namespace, category: str, device: torch.device) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    if not Path(args.data_path).is_dir():
-        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the MVTec AD 2 root folder)")
     objects = categories_for("mvtec_ad2", args.obj_id, args.data_path)
     output_dir = Path(args.output_dir)
     if args.check_only and not output_dir.is_dir():
         raise DraemInputError(f"--output_dir {output_dir} does not exist: nothing to check")
-    expected = expected_files(args.data_path, objects)  # every private folder is read before anything is written
+    expected = expected_files(args.data_path, objects)  # every private folder read before anything is written
     if not args.check_only:
         device = select_device(args.device, args.gpu_id)
         for category in objects:
@@ -133,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     official = uses_official_counts(set(expected), args.official_counts)
     files = check_submission(output_dir, expected, official)
     counts = "the challenge's counts and " if official else ""
-    print(f"submission {output_dir}: {files} files for {', '.join(sorted(expected))} ({len(expected)} of 8 objects); "
-          f"checked against {counts}the private images in {args.data_path}: complete, float16 maps, 0/255 masks")
+    print(f"submission {output_dir}: {files} files for {', '.join(sorted(expected))} ({len(expected)} of 8 "
+          f"objects); checked against {counts}the private images in {args.data_path}: complete, float16 "
+          "maps, 0/255 masks")
     return files
 
 

@@ -1,20 +1,20 @@
 """MVTec AD 2's submission: maps at each image's own resolution, the binary masks, the files and their check.
 
 What goes to the evaluation server, per object and private split (util.layouts.AD2_PRIVATE_SPLITS):
-- `anomaly_images/<object>/<split>/<stem>.tiff`: the anomaly map, one channel, float16, continuous scores, at the
-  image's own height and width (`full_resolution_map`: the working-size map resized bilinearly, as OpenCV resizes
-  the images, then rounded to float16);
+- `anomaly_images/<object>/<split>/<stem>.tiff`: the anomaly map, one channel, float16, continuous scores,
+  at the image's own height and width (`full_resolution_map`: the working-size map resized bilinearly, as
+  OpenCV resizes the images, then rounded to float16);
 - `anomaly_images_thresholded/<object>/<split>/<stem>.png`: the binary mask, one channel, 0 and 255 only
   (`submission_mask`), from which the server computes SegF1 and ClassF1;
 and nothing else. Every private split of an object holds AD2_PRIVATE_COUNTS[object] images.
 
-The decisions, one definition each (METHOD.md §6): a pixel is anomalous where its float16 map value is at or
-above the pixel threshold, in an image whose image score is at or above the image threshold (an image called
-normal gets an empty mask); an image is anomalous when its mask has any anomalous pixel (`image_decision`), which
-is how the server can read ClassF1 off the submitted masks.
+The decisions, one definition each (METHOD.md §6): a pixel is anomalous where its float16 map value is at
+or above the pixel threshold, in an image whose image score is at or above the image threshold (an image
+called normal gets an empty mask); an image is anomalous when its mask has any anomalous pixel
+(`image_decision`), which is how the server can read ClassF1 off the submitted masks.
 
-OpenCV 5 writes a float16 array to TIFF as 8-bit (it falls back to CV_8U with a warning), so the maps go through
-tifffile, which writes and reads float16 TIFF pages as they are.
+OpenCV 5 writes a float16 array to TIFF as 8-bit (it falls back to CV_8U with a warning), so the maps go
+through tifffile, which writes and reads float16 TIFF pages as they are.
 """
 import io
 import os
@@ -48,8 +48,11 @@ def full_resolution_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return amap.astype(np.float16)
 
 
-def submission_mask(amap: np.ndarray, image_score: float, image_threshold: float, pixel_threshold: float) -> np.ndarray:
-    """The binary mask of one image (bool H×W): map >= pixel threshold where image score >= image threshold, else empty.
+def submission_mask(
+    amap: np.ndarray, image_score: float, image_threshold: float, pixel_threshold: float
+) -> np.ndarray:
+    """The binary mask of one image (bool H×W): map >= pixel threshold where image score >= image threshold,
+    else empty.
 
     Compared in float64, as predict.py compares: NumPy would round a threshold to the map's precision first.
     """
@@ -78,7 +81,8 @@ def png_bytes(mask: np.ndarray) -> bytes:
 
 
 def _refuse(path: Path, problem: str) -> NoReturn:
-    raise DraemInputError(f"submission not valid: {path} {problem}; fix it or delete the output folder and write it again")
+    raise DraemInputError(f"submission not valid: {path} {problem}; fix it or delete the output folder and "
+                          "write it again")
 
 
 def _check_map(path: Path, shape: tuple[int, int]) -> None:
@@ -99,14 +103,16 @@ def _check_map(path: Path, shape: tuple[int, int]) -> None:
 
 
 def _check_mask(path: Path, shape: tuple[int, int]) -> None:
-    mask = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if path.stat().st_size else None
+    data = np.fromfile(path, dtype=np.uint8)
+    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         _refuse(path, "cannot be read as PNG")
     if mask.ndim != 2 or mask.dtype != np.uint8:
         _refuse(path, f"is not one 8-bit channel ({mask.dtype}, shape {mask.shape})")
     values = np.unique(mask)
     if not np.isin(values, (0, 255)).all():
-        _refuse(path, f"holds values other than 0 and 255 ({', '.join(str(v) for v in values if v not in (0, 255))})")
+        others = ", ".join(str(v) for v in values if v not in (0, 255))
+        _refuse(path, f"holds values other than 0 and 255 ({others})")
     if mask.shape != tuple(shape):
         _refuse(path, f"is {mask.shape[0]}x{mask.shape[1]}, not the image's {shape[0]}x{shape[1]}")
 
@@ -119,16 +125,18 @@ def _check_entries(folder: Path, expected: set[str], what: str) -> None:
     if missing := sorted(expected - present):
         _refuse(folder / missing[0], f"is missing ({len(missing)} missing in {folder})")
     if extra := sorted(present - expected):
-        _refuse(folder / extra[0], f"is not part of a submission ({len(extra)} extra in {folder}: expected {what} only)")
+        _refuse(folder / extra[0], f"is not part of a submission ({len(extra)} extra in {folder}: expected "
+                                   f"{what} only)")
 
 
 def check_submission(output_dir: str | os.PathLike, expected: Expected, official_counts: bool) -> int:
-    """Refuse (DraemInputError, one line) a submission tree that is not exactly `expected`; return its file count.
+    """Refuse (DraemInputError, one line) a submission tree that is not exactly `expected`; return its file
+    count.
 
-    Checks: the two trees and nothing else; in each, the objects and private splits of `expected` and nothing else;
-    per split one map and one mask for each expected stem and nothing else, and with `official_counts` as many as
-    AD2_PRIVATE_COUNTS says; every map a one-page, one-channel float16 TIFF, finite, at its image's size; every mask
-    a one-channel uint8 PNG of 0 and 255 only, at its image's size.
+    Checks: the two trees and nothing else; in each, the objects and private splits of `expected` and nothing
+    else; per split one map and one mask for each expected stem and nothing else, and with `official_counts`
+    as many as AD2_PRIVATE_COUNTS says; every map a one-page, one-channel float16 TIFF, finite, at its image's
+    size; every mask a one-channel uint8 PNG of 0 and 255 only, at its image's size.
     """
     root = Path(output_dir)
     _check_entries(root, {MAPS_DIR, MASKS_DIR}, f"{MAPS_DIR}/ and {MASKS_DIR}/")
@@ -141,10 +149,11 @@ def check_submission(output_dir: str | os.PathLike, expected: Expected, official
                 stems = splits[split]
                 folder = root / tree / category / split
                 if official_counts and len(stems) != AD2_PRIVATE_COUNTS[category]:
-                    raise DraemInputError(f"submission not valid: {category}/{split} has {len(stems)} images, the "
-                                          f"challenge's {AD2_PRIVATE_COUNTS[category]}: is --data_path the complete "
-                                          "MVTec AD 2?")
-                _check_entries(folder, {f"{stem}{suffix}" for stem in stems}, f"one {suffix} per {split} image")
+                    raise DraemInputError(f"submission not valid: {category}/{split} has {len(stems)} "
+                                          f"images, the challenge's {AD2_PRIVATE_COUNTS[category]}: is "
+                                          "--data_path the complete MVTec AD 2?")
+                names = {f"{stem}{suffix}" for stem in stems}
+                _check_entries(folder, names, f"one {suffix} per {split} image")
                 for stem, shape in stems.items():
                     path = folder / f"{stem}{suffix}"
                     if not path.is_file():
@@ -155,5 +164,6 @@ def check_submission(output_dir: str | os.PathLike, expected: Expected, official
 
 
 def uses_official_counts(objects: set[str], asked: bool) -> bool:
-    """Whether the official per-split counts apply: when asked for, or when the submission holds all 8 objects."""
+    """Whether the official per-split counts apply: when asked for, or when the submission holds all 8
+    objects."""
     return asked or objects == set(AD2_OBJECTS)

@@ -14,7 +14,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a flag means what it says: `--epoch` is not quietly `--epochs`
         super().__init__(*args, **kwargs)
+
+    def typed(self, argv: list[str] | None = None) -> set[str]:
+        """The destinations of the flags the user typed (a default equal to a typed value still counts as typed)."""
+        argv = sys.argv[1:] if argv is None else argv
+        return {action.dest for action in self._actions for option in action.option_strings
+                for token in argv if token == option or token.startswith(option + "=")}
 
     def error(self, message: str) -> None:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -25,10 +32,7 @@ def at_least(minimum: int, kind: type = int):
     """An argparse `type` accepting numbers >= `minimum` (e.g. a batch size of 1 or more)."""
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        value = _number(text, kind)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {text}")
         return value
@@ -37,14 +41,26 @@ def at_least(minimum: int, kind: type = int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse `type` accepting floats > 0 (a learning rate)."""
+def _number(text: str, kind: type = float):
     try:
-        value = float(text)
+        return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type` accepting floats > 0 (a learning rate)."""
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse `type` accepting a fraction strictly between 0 and 1 (a share of the images to hold out)."""
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
@@ -57,11 +73,19 @@ class ImageSize(argparse.Action):
         setattr(namespace, self.dest, (values[0], values[-1]))
 
 
-def add_image_size_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser, what: str) -> None:
-    """--image_size: `what` (the images this size applies to) is resized to it; default 256 x 256, as released."""
-    group.add_argument("--image_size", nargs="+", type=int, action=ImageSize, default=(256, 256), metavar="SIDE",
-                       help=f"{what}: one side (square; released: 256) or height and width (e.g. 256 384), "
-                            "multiples of 32")
+def add_image_size_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """--image_size, stored as (height, width); default 256 x 256, as released."""
+    group.add_argument("--image_size", nargs="+", type=at_least(32), action=ImageSize, default=(256, 256),
+                       metavar="SIDE",
+                       help="size of the images the model sees: one side (square; released: 256) or height and "
+                            "width (e.g. 256 384), multiples of 32; test, predict, calibrate and export at the size "
+                            "the model was trained at")
+
+
+def add_width_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument("--base_width", type=at_least(1), default=128, help="reconstructive network width (released: 128)")
+    group.add_argument("--seg_base_width", type=at_least(1), default=64,
+                       help="discriminative network width (released: 64)")
 
 
 def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, gpu_id: bool = True) -> None:

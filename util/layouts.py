@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from util.errors import DraemInputError
-from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, sorted_images
+from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, find_images, sorted_images
 
 # The released programs' --obj_id order: id i is CATEGORIES[i]; -1 means all of them.
 CATEGORIES = (
@@ -93,16 +93,8 @@ def resolve_categories(
 
 def find_anomaly_sources(path: str | os.PathLike) -> list[Path]:
     """Every .jpg/.jpeg/.png under `path`, recursively (so both dtd/ and dtd/images/ work), sorted."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DraemInputError(
-            f"anomaly source folder {path} does not exist: pass the DTD folder (dtd/ or dtd/images/), "
-            "or leave the option out to use random-noise sources"
-        )
-    sources = sorted_images(path.rglob("*"))
-    if not sources:
-        raise DraemInputError(f"no .jpg/.jpeg/.png images under anomaly source folder {path}")
-    return sources
+    return find_images(path, "anomaly source folder", IMAGE_SUFFIXES,
+                       hint=": pass the DTD folder (dtd/ or dtd/images/), or leave the option out to use random-noise sources")
 
 
 
@@ -327,8 +319,6 @@ def evaluation_records(
 def _folder_categories(data_path: str | os.PathLike) -> list[str]:
     """Sub-folders of `data_path` that hold train/good, sorted."""
     root = Path(data_path)
-    if not root.is_dir():
-        raise DraemInputError(f"data path {root} does not exist: the folder layout is <data_path>/<category>/train/good")
     return sorted(child.name for child in root.iterdir() if (child / "train" / GOOD).is_dir())
 
 
@@ -339,6 +329,8 @@ def categories_for(layout: str, obj_id: str | int, data_path: str | os.PathLike)
     mvtec_loco: LOCO_CATEGORIES; folder: over the sub-folders of data_path that hold train/good (-1: all
     of them). In every layout a name with a folder under data_path is accepted too.
     """
+    if not Path(data_path).is_dir():
+        raise DraemInputError(f"--data_path {data_path} does not exist (point it at the dataset root folder)")
     named = {"mvtec": CATEGORIES, "mvtec_ad2": AD2_OBJECTS, "mvtec_loco": LOCO_CATEGORIES}
     if _check_layout(layout) in named:
         return resolve_categories(obj_id, named[layout], data_path)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 from util.atomic import atomic_write_text
 from util.errors import DraemInputError
@@ -152,20 +151,3 @@ class MeanStd:
     def threshold(self, k: float) -> float:
         """mean + k·std."""
         return self.mean + k * self.std
-
-
-def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on ties.
-
-    Candidates are the thresholds of sklearn's precision_recall_curve (the distinct scores, down to the
-    first that reaches full recall). F1 = 2·TP / (called + positives) is computed from integer counts,
-    so thresholds with mathematically equal F1 get bitwise equal values and the tie rule holds;
-    2PR / (P + R) from the curve's rounded precision and recall can differ in the last bit.
-    """
-    labels, scores = np.asarray(labels).ravel() == 1, np.asarray(scores).ravel()
-    _, _, thresholds = precision_recall_curve(labels, scores)  # increasing
-    called = scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
-    hits = labels.sum() - np.searchsorted(np.sort(scores[labels]), thresholds, side="left")
-    f1 = 2 * hits / (called + labels.sum())
-    best = int(np.argmax(f1))  # the first maximum: the lowest threshold reaching it
-    return float(thresholds[best]), float(f1[best])
