@@ -300,16 +300,23 @@ def test_the_check_passes_the_written_tree_and_applies_the_official_counts_when_
              "--check_only"]
     # Both objects (rice found in the folder), 2 splits, a map and a mask each.
     assert write_ad2_submission.main(check) == 2 * 2 * 2 * PRIVATE
+    assert write_ad2_submission.main([*check[:2], *check[4:]]) == 2 * 2 * 2 * PRIVATE  # -1: what it holds
     line = one_line_exit(write_ad2_submission.main, [*check, "--official_counts"], capsys)
     assert "can/test_private has 3 images, the challenge's 321" in line
     assert uses_official_counts(set(AD2), False) and uses_official_counts({"can"}, True)
     assert not uses_official_counts({"can", "rice"}, False)
 
 
-def test_the_writer_needs_a_threshold_file(trained, tmp_path, capsys):
+def test_the_writer_needs_a_threshold_file_and_a_folder_of_its_own(trained, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained["ckpt"], ckpt)
     threshold_path(ckpt, BASE, "can").unlink()
     argv = write_submission({**trained, "ckpt": ckpt}, tmp_path / "sub", "can")
     assert "calibrate one first" in one_line_exit(write_ad2_submission.main, argv, capsys)
     assert not (tmp_path / "sub").exists()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("mine")
+    argv = write_submission(trained, tmp_path / "sub", "can")
+    line = one_line_exit(write_ad2_submission.main, argv, capsys)
+    assert "holds notes.txt, which is not part of a submission" in line
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["notes.txt"]  # refused before writing

@@ -129,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     if args.check_only and not output_dir.is_dir():
         raise DraemInputError(f"--output_dir {output_dir} does not exist: nothing to check")
+    if args.check_only and str(args.obj_id).strip() == "-1":
+        objects = []  # check the objects the folder holds
+    present = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
+    stray = [name for name in present if name not in (MAPS_DIR, MASKS_DIR)]
+    if stray:  # refused before anything is written into someone's folder
+        raise DraemInputError(f"--output_dir {output_dir} holds {stray[0]}, which is not part of a "
+                              "submission: give a new or empty folder")
     expected = expected_files(args.data_path, objects)  # every private folder read before anything is written
     if not args.check_only:
         device = select_device(args.device, args.gpu_id)
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{category}: wrote {write_object(args, category, device)} maps and masks")
     earlier = sorted(objects_in(output_dir) - set(objects))
     expected = {**expected, **expected_files(args.data_path, earlier)}
+    if not expected:
+        raise DraemInputError(f"--output_dir {output_dir} holds no object of a submission: nothing to check")
     official = uses_official_counts(set(expected), args.official_counts)
     files = check_submission(output_dir, expected, official)
     counts = "the challenge's counts and " if official else ""
