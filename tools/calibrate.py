@@ -1,11 +1,11 @@
 """Calibrate deployable thresholds for a trained checkpoint pair, without the test set.
 
-    python calibrate.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
+    python -m tools.calibrate --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
         --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
 
 Makes --samples training-style samples from the category's training images (about half with a
 synthetic anomaly, METHOD.md §2), scores them with the test protocol, and picks the image-score
-threshold and the pixel threshold that maximise F1 on them (calibration.py explains the rule and its
+threshold and the pixel threshold that maximise F1 on them (util/thresholds.py explains the rule and its
 limit). Only <category>/train is read, never <category>/test. The thresholds go to
 <checkpoint_path>/<base>_<category>_threshold.json, which predict.py and export_onnx.py use by default
 and beside which test_draem.py reports precision, recall and F1 at the threshold.

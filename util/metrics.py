@@ -26,7 +26,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from util.atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
-# At the image threshold calibrated without the test set (calibration.py); F1-max above is chosen on the test set,
+# At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the test set,
 # an upper bound. Empty where a checkpoint has no threshold file.
 THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
 TABLE_METRICS = (*METRICS, *THRESHOLD_METRICS)

@@ -47,7 +47,7 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
         float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {exc}): "
-                              "delete it and calibrate again (calibrate.py)") from None
+                              "delete it and calibrate again (python -m tools.calibrate)") from None
     return thresholds
 
 
@@ -73,7 +73,7 @@ def usable_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, categor
     if thresholds is not None and thresholds.get("image_size", image_size) != image_size:
         raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was calibrated at "
                               f"image size {thresholds['image_size']}, not {image_size}: calibrate again at this size "
-                              "(calibrate.py --image_size) or use the size it was made for")
+                              "(python -m tools.calibrate --image_size) or use the size it was made for")
     return thresholds
 
 
