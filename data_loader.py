@@ -101,8 +101,7 @@ def make_training_sample(
 
 
 class TrainDataset(Dataset):
-    """(The released MVTecDRAEMTrainDataset.) Synthetic-anomaly training samples from `<category>/train/good`, or
-    from a list of images of any layout (METHOD.md §2).
+    """Synthetic-anomaly training samples (METHOD.md §2): the released MVTecDRAEMTrainDataset, for any layout.
 
     Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (of any layout: `layouts.train_image_paths`).
     Each item is a dict: image, augmented_image (float32 3 x H x W, BGR, [0, 1]), anomaly_mask
@@ -176,8 +175,9 @@ class TrainImageDataset(TrainDataset):
 
 
 class LabelledImageDataset(Dataset):
-    """(The released MVTecDRAEMTestDataset.) Test images with labels and ground-truth masks:
-    `<category>/test/<defect>/*` sorted, or records of any layout.
+    """Test images with labels and ground-truth masks: the released MVTecDRAEMTestDataset, for any layout.
+
+    The images of an MVTec AD `test` folder are `<category>/test/<defect>/*`, sorted.
 
     Give `root_dir` (an MVTec AD `test` folder: label `good` = 0, masks
     `ground_truth/<defect>/<stem>_mask.png`) or `records`, a list of (image, mask or None, label)

@@ -11,7 +11,7 @@ in sorted path order; a file that cannot be read gets an empty score and its err
 goes on. With --save_images, <output_dir>/overlays/<path relative to --input>.png shows each image
 beside its anomaly heat map.
 
-Thresholds: when the checkpoint pair has a threshold file (calibrate.py, calibrated without the test
+Thresholds: when the checkpoint pair has a threshold file (tools/calibrate.py, calibrated without the test
 set), its image threshold adds an is_anomalous column (1 where image score >= threshold), and with
 --save_images its pixel threshold gives a binary defect mask per image,
 <output_dir>/masks/<path relative to --input>.png (255 where anomaly map >= pixel threshold, else 0).
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
         called = sum(1 for s in scores if s is not None and s >= threshold)
         summary += f"; {called} at or above image threshold {threshold:.6g} ({threshold_source})"
     else:
-        summary += f"; no threshold ({threshold_file} not found: run calibrate.py, or give --threshold)"
+        summary += f"; no threshold ({threshold_file} not found: run python -m tools.calibrate, or give --threshold)"
     if args.save_images and pixel_threshold is not None:
         summary += f"; defect masks at pixel threshold {pixel_threshold:.6g} in {output_dir / MASK_DIR}"
     print(f"{summary}; wrote {csv_path}")

@@ -149,7 +149,7 @@ def evaluate_checkpoints(
     """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print the table.
 
     Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
-    threshold file beside a pair (calibration.py), precision, recall and F1 at that threshold are reported too.
+    threshold file beside a pair (util/thresholds.py), precision, recall and F1 at that threshold are reported too.
     Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
     """
     runs: dict[str, dict[str, CategoryResult]] = {}

@@ -8,7 +8,11 @@
   (TYPE_CHECKING), where it could dodge one.
 """
 import ast
+import importlib
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("util", "engine", "tools")
@@ -129,3 +133,22 @@ def test_the_check_catches_a_cycle_and_an_import_hidden_to_dodge_it():
 def test_the_check_catches_a_method_file_importing_the_engine():
     broken = with_line(project_sources(), "loss", "from engine.evaluation import DraemScorer")
     assert violations(broken) == ["loss: a method file imports engine.evaluation"]
+
+
+def readme_programs() -> set[tuple[str, ...]]:
+    """Each program a README command runs (in code blocks and inline), as the words before its flags:
+    ("train_draem.py",) or ("-m", "tools.calibrate"); the test runner itself left out."""
+    found = re.findall(r"(?:python|torchrun --nproc_per_node \w+)\s+(-m\s+[\w.]*\w\b(?![<.])|[\w/]+\.py)",
+                       (ROOT / "README.md").read_text())
+    return {tuple(program.split()) for program in found} - {("-m", "pytest")}
+
+
+def test_every_program_the_readme_shows_answers_help_from_the_repository_root(capsys):
+    # In process (the root is on sys.path, as for `python -m` from the root): importing torch once, not per program.
+    programs = readme_programs()
+    assert {("train_draem.py",), ("test_draem.py",), ("-m", "tools.calibrate")} <= programs
+    for program in sorted(programs):
+        module = importlib.import_module(program[1] if program[0] == "-m" else program[0].removesuffix(".py"))
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out, program

@@ -108,7 +108,7 @@ def test_solarize_is_applied_to_about_half_of_the_samples():
 # whole SIMD blocks (64 pixels here). Lab and Luv are float equivalents of OpenCV's fixed-point tables.
 # On this batch of noise, with the ranges' end points, they measure 0.22-0.23 and 1.5-1.6 over four seeds.
 # Luv's error is mostly OpenCV's wrap of far out-of-gamut colours when noise is darkened, as listed in
-# synthesis_gpu.py. The bounds leave about 50 % and 25 % margin.
+# device_synthesis.py. The bounds leave about 50 % and 25 % margin.
 BRIGHTNESS_MEAN_TOLERANCE = {"YCrCb": 0, "HSV": 0, "HLS": 0, "Lab": 0.35, "Luv": 2.0, "YUV": 0}
 
 
@@ -145,7 +145,7 @@ def test_device_colour_conversions_give_opencvs_bytes(name):
 
 def test_device_lab_and_luv_are_close_to_opencv():
     """Float formulas for OpenCV's table-based Lab and Luv. Forward over all 2**24 colours: at most 3 and 1
-    levels off (measured, synthesis_gpu.py). Inverse near black, where OpenCV clamps 1/v' to ±1/4:
+    levels off (measured, device_synthesis.py). Inverse near black, where OpenCV clamps 1/v' to ±1/4:
     a fixed grid measures a mean of 2.74 levels, and 3.90 without that clamp."""
     triples = random_triples(11)
     image = np.ascontiguousarray(triples[0].permute(1, 2, 0).numpy())

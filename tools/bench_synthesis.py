@@ -9,8 +9,8 @@ for normal samples. For the same seed both give the same samples (masks bit for 
 float32 rounding); tests/test_data_loader.py checks it. Both run on one core in the main
 process, then in N DataLoader workers.
 
-    python bench_synthesis.py                       # demo images of MVTec size (1024 px), made in a temp folder
-    python bench_synthesis.py --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
+    python -m tools.bench_synthesis                       # demo images of MVTec size (1024 px), made in a temp folder
+    python -m tools.bench_synthesis --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
 """
 import argparse
 import json

@@ -7,7 +7,7 @@
 
 Makes --samples training-style samples from the category's training images (about half with a
 synthetic anomaly, METHOD.md §2), scores them with the test protocol, and picks the image-score
-threshold and the pixel threshold that maximise F1 on them (calibration.py explains the rule and its
+threshold and the pixel threshold that maximise F1 on them (util/thresholds.py explains the rule and its
 limit). Only <category>/train is read, never <category>/test. The thresholds go to
 <checkpoint_path>/<base>_<category>_threshold.json, which predict.py and export_onnx.py use by default
 and beside which test_draem.py reports precision, recall and F1 at the threshold.

@@ -28,7 +28,7 @@ from util.atomic import atomic_write_text
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
 # MVTec AD 2's leaderboard metrics at each image's own resolution (FullResolutionEvaluator), in its layout's tables only.
 AD2_METRICS = ("aupro_005", "seg_f1", "class_f1")
-# At the image threshold calibrated without the test set (calibration.py); F1-max above is chosen on the test set,
+# At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the test set,
 # an upper bound. Empty where a checkpoint has no threshold file.
 THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
 TABLE_METRICS = (*METRICS, *THRESHOLD_METRICS)

@@ -62,7 +62,7 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
         float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {exc}): "
-                              "delete it and calibrate again (calibrate.py)") from None
+                              "delete it and calibrate again (python -m tools.calibrate)") from None
     return thresholds
 
 
@@ -90,7 +90,7 @@ def usable_thresholds(
     if thresholds is not None and image_shape(thresholds.get("image_size", image_size)) != image_shape(image_size):
         raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was calibrated at "
                               f"image size {shape_text(thresholds['image_size'])}, not {shape_text(image_size)}: calibrate "
-                              "again at this size (calibrate.py --image_size) or use the size it was made for")
+                              "again at this size (python -m tools.calibrate --image_size) or use the size it was made for")
     return thresholds
 
 
