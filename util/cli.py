@@ -97,7 +97,9 @@ def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, g
 def add_dataset_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, layouts: tuple[str, ...]) -> None:
     group.add_argument("--dataset", choices=layouts, default="mvtec",
                        help="layout of --data_path: mvtec | folder (<root>/<category>/train/good, test/<good|defect>, optional "
-                            "ground_truth/<defect>/<stem><mask_suffix>.png) | visa (<root>/split_csv/1cls.csv)")
+                            "ground_truth/<defect>/<stem><mask_suffix>.png) | visa (<root>/split_csv/1cls.csv) | "
+                            "mvtec_ad2 (MVTec AD 2: train/good, validation/good, test_public) | mvtec_loco (MVTec "
+                            "LOCO AD: train/good, validation/good, test, ground_truth/<defect>/<stem>/*.png)")
     group.add_argument("--mask_suffix", default="_mask",
                        help="mask file name ending for mvtec/folder test sets: ground_truth/<defect>/<stem><suffix>.png")
 
