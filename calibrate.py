@@ -19,12 +19,14 @@ known-good images as normals, to raise the threshold against false alarms on rea
 import argparse
 from pathlib import Path
 
+from atomic import check_output_file
 from calibration import (
     TRAINING_SOURCE,
     VALIDATION_SOURCE,
     calibrate,
     good_image_paths,
     synthetic_set,
+    threshold_path,
     with_good_images,
     write_thresholds,
 )
@@ -34,6 +36,7 @@ from errors import one_line_errors
 from evaluation import DraemScorer
 from layouts import LAYOUTS, train_image_paths
 from model_unet import check_image_size
+from provenance import provenance
 from runtime import select_device
 from validation import split_paths
 
@@ -73,8 +76,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
     category = args.obj_id
+    # Everything checked before the samples are made: the pair, the threshold file's place, the images.
+    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
+    check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category), "the threshold file")
     if args.good_dir is not None:
-        good_image_paths(args.good_dir)  # now, not after the samples are made
+        good_image_paths(args.good_dir)
     paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
     if args.val_fraction is not None:
         _, paths = split_paths(paths, args.val_fraction, args.seed)
@@ -82,9 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
     samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
     samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
     device = select_device(args.device, args.gpu_id)
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
-    path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds)
+    path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
+                            provenance("calibrate.py", args, device))
     print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 {thresholds['image_f1']:.3f}), "
           f"pixel threshold {thresholds['pixel_threshold']:.6g} (F1 {thresholds['pixel_f1']:.3f}) on "
           f"{thresholds['n_normal']} normal and {thresholds['n_anomalous']} anomalous samples from {len(paths)} {source}; "

@@ -29,7 +29,7 @@ from sklearn.metrics import precision_recall_curve
 from atomic import atomic_write_text
 from data_loader import MVTecDRAEMTrainDataset
 from errors import DraemInputError
-from images import FOLDER_IMAGE_SUFFIXES, read_image, sorted_images, to_chw
+from images import FOLDER_IMAGE_SUFFIXES, image_format, read_image, sorted_images, to_chw
 
 if TYPE_CHECKING:  # for annotations only: evaluation.py imports this module and validation.py imports evaluation.py
     from evaluation import DraemScorer
@@ -50,12 +50,22 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
     path = threshold_path(checkpoint_dir, base_name, category)
     if not path.is_file():
         return None
+    fix = "delete it and calibrate again (calibrate.py)"
     try:
-        thresholds = json.loads(path.read_text())
-        float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {exc}): "
-                              "delete it and calibrate again (calibrate.py)") from None
+        thresholds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {reason}): {fix}") from None
+    if not isinstance(thresholds, dict):
+        raise DraemInputError(f"threshold file {path} holds a JSON {type(thresholds).__name__}, not an object: {fix}")
+    for key in ("image_threshold", "pixel_threshold"):
+        value = thresholds.get(key)
+        # bool is an int to Python, and json reads NaN and Infinity: none of them is a threshold
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise DraemInputError(f"threshold file {path}: {key} is {value!r}, not a finite number: {fix}")
+    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number: {fix}")
     return thresholds
 
 
@@ -106,10 +116,14 @@ def thresholds_in_use(
     return ThresholdsInUse(image, source, None if thresholds is None else thresholds["pixel_threshold"], file)
 
 
-def write_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict) -> Path:
-    """Store a checkpoint pair's thresholds (the dict `calibrate` returns) as JSON, atomically; returns the file."""
+def write_thresholds(
+    checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict, provenance: dict | None = None
+) -> Path:
+    """Store a checkpoint pair's thresholds (the dict `calibrate` returns), with the provenance of the run that
+    calibrated them (provenance.py) when given, as JSON, atomically; returns the file."""
     path = threshold_path(checkpoint_dir, base_name, category)
-    atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
+    record = thresholds if provenance is None else {**thresholds, "provenance": provenance}
+    atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -169,10 +183,13 @@ def calibrate(
 
 
 def good_image_paths(good_dir: str | os.PathLike) -> list[Path]:
-    """Every image under `good_dir` (recursively, sorted); none, or no folder, is a one-line error."""
+    """Every image under `good_dir` (recursively, sorted), each a non-empty image file; none, or no folder, is a
+    one-line error."""
     paths = sorted_images(Path(good_dir).rglob("*"), FOLDER_IMAGE_SUFFIXES) if Path(good_dir).is_dir() else []
     if not paths:
         raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --good_dir {good_dir}")
+    for path in paths:  # a few bytes each, so a broken file is found before training, not after it
+        image_format(path, "--good_dir image")
     return paths
 
 

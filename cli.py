@@ -4,6 +4,7 @@ The same idea has the same flag in every program; where the released programs na
 name is kept and the other spellings are aliases (`--obj_id` / `--category`).
 """
 import argparse
+import math
 import sys
 
 from runtime import PRECISIONS
@@ -37,15 +38,54 @@ def at_least(minimum: int, kind: type = int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse `type` accepting floats > 0 (a learning rate)."""
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type` accepting finite floats > 0 (a learning rate, a tolerance)."""
+    value = _finite(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse `type` accepting finite floats >= 0 (a loss weight)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type` accepting any finite float (a threshold: nan would flag nothing, silently)."""
+    return _finite(text)
+
+
+def plain_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a category or base name, part of file names inside one folder; None when it can."""
+    if not name or name.strip() != name:
+        return "it is empty or starts or ends with a space"
+    if name in (".", "..") or any(separator in name for separator in ("/", "\\")):
+        return "a name has no '/' or '\\' and is not '.' or '..', so files named after it stay in their folder"
+    if any(ord(character) < 32 for character in name):
+        return "it holds a control character"
+    return None
+
+
+def plain_name(text: str) -> str:
+    """An argparse `type` for a category or checkpoint base name: a plain name that cannot lead out of its folder."""
+    problem = plain_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: {problem}")
+    return text
 
 
 def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, gpu_id: bool = True) -> None:
@@ -72,7 +112,7 @@ def add_fast_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that name one category's checkpoint pair (predict, export)."""
     parser.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pair")
-    parser.add_argument("--base_model_name", required=True,
+    parser.add_argument("--base_model_name", required=True, type=plain_name,
                         help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl")
-    parser.add_argument("--obj_id", "--category", dest="obj_id", required=True,
+    parser.add_argument("--obj_id", "--category", dest="obj_id", required=True, type=plain_name,
                         help="the category part of the checkpoint file names, e.g. carpet")

@@ -22,7 +22,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from errors import DraemInputError
-from images import load_images, read_image, read_image_uint8, read_mask, read_nonzero_mask, to_chw
+from images import (
+    check_mask_file,
+    image_format,
+    load_images,
+    read_image,
+    read_image_uint8,
+    read_mask,
+    read_nonzero_mask,
+    to_chw,
+)
 from layouts import (
     MVTEC_MASK_SUFFIX,
     ImageRecord,
@@ -137,11 +146,14 @@ class MVTecDRAEMTestDataset(Dataset):
         self.records = [(Path(image), None if mask is None else Path(mask), int(label)) for image, mask, label in records]
         if not self.records:
             raise DraemInputError("no test images were given")
-        for image, mask, _ in self.records:
+        for image, mask, _ in self.records:  # checked now (a few bytes each), not after scoring half of them
             if not image.is_file():
                 raise DraemInputError(f"test image {image} does not exist")
+            image_format(image, "test image")
             if mask is not None and not mask.is_file():
                 raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+            if mask is not None:
+                check_mask_file(mask)
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
 

@@ -15,12 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from atomic import check_output_files, check_output_folder
 from calibration import metrics_at_threshold, usable_thresholds
-from checkpoints import model_from_checkpoint
-from data_loader import make_test_dataset
+from checkpoints import checkpoint_paths, model_from_checkpoint
+from data_loader import MVTecDRAEMTestDataset, make_test_dataset
+from errors import DraemInputError
 from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
 from model_unet import DraemModel, anomaly_map
-from report import write_report
+from report import FILES_DIR, REPORT_NAME, write_report
 from runtime import autocast, prepare_model, to_memory_format
 from visualize import heatmap_overlay, save_png
 
@@ -84,9 +86,11 @@ def evaluate(
 def evaluate_category(
     scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int, device: torch.device,
     batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask", overlay_dir: Path | None = None,
+    dataset: MVTecDRAEMTestDataset | None = None,
 ) -> CategoryResult:
-    """The released protocol on one category's test set (see `evaluate`)."""
-    dataset = make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
+    """The released protocol on one category's test set (see `evaluate`); `dataset`: that test set, already made."""
+    if dataset is None:
+        dataset = make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
     return evaluate(scorer, DataLoader(dataset, batch_size=batch_size), len(dataset), (image_size, image_size), device,
                     overlay_dir, desc=f"test {category}")
 
@@ -95,14 +99,32 @@ def evaluate_checkpoints(
     *, checkpoint_path: str | os.PathLike, base_model_names: Sequence[str], data_path: str | os.PathLike,
     categories: Sequence[str], image_size: int, device: torch.device, output_dir: str | os.PathLike, batch_size: int = 1,
     layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
-    compile: bool = False, save_images: bool = False,
+    compile: bool = False, save_images: bool = False, provenance: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print the table.
 
     Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
     threshold file beside a pair (calibration.py), precision, recall and F1 at that threshold are reported too.
+    `provenance` (provenance.py) goes into the results JSON and the report. Every checkpoint pair, threshold file,
+    test image and mask, and the output folder, is checked before the first image is scored.
     Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
     """
+    stem = f"results_{base_model_names[0]}" + (f"_{len(base_model_names)}runs" if len(base_model_names) > 1 else "")
+    check_output_folder(output_dir, "--output_dir")
+    check_output_files([Path(output_dir) / f"{stem}.{suffix}" for suffix in ("md", "csv", "json")]
+                       + [Path(output_dir) / REPORT_NAME], "the results")
+    if (Path(output_dir) / FILES_DIR).is_file():
+        raise DraemInputError(f"{Path(output_dir) / FILES_DIR} is a file, but the report puts its pictures in a folder of "
+                              "that name: move the file away")
+    datasets = {category: make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
+                for category in categories}
+    thresholds = {}
+    for base_name in base_model_names:
+        for category in categories:
+            for path in checkpoint_paths(checkpoint_path, base_name, category):
+                if not path.is_file():
+                    raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
+            thresholds[base_name, category] = usable_thresholds(checkpoint_path, base_name, category, image_size)
     runs: dict[str, dict[str, CategoryResult]] = {}
     for base_name in base_model_names:
         runs[base_name] = {}
@@ -110,20 +132,19 @@ def evaluate_checkpoints(
             model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
             overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
             result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
-                                       batch_size, layout, mask_suffix, overlay_dir)
-            thresholds = usable_thresholds(checkpoint_path, base_name, category, image_size)
-            threshold = None if thresholds is None else thresholds["image_threshold"]
+                                       batch_size, layout, mask_suffix, overlay_dir, datasets[category])
+            stored = thresholds[base_name, category]
+            threshold = None if stored is None else stored["image_threshold"]
             result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
             runs[base_name][category] = result
     per_run = [{category: result.metrics for category, result in results.items()} for results in runs.values()]
     rows = results_rows(per_run)
-    stem = f"results_{base_model_names[0]}" + (f"_{len(runs)}runs" if len(runs) > 1 else "")
-    written = write_results(rows, output_dir, stem)
+    written = write_results(rows, output_dir, stem, provenance)
     print(format_markdown(rows))
     print(f"results written to {', '.join(str(p) for p in written.values())}")
     # Curves and pictures need one run's maps: the first; the page says so when the table is over several runs.
     title = f"DRAEM results: {', '.join(base_model_names)}"
-    report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title)
+    report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title, provenance)
     print(f"report: {report}")  # last line, so a caller or a log reader finds the page
     return {category: _mean_over_runs([run[category] for run in per_run]) for category in categories}
 

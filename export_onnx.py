@@ -31,10 +31,10 @@ import onnxruntime
 import torch
 from torch import nn
 
-from atomic import atomic_write_bytes
+from atomic import atomic_write_bytes, check_output_file
 from calibration import thresholds_in_use
 from checkpoints import model_from_checkpoint
-from cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
+from cli import ArgumentParser, add_checkpoint_flags, at_least, finite_float, positive_float
 from errors import ParityCheckFailed, one_line_errors
 from evaluation import DraemScorer
 from model_unet import check_image_size
@@ -141,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest ONNX-vs-PyTorch difference accepted in the parity check")
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the random images of the parity check")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="image threshold baked in as output is_anomalous (image_score >= threshold); default: the "
+    parser.add_argument("--threshold", type=finite_float, default=None,
+                        help="image threshold (finite) baked in as output is_anomalous (image_score >= threshold); default: the "
                              "image threshold of the checkpoint pair's threshold file (calibrate.py), if it has one")
     return parser.parse_args(argv)
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_image_size(args.image_size)
     model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id)
     scorer, baked_line = thresholded(DraemScorer(model), args)
+    check_output_file(args.output, "--output")  # before the export, not after it
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
     atomic_write_bytes(args.output, model_bytes)
     side = f"{args.image_size},{args.image_size}"

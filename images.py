@@ -17,6 +17,10 @@ from errors import DraemInputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # MVTec AD's training and test images, and anomaly sources
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
+# The first bytes of each image format we accept; a file without one of them is not an image.
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF")
+
 # Unreadable files are reported as one DraemInputError line; OpenCV's own warnings would only add noise.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -31,6 +35,30 @@ def _decode(path: str | os.PathLike, flags: int) -> np.ndarray:
     if image is None:
         raise DraemInputError(f"cannot read image {path}: not an image OpenCV can decode (corrupt or truncated?)")
     return image
+
+
+def image_format(path: str | os.PathLike, what: str = "image") -> str:
+    """The format a file's first bytes say it holds (PNG, JPEG, BMP, TIFF); a missing, empty, unreadable or non-image
+    file is a one-line error naming it. Cheap (a few bytes), so whole folders are checked before the slow work."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as exc:
+        raise DraemInputError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    if not head:
+        raise DraemInputError(f"{what} {path} is empty (0 bytes): replace it or remove it")
+    for signature, name in SIGNATURES.items():
+        if head.startswith(signature):
+            return name
+    raise DraemInputError(f"{what} {path} is not a PNG, JPEG, BMP or TIFF image (its first bytes are {head[:4]!r})")
+
+
+def check_mask_file(path: str | os.PathLike) -> None:
+    """A ground-truth mask must hold lossless data: JPEG noise would mark stray pixels, whatever the file is called."""
+    found = image_format(path, "ground-truth mask")
+    if found not in LOSSLESS_FORMATS:
+        raise DraemInputError(f"ground-truth mask {path} holds {found} data (whatever its name says), whose compression "
+                              "noise would mark stray pixels: save it as PNG")
 
 
 def _resize(image: np.ndarray, resize_shape: tuple[int, int]) -> np.ndarray:
@@ -55,6 +83,7 @@ def read_image(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.nda
 
 def read_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask read in grayscale, resized like the images: float32 H x W x 1 in [0, 1] (METHOD.md §6)."""
+    check_mask_file(path)
     return to_float(_resize(_decode(path, cv2.IMREAD_GRAYSCALE), resize_shape))[..., None]
 
 
@@ -63,6 +92,7 @@ def read_nonzero_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) ->
 
     Binarised to 0/255 at its own size, then resized and scaled exactly like an MVTec AD mask.
     """
+    check_mask_file(path)
     mask = _decode(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     anomalous = mask[..., :3].any(axis=2) if mask.ndim == 3 else mask != 0
     return to_float(_resize(anomalous.astype(np.uint8) * np.uint8(255), resize_shape))[..., None]
