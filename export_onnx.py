@@ -31,13 +31,12 @@ import onnxruntime
 import torch
 from torch import nn
 
-from atomic import atomic_write_bytes, check_output_file
-from calibration import thresholds_in_use
-from checkpoints import model_from_checkpoint
-from cli import ArgumentParser, add_checkpoint_flags, at_least, finite_float, positive_float
-from errors import ParityCheckFailed, one_line_errors
-from evaluation import DraemScorer
-from model_unet import check_image_size
+from engine.evaluation import DraemScorer
+from model_unet import check_image_size, model_from_checkpoint
+from util.atomic import atomic_write_bytes, check_output_file
+from util.cli import ArgumentParser, add_checkpoint_flags, at_least, finite_float, positive_float
+from util.errors import ParityCheckFailed, one_line_errors
+from util.thresholds import thresholds_in_use
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")

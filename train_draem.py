@@ -21,30 +21,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import calibration
-import distributed
-import validation
-from atomic import (
+from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything, train_loader
+from device_synthesis import device_generator, synthesize_batch
+from engine import calibration, validation
+from engine.evaluation import DraemScorer, evaluate_checkpoints
+from loss import DraemLoss
+from model_unet import DraemModel, anomaly_map, check_image_size
+from util import distributed
+from util.atomic import (
     atomic_torch_save,
     atomic_write_text,
     check_output_files,
     check_output_folder,
     exclusive_lock,
 )
-from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
-from cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, non_negative_float, plain_name, positive_float
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything, train_loader
-from errors import DraemInputError, Terminated, TrainingDiverged, interrupted, one_line_errors
-from evaluation import DraemScorer, evaluate_checkpoints
-from images import load_images
-from layouts import LAYOUTS, categories_for, find_anomaly_sources, train_image_paths
-from loss import DraemLoss
-from model_unet import DraemModel, anomaly_map, check_image_size
-from plots import save_training_curves
-from provenance import provenance
-from runtime import autocast, prepare_model, to_memory_format
-from synthesis_gpu import device_generator, synthesize_batch
-from visualize import save_png, training_grid
+from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
+from util.cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, non_negative_float, plain_name, positive_float
+from util.demo_data import make_demo_dataset
+from util.errors import DraemInputError, Terminated, TrainingDiverged, interrupted, one_line_errors
+from util.images import load_images
+from util.layouts import LAYOUTS, categories_for, find_anomaly_sources, train_image_paths
+from util.pictures import save_png, save_training_curves, training_grid
+from util.provenance import provenance
+from util.runtime import autocast, prepare_model, to_memory_format
+from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, threshold_path, write_thresholds
 
 DEMO_ROOT = Path("datasets/demo")
 DEMO_RESULTS = Path("results/demo")
@@ -138,8 +138,6 @@ def check_validation_args(args: argparse.Namespace, parser: argparse.ArgumentPar
 
 def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
-    from make_demo_data import make_demo_dataset
-
     demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"),
             "epochs": 32, "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
@@ -243,7 +241,7 @@ def curves_file(args: argparse.Namespace, base_name: str, category: str) -> Path
 def run_files(args: argparse.Namespace, base_name: str, category: str) -> list[Path]:
     """The files a category's run writes: the pair, the resume file, the threshold file, the log and its curves."""
     files = [*checkpoint_paths(args.checkpoint_path, base_name, category), resume_path(args.checkpoint_path, base_name, category),
-             calibration.threshold_path(args.checkpoint_path, base_name, category), log_file(args, base_name, category),
+             threshold_path(args.checkpoint_path, base_name, category), log_file(args, base_name, category),
              curves_file(args, base_name, category)]
     if args.save_best:
         files += checkpoint_paths(args.checkpoint_path, validation.best_base_name(base_name), category)
@@ -369,15 +367,14 @@ def calibrate_thresholds(
     validation set with validation on, else synthetic anomalies on the training images the dataset holds;
     plus --good_dir's images as normals."""
     if val_set is not None:
-        samples, source = val_set, calibration.VALIDATION_SOURCE
+        samples, source = val_set, VALIDATION_SOURCE
     else:
         samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
-        source = calibration.TRAINING_SOURCE
+        source = TRAINING_SOURCE
     samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs, source=source)
-    path = calibration.write_thresholds(args.checkpoint_path, base_name, category, thresholds,
-                                        provenance("train_draem.py", args, device))
+    path = write_thresholds(args.checkpoint_path, base_name, category, thresholds, provenance("train_draem.py", args, device))
     print(f"{category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
           f"{thresholds['pixel_threshold']:.4g}, from {source} -> {path}")
 
@@ -451,7 +448,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             resume_file.unlink(missing_ok=True)
         if resumed is None or resumed["epoch"] < args.epochs:
             # the weights are about to change: thresholds calibrated for the old ones must not stay beside them
-            calibration.threshold_path(args.checkpoint_path, base_name, category).unlink(missing_ok=True)
+            threshold_path(args.checkpoint_path, base_name, category).unlink(missing_ok=True)
         if resumed is None and args.resume:
             print(f"{category}: no resume file yet, training from the start")
     dataset, val_set = make_datasets(args, category)

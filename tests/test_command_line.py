@@ -20,21 +20,17 @@ import cv2
 import pytest
 import torch
 
-import atomic
-import bench_draem
-import bench_synthesis
-import calibrate
-import convert_anomalib
-import evaluation
 import export_onnx
-import make_demo_data
 import predict
 import test_draem
 import train_draem
-from calibration import threshold_path
-from checkpoints import checkpoint_paths, run_base_name, save_checkpoint
-from errors import DraemInputError
+from engine import evaluation
 from model_unet import DraemModel
+from tools import bench_draem, bench_synthesis, calibrate, convert_anomalib, make_demo_data
+from util import atomic
+from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
+from util.errors import DraemInputError
+from util.thresholds import threshold_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"train": train_draem.main, "test": test_draem.main, "predict": predict.main, "export": export_onnx.main,

@@ -7,13 +7,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import synthesis
-from bench_synthesis import ReleasedStyleDataset
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, seed_everything, worker_init_fn
-from errors import DraemInputError
-from images import read_image, read_image_uint8, read_mask
-from layouts import CATEGORIES, OBJECT_CATEGORIES, TEXTURE_CATEGORIES, find_anomaly_sources, resolve_categories
-from synthesis import blend_anomaly, make_training_sample
+import data_loader
+from data_loader import (
+    MVTecDRAEMTestDataset,
+    MVTecDRAEMTrainDataset,
+    blend_anomaly,
+    make_training_sample,
+    seed_everything,
+    worker_init_fn,
+)
+from tools.bench_synthesis import ReleasedStyleDataset
+from util.errors import DraemInputError
+from util.images import read_image, read_image_uint8, read_mask
+from util.layouts import CATEGORIES, OBJECT_CATEGORIES, TEXTURE_CATEGORIES, find_anomaly_sources, resolve_categories
 
 
 def train_dir(demo, category="brick"):
@@ -125,7 +131,7 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
         betas.append(beta)
         return blend_anomaly(image, source, mask, beta)
 
-    monkeypatch.setattr(synthesis, "blend_anomaly", recording_blend)
+    monkeypatch.setattr(data_loader, "blend_anomaly", recording_blend)
     torch.manual_seed(0)
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     assert len(dataset) == 6

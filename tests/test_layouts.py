@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, make_test_dataset
-from errors import DraemInputError
-from images import read_image, read_mask, read_nonzero_mask
-from layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
-from metrics import DraemEvaluator
+from util.errors import DraemInputError
+from util.images import read_image, read_mask, read_nonzero_mask
+from util.layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
+from util.metrics import DraemEvaluator
 
 SHAPE = (32, 32)
 

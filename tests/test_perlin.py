@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from augment import rotate, rotate_maps
-from bench_synthesis import released_style_perlin
 from perlin import MAX_PERLIN_CELLS, fade, gradients_from_angles, perlin_mask, perlin_mask_batch, perlin_noise, perlin_noise_batch
+from tools.bench_synthesis import released_style_perlin
 
 # Every scale pair the sampler can draw: 2**a x 2**b cells, a, b in [0, 6).
 RESOLUTIONS = [(2**a, 2**b) for a in range(6) for b in range(6)]

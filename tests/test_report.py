@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 import test_draem
-from calibration import threshold_path
-from checkpoints import save_checkpoint
-from evaluation import CategoryResult
-from metrics import results_rows, write_results
 from model_unet import DraemModel
-from report import thin_curve, write_report
+from util.checkpoints import save_checkpoint
+from util.metrics import CategoryResult, results_rows, write_results
+from util.report import thin_curve, write_report
+from util.thresholds import threshold_path
 
 BASE = "DRAEM_test_0.0001_2_bs4"
 # Table cells show percent with two decimals: a cell read back is within half a unit of the last digit of the JSON
@@ -161,8 +160,9 @@ def test_test_draem_writes_a_report_with_the_json_numbers_and_prints_its_path_la
     page = report.read_text(encoding="utf-8")
     made_with = results["provenance"]
     assert made_with["program"] == "test_draem.py"
-    assert all(text in page for text in (made_with["commit"], f"torch {made_with['versions']['torch']}",
-                                         f"numpy {made_with['versions']['numpy']}", f'data-key="threads">{made_with["threads"]}<'))
+    versions = made_with["versions"]
+    assert all(text in page for text in (made_with["commit"], f"torch {versions['torch']}", f"numpy {versions['numpy']}",
+                                         f'data-key="threads">{made_with["threads"]}<'))
     assert rows[0]["image_recall_at_t"] == 100.0  # the threshold file was read, so the _at_t cells are checked too
     assert_table_matches(parsed, rows)
     # brick is not in the paper: no paper or Δ column anywhere, not even empty ones.

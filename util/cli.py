@@ -7,7 +7,7 @@ import argparse
 import math
 import sys
 
-from runtime import PRECISIONS
+from util.runtime import PRECISIONS
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -23,9 +23,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli import plain_name_problem
-from errors import DraemInputError
-from images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, image_format, sorted_images
+from util.cli import plain_name_problem
+from util.errors import DraemInputError
+from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, image_format, sorted_images
 
 # The released programs' --obj_id order: id i is CATEGORIES[i]; -1 means all of them.
 CATEGORIES = (

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import torch
 
-from errors import DraemInputError, WriteFailed
+from util.errors import DraemInputError, WriteFailed
 
 
 def _umask_permissions() -> int:
