@@ -12,7 +12,6 @@ import json
 import math
 import pickle
 import random
-import re
 import time
 from pathlib import Path
 from zipfile import BadZipFile
@@ -35,7 +34,7 @@ from util.atomic import (
     check_output_folder,
     exclusive_lock,
 )
-from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
+from util.checkpoints import checkpoint_paths, load_failure, load_state_dict_checked, run_base_name, save_checkpoint
 from util.cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, non_negative_float, plain_name, positive_float
 from util.demo_data import make_demo_dataset
 from util.errors import DraemInputError, Terminated, TrainingDiverged, interrupted, one_line_errors
@@ -222,9 +221,10 @@ RESUME_SETTINGS = ("dataset", "mask_suffix", "lr", "epochs", "bs", "seed", "imag
                    "val_every", "val_fraction", "val_samples", "val_test", "save_best", "sync_bn")
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    """The settings a resume file records and --resume compares (RESUME_SETTINGS, and which kinds of data are used)."""
-    settings = {name: getattr(args, name) for name in RESUME_SETTINGS}
+def run_settings(args: argparse.Namespace, category: str) -> dict:
+    """The settings a resume file records and --resume compares: the category (a renamed file is not that category's
+    run), RESUME_SETTINGS, and which kinds of data are used."""
+    settings = {"obj_id": category, **{name: getattr(args, name) for name in RESUME_SETTINGS}}
     settings["anomaly_source_path"] = "a folder" if args.anomaly_source_path is not None else "none (random noise)"
     settings["good_dir"] = "a folder" if args.good_dir is not None else "none"
     return settings
@@ -269,7 +269,7 @@ def write_resume_file(
     """Write the resume file for the epoch just finished (before the pair and the log: see above)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_states, "epoch": epoch, "log_lines": log_lines, "best_val_pixel_ap": best,
-             "settings": run_settings(args), "provenance": provenance("train_draem.py", args, device)}
+             "settings": run_settings(args, category), "provenance": provenance("train_draem.py", args, device)}
     atomic_torch_save(state, resume_path(args.checkpoint_path, base_name, category))
 
 
@@ -282,10 +282,7 @@ def read_resume_file(path: Path, mmap: bool = False) -> dict:
     except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, TypeError, AttributeError, ImportError,
             BadZipFile) as exc:
         # a truncated, foreign or code-carrying file fails inside torch, pickle or zipfile in any of these ways
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        reason = (f"it holds a pickled {found[1]}, not only tensors and plain values; it was not loaded" if found else
-                  (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120])
-        raise DraemInputError(f"cannot read resume file {path} ({reason}): {fix}") from None
+        raise DraemInputError(f"cannot read resume file {path} ({load_failure(exc)}): {fix}") from None
     missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
     if missing:
         raise DraemInputError(f"cannot read resume file {path}: it has no {', '.join(missing)} (not a resume file of "
@@ -306,9 +303,9 @@ def read_resume_file(path: Path, mmap: bool = False) -> dict:
     return state
 
 
-def check_resume_settings(state: dict, args: argparse.Namespace, path: Path) -> None:
+def check_resume_settings(state: dict, args: argparse.Namespace, path: Path, category: str) -> None:
     """A resume file continues only the run it was written by: the first setting that differs is a one-line error."""
-    for name, value in run_settings(args).items():
+    for name, value in run_settings(args, category).items():
         stored = state["settings"].get(name, "(not recorded)")
         if stored != value:
             raise DraemInputError(f"resume file {path} was written with --{name} {stored}, this run has --{name} {value}: "
@@ -322,7 +319,7 @@ def load_epoch(
 ) -> tuple[int, list[str], float | None]:
     """Restore a run from its resume state, rewrite its pair and log; return (epochs done, log lines, best val pixel AP)."""
     path = resume_path(args.checkpoint_path, base_name, category)
-    check_resume_settings(state, args, path)
+    check_resume_settings(state, args, path, category)
     load_state_dict_checked(model, state["model"], str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -402,7 +399,7 @@ def plan_category(args: argparse.Namespace, base_name: str, category: str) -> bo
     name that would be lost, or cannot be resumed, is a one-line error. Before any slow work."""
     path = resume_path(args.checkpoint_path, base_name, category)
     if args.resume and path.is_file():
-        check_resume_settings(read_resume_file(path, mmap=True), args, path)
+        check_resume_settings(read_resume_file(path, mmap=True), args, path, category)
         return True
     found = [file for file in (path, *checkpoint_paths(args.checkpoint_path, base_name, category),
                                log_file(args, base_name, category)) if file.exists()]

@@ -8,6 +8,7 @@ Every case must be refused before the slow work: no epoch, no scoring, no export
 payload resume file would create `marker`).
 """
 import errno
+import io
 import json
 import os
 import shutil
@@ -90,6 +91,7 @@ CATALOGUE = [
     ("train", DONE_RUN + " --resume --synthesis gpu", "--synthesis cpu, this run has --synthesis gpu"),
     ("train", DONE_RUN.replace(" --anomaly_source_path {sources}", "") + " --resume", "--anomaly_source_path a folder"),
     ("train", DONE_RUN.replace("{done}", "{locked}"), "another run (pid"),
+    ("train", DONE_RUN.replace("{done}", "{renamed}").replace("brick", "gravel") + " --resume", "--obj_id brick, this run"),
     ("train", DONE_RUN.replace("{done}", "{stale_pair}") + " --resume", "cannot be resumed"),
     ("test", "--data_path {data}", "--checkpoint_path"),
     ("test", TEST + " --batch_size 0", "--batch_size: must be 1 or more"),
@@ -201,6 +203,14 @@ def locked_folder(to: Path) -> Path:
     return to
 
 
+def renamed_run(done_run: Path, to: Path) -> Path:
+    """The finished brick run's files renamed to gravel's names (copied by hand, say)."""
+    copy_of_done(done_run, to)
+    for path in to.rglob(f"{DONE}_brick*"):
+        path.rename(path.with_name(path.name.replace("_brick", "_gravel")))
+    return to
+
+
 def stale_pair(done_run: Path, to: Path) -> Path:
     """The finished run's pair and log, without its resume file."""
     copy_of_done(done_run, to)
@@ -222,6 +232,7 @@ PLACES = {
     "edited": lambda data, done, tmp: edited_run(done(), tmp / "edited"),
     "locked": lambda data, done, tmp: locked_folder(tmp / "locked"),
     "stale_pair": lambda data, done, tmp: stale_pair(done(), tmp / "stale_pair"),
+    "renamed": lambda data, done, tmp: renamed_run(done(), tmp / "renamed"),
     "text_threshold": lambda data, done, tmp: edit_thresholds(done(), tmp / "text_threshold", image_threshold="0.5"),
     "nan_threshold": lambda data, done, tmp: edit_thresholds(done(), tmp / "nan_threshold", pixel_threshold=float("nan")),
     "text_size_threshold": lambda data, done, tmp: edit_thresholds(done(), tmp / "text_size", image_size="64"),
@@ -310,10 +321,19 @@ def test_an_input_error_inside_a_loader_worker_is_the_same_one_line(workers, tin
     assert not [line for line in err if "Traceback" in line or "worker" in line], err
 
 
-def dev_full(fd: int, *args, **kwargs):
-    """os.fdopen's stand-in: the temporary file's writes go to /dev/full, a disk that is always full (Linux)."""
-    os.close(fd)
-    return open("/dev/full", "wb", buffering=0)
+class NearlyFullDisk(io.FileIO):
+    """A raw file with `room` bytes left on its disk: a short write, then ENOSPC (what a filling disk does)."""
+
+    def __init__(self, fd: int, room: int):
+        super().__init__(fd, "wb")
+        self.room = room
+
+    def write(self, data) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = super().write(memoryview(data).cast("B")[: self.room])
+        self.room -= written
+        return written
 
 
 def test_a_failed_write_is_one_line_naming_the_file_and_leaves_no_temporary_file(tmp_path, places, monkeypatch, capsys):
@@ -331,12 +351,13 @@ def test_a_failed_write_is_one_line_naming_the_file_and_leaves_no_temporary_file
                        "or choose another folder)")
     assert not [line for line in err if "Traceback" in line]
     assert list(places["out"].iterdir()) == [], "a temporary file was left behind"
-    # torch.save through a real file on a full disk: the same one line (a buffered file would make it a RuntimeError)
+    # torch.save on a disk that fills up mid-file: the same one line (torch itself reports "unexpected pos" then)
     monkeypatch.undo()
-    monkeypatch.setattr(atomic.os, "fdopen", dev_full)
-    with pytest.raises(atomic.WriteFailed, match="No space left on device"):
-        atomic.atomic_torch_save({"weights": torch.zeros(100_000)}, tmp_path / "full" / "state.pt")
-    assert list((tmp_path / "full").iterdir()) == []
+    for room in (0, 5000):
+        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, *args, room=room, **kwargs: NearlyFullDisk(fd, room))
+        with pytest.raises(atomic.WriteFailed, match="state.pt .No space left on device"):
+            atomic.atomic_torch_save({"weights": torch.zeros(100_000)}, tmp_path / "full" / "state.pt")
+        assert list((tmp_path / "full").iterdir()) == [], "a temporary file was left behind"
 
 
 def test_a_lock_whose_process_has_ended_is_taken_over_and_a_live_one_refused(tmp_path):
@@ -376,3 +397,21 @@ def test_training_anew_over_a_finished_run_first_removes_its_thresholds_and_resu
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: brick: interrupted before its first epoch was "
                                                                 "saved; start it again (without --resume)")
     assert all(path.is_file() for path in checkpoint_paths(folder / "ckpt", DONE, "brick")), "the old pair is kept until replaced"
+
+
+def test_a_checkpoint_that_carries_code_is_refused_and_only_convert_suggests_trust(tmp_path, tiny_mvtec, capsys):
+    """A .pckl pair from elsewhere holding a pickled callable: never run; only the program with --trust names it."""
+    marker = tmp_path / "marker"
+    save_checkpoint(DraemModel(4, 4), tmp_path / "ckpt", BASE, "brick")
+    rec, _ = checkpoint_paths(tmp_path / "ckpt", BASE, "brick")
+    torch.save({"weights": Payload(f"open({str(marker)!r}, 'w').close()")}, rec)
+    runs = {"test": TEST + f" --base_model_name {BASE}", "predict": PREDICT + " --input {data}",
+            "export": EXPORT + " --output {out}/m.onnx",
+            "convert": f"{rec} --checkpoint_path {{out}} --obj_id brick"}
+    for program, arguments in runs.items():
+        with pytest.raises(SystemExit):
+            PROGRAMS[program](arguments.format(data=tiny_mvtec.mvtec_root, ckpt=tmp_path / "ckpt", out=tmp_path / "out").split())
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cannot read checkpoint {rec} (it holds a pickled exec" in err[0], (program, err)
+        assert ("--trust" in err[0]) == (program == "convert"), (program, err)
+        assert not marker.exists(), f"{program} ran code from a checkpoint"

@@ -54,18 +54,24 @@ def _why(exc: OSError) -> str:
 class _FullWrites:
     """An unbuffered file whose `write` writes everything or raises the OSError.
 
-    Unbuffered, so a full disk raises ENOSPC at the write itself: through a buffered file torch.save
-    reports it as an unrelated RuntimeError. Short writes (possible on raw files) are completed here.
+    Unbuffered, so a full disk raises ENOSPC at the write itself; short writes (possible on raw files) are
+    completed here. torch.save can still turn the OSError into an unrelated RuntimeError ("unexpected pos"),
+    so the first OSError is kept in `error` for `atomic_write` to report.
     """
 
     def __init__(self, file: IO[bytes]):
         self._file = file
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         size = len(view)
-        while len(view):
-            view = view[self._file.write(view):]
+        try:
+            while len(view):
+                view = view[self._file.write(view):]
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         return size
 
     def flush(self) -> None:
@@ -84,7 +90,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb", buffering=0) as file:
-            write(_FullWrites(file))
+            writer = _FullWrites(file)
+            try:
+                write(writer)
+            except Exception:
+                if writer.error is not None:  # the disk's error, whatever the writer made of it
+                    raise writer.error from None
+                raise
             os.fsync(file.fileno())
         os.chmod(tmp, _umask_permissions())
         os.replace(tmp, path)
