@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size, args.threshold)
     # Before the first image: where the results go.
     check_output_folder(output_dir, "--output_dir")
-    check_output_files([output_dir / CSV_NAME], "predict.py")
+    check_output_files([output_dir / CSV_NAME], "the scores table")
     if args.save_images:
         check_output_folder(output_dir / OVERLAY_DIR, "the overlay folder of --save_images")
         if pixel_threshold is not None:

@@ -308,6 +308,8 @@ def check_resume_settings(state: dict, args: argparse.Namespace, path: Path, cat
     for name, value in run_settings(args, category).items():
         stored = state["settings"].get(name, "(not recorded)")
         if stored != value:
+            if str(stored) == str(value):  # equal as text, not in type (an edited file): show the types
+                stored, value = repr(stored), repr(value)
             raise DraemInputError(f"resume file {path} was written with --{name} {stored}, this run has --{name} {value}: "
                                   f"resume with the settings it was started with, or train anew with --overwrite")
 
@@ -422,7 +424,7 @@ def preflight(args: argparse.Namespace, base_name: str, categories: list[str]) -
     plans = {}
     for category in categories:
         train_image_paths(args.dataset, args.data_path, category)
-        check_output_files(run_files(args, base_name, category), "train_draem.py")
+        check_output_files(run_files(args, base_name, category), "a file of this run")
         plans[category] = plan_category(args, base_name, category)
     if args.resume and not any(plans.values()):
         path = resume_path(args.checkpoint_path, base_name, categories[0])

@@ -100,7 +100,7 @@ def evaluate_checkpoints(
     stem = f"results_{base_model_names[0]}" + (f"_{len(base_model_names)}runs" if len(base_model_names) > 1 else "")
     check_output_folder(output_dir, "--output_dir")
     check_output_files([Path(output_dir) / f"{stem}.{suffix}" for suffix in ("md", "csv", "json")]
-                       + [Path(output_dir) / REPORT_NAME], "the results")
+                       + [Path(output_dir) / REPORT_NAME], "a results file")
     if (Path(output_dir) / FILES_DIR).is_file():
         raise DraemInputError(f"{Path(output_dir) / FILES_DIR} is a file, but the report puts its pictures in a folder of "
                               "that name: move the file away")

@@ -158,7 +158,7 @@ def check_output_files(paths: Sequence[Path], what: str) -> None:
     """None of `paths` (files a run will write) may be a folder: found now, not when the file is written."""
     for path in paths:
         if path.is_dir():
-            raise DraemInputError(f"{path} is a folder, but {what} writes a file of that name: move the folder away")
+            raise DraemInputError(f"{path} is a folder, where {what} is to be written: move the folder away")
 
 
 def _pid_alive(pid: int) -> bool:
