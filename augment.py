@@ -21,11 +21,11 @@ Deliberate differences from the released program's imgaug 0.4.0 augmentation (th
   therefore end up a few degrees apart (at most about 4).
 - Conversions come from the installed OpenCV (5.0 when measured). Its 8-bit rounding (SIMD code, Lab/Luv
   tables) may differ by a level from the OpenCV the released program ran with.
-- `--synthesis gpu` (synthesis_gpu.py) draws the same distributions with torch. Its brightness matches
+- `--synthesis gpu` (device_synthesis.py) draws the same distributions with torch. Its brightness matches
   OpenCV's bytes in YCrCb, YUV, HSV and HLS, on rows of whole SIMD blocks such as 256 pixels. In a
   partial block, OpenCV's scalar code differs by one level. Lab and Luv are float equivalents: on random
   noise they differ by 0.3 and 0.8 levels on average, more on far out-of-gamut colours (measured in
-  synthesis_gpu.py). Its rotations and hue/saturation round trip may differ by one level on rare pixels.
+  device_synthesis.py). Its rotations and hue/saturation round trip may differ by one level on rare pixels.
 
 Brightness itself has no difference left. It is imgaug's MultiplyAndAddToBrightness: per image, one of
 YCrCb, HSV, HLS, Lab, Luv, YUV, with the multiply and the add in random order, and imgaug's uint8
@@ -170,7 +170,7 @@ def rotate_maps(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 
 # The released program's parameter ranges (imgaug), METHOD.md §2: one table for the CPU path below
-# and the device path (synthesis_gpu.py). Float ranges are [low, high); integer ranges are [low, high)
+# and the device path (device_synthesis.py). Float ranges are [low, high); integer ranges are [low, high)
 # as NumPy's and torch's integer draws take them (so (-50, 51) is -50..50).
 RANGES = {
     "gamma": (0.5, 2.0),  # gamma_contrast, one gamma per channel

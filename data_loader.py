@@ -110,8 +110,8 @@ def make_training_sample(
     }
 
 
-class MVTecDRAEMTrainDataset(Dataset):
-    """Synthetic-anomaly training samples from `<category>/train/good`, or from a list of images of any layout (METHOD.md §2).
+class TrainDataset(Dataset):
+    """Synthetic-anomaly training samples (METHOD.md §2): the released MVTecDRAEMTrainDataset, for any layout.
 
     Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (of any layout: `layouts.train_image_paths`).
     Each item is a dict: image, augmented_image (float32 3 x H x W, BGR, [0, 1]), anomaly_mask
@@ -165,7 +165,7 @@ class MVTecDRAEMTrainDataset(Dataset):
         return self._source_cache[index]
 
 
-class RawTrainDataset(MVTecDRAEMTrainDataset):
+class TrainImageDataset(TrainDataset):
     """What the DataLoader hands to `synthesize_batch`: decoded, resized uint8 images, nothing else.
 
     The CPU-path training set (same constructor and image list, so the training script builds either alike)
@@ -184,8 +184,10 @@ class RawTrainDataset(MVTecDRAEMTrainDataset):
         return item
 
 
-class MVTecDRAEMTestDataset(Dataset):
-    """Test images with labels and ground-truth masks: `<category>/test/<defect>/*` sorted, or records of any layout.
+class LabelledImageDataset(Dataset):
+    """Test images with labels and ground-truth masks: the released MVTecDRAEMTestDataset, for any layout.
+
+    The images of an MVTec AD `test` folder are `<category>/test/<defect>/*`, sorted.
 
     Give `root_dir` (an MVTec AD `test` folder: label `good` = 0, masks
     `ground_truth/<defect>/<stem>_mask.png`) or `records`, a list of (image, mask or None, label)
@@ -253,11 +255,11 @@ def make_test_dataset(
     category: str,
     resize_shape: tuple[int, int] = (256, 256),
     mask_suffix: str = MVTEC_MASK_SUFFIX,
-) -> MVTecDRAEMTestDataset:
+) -> LabelledImageDataset:
     """The labelled test set of `category` in a dataset of `layout`; folder and VisA masks count every non-zero pixel."""
     records = evaluation_records(layout, data_path, category, mask_suffix)
     mask_reader = read_mask if layout == "mvtec" else read_nonzero_mask
-    return MVTecDRAEMTestDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)
+    return LabelledImageDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -1,10 +1,10 @@
 """Training-sample synthesis (METHOD.md §2) batched on the training device: the `--synthesis gpu` path.
 
-The DataLoader only hands over decoded uint8 training images and anomaly sources (`RawTrainDataset`);
+The DataLoader only hands over decoded uint8 training images and anomaly sources (`TrainImageDataset`);
 `synthesize_batch` then does on the device, for the whole batch at once and with per-sample random
 parameters from one seedable `torch.Generator`: the 30 % image rotation, the 3 distinct source
 augmentations in drawn order, the Perlin masks, the beta blend and the 50 % normal split. Its output
-is the batch the CPU path (`data_loader.MVTecDRAEMTrainDataset`) would have collated, from the same
+is the batch the CPU path (`data_loader.TrainDataset`) would have collated, from the same
 distributions.
 
 Sync-free by design: every augmentation runs on the whole batch and each sample keeps the result of

@@ -7,7 +7,7 @@ The graph holds both subnetworks and the test protocol's scoring:
   input  `image`        float32 batch×3×S×S, BGR in [0, 1], resized to S = --image_size (as predict.py reads images)
   output `anomaly_map`  float32 batch×1×S×S, softmax channel 1 of the discriminative network
   output `image_score`  float32 batch, max of the 21×21 average-pooled map (stride 1, padding 10, zeros counted)
-When a threshold is known (the checkpoint pair's threshold file from calibrate.py, calibrated
+When a threshold is known (the checkpoint pair's threshold file from tools/calibrate.py, calibrated
 without the test set, or --threshold, which replaces the file's image threshold), it is baked in:
   output `is_anomalous` bool batch, image_score >= image threshold
   output `defect_mask`  bool batch×1×S×S, anomaly_map >= pixel threshold (only with the file's pixel threshold)
@@ -34,7 +34,7 @@ from torch import nn
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
 from util.atomic import atomic_write_bytes, check_output_file
-from util.cli import ArgumentParser, add_checkpoint_flags, at_least, finite_float, positive_float
+from util.cli import ArgumentParser, add_checkpoint_flags, add_image_size_flag, at_least, finite_float, positive_float
 from util.errors import ParityCheckFailed, one_line_errors
 from util.thresholds import thresholds_in_use
 
@@ -134,15 +134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_checkpoint_flags(parser)
     parser.add_argument("--output", required=True, help="ONNX file to write, e.g. draem_carpet.onnx")
-    parser.add_argument("--image_size", type=int, default=256,
-                        help="image side the graph takes, a multiple of 32 (released: 256)")
+    add_image_size_flag(parser)
     parser.add_argument("--opset", type=at_least(7), default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest ONNX-vs-PyTorch difference accepted in the parity check")
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the random images of the parity check")
     parser.add_argument("--threshold", type=finite_float, default=None,
-                        help="image threshold (finite) baked in as output is_anomalous (image_score >= threshold); default: the "
-                             "image threshold of the checkpoint pair's threshold file (calibrate.py), if it has one")
+                        help="image threshold (finite) baked in as output is_anomalous (image_score >= threshold); default: "
+                             "the image threshold of the checkpoint pair's threshold file (tools/calibrate.py), if it has one")
     return parser.parse_args(argv)
 
 
@@ -151,7 +150,7 @@ def thresholded(scorer: DraemScorer, args: argparse.Namespace) -> tuple[DraemSco
     image_threshold, image_source, pixel_threshold, path = thresholds_in_use(
         args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size, args.threshold)
     if image_threshold is None:
-        return scorer, f"no thresholds baked in ({path} not found: run calibrate.py, or give --threshold)"
+        return scorer, f"no thresholds baked in ({path} not found: run python -m tools.calibrate, or give --threshold)"
     baked = ThresholdedScorer(scorer, image_threshold, pixel_threshold)
     line = f"thresholds baked in: {IS_ANOMALOUS} = {OUTPUT_NAMES[1]} >= {image_threshold:.6g} ({image_source})"
     if pixel_threshold is not None:

@@ -15,13 +15,20 @@ Several seeds of one configuration, reported as mean ± std:
         --base_model_name DRAEM_test_0.0001_700_bs8 DRAEM_test_0.0001_700_bs8_seed1 DRAEM_test_0.0001_700_bs8_seed2
 """
 import argparse
-from pathlib import Path
 
 from engine.evaluation import evaluate_checkpoints
 from model_unet import check_image_size
 from util.checkpoints import run_base_name
-from util.cli import ArgumentParser, add_dataset_flags, add_device_flags, add_fast_flags, at_least, plain_name
-from util.errors import DraemInputError, one_line_errors
+from util.cli import (
+    ArgumentParser,
+    add_dataset_flags,
+    add_device_flags,
+    add_fast_flags,
+    add_image_size_flag,
+    at_least,
+    plain_name,
+)
+from util.errors import one_line_errors
 from util.layouts import LAYOUTS, categories_for
 from util.provenance import provenance
 from util.runtime import select_device
@@ -43,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--obj_id", "--category", dest="obj_id", default="-1", type=plain_name,
                        help="category name, released integer id (0 capsule .. 14 wood), or -1 for all")
     add_device_flags(extra, gpu_id=False)
-    extra.add_argument("--image_size", type=int, default=256,
-                       help="side the test images and masks are resized to (released: 256)")
+    add_image_size_flag(extra)
     extra.add_argument("--batch_size", type=at_least(1), default=1,
                        help="test batch size (released: 1; larger is faster, same scores)")
     extra.add_argument("--output_dir", default="results", help="folder for the results tables and the overlays")
@@ -57,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
-    if not Path(args.data_path).is_dir():
-        raise DraemInputError(f"--data_path {args.data_path} does not exist (point it at the dataset root folder)")
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     check_image_size(args.image_size)
     device = select_device(args.device, args.gpu_id)

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_loader import MVTecDRAEMTrainDataset
-from engine.evaluation import DraemScorer
-from engine.validation import ValidationSet, synthesize
+from data_loader import TrainDataset
+from engine.evaluation import DraemScorer, score, tensor_batches
+from engine.validation import SampleSet, synthesize
 from util.errors import DraemInputError
-from util.images import FOLDER_IMAGE_SUFFIXES, image_format, read_image, sorted_images, to_chw
-from util.thresholds import RULE, TRAINING_SOURCE, f1_max_threshold
+from util.images import find_images, read_image, to_chw
+from util.metrics import f1_max_threshold
+from util.thresholds import RULE, TRAINING_SOURCE
 
 
 @torch.no_grad()
@@ -38,14 +39,10 @@ def calibrate(
     if n_anomalous in (0, n) or pixel_labels.all() or not pixel_labels.any():
         raise DraemInputError(f"the calibration set needs normal and anomalous samples and pixels, got {n - n_anomalous} "
                               f"normal and {n_anomalous} anomalous samples: calibrate on more samples (--samples)")
-    scorer.eval().to(device)
-    maps, scores = [], []
-    for start in range(0, n, batch_size):
-        batch_maps, batch_scores = scorer(images[start : start + batch_size].to(device))
-        maps.append(batch_maps.float().cpu().numpy())
-        scores.append(batch_scores.float().cpu().numpy())
-    image_threshold, image_f1 = f1_max_threshold(labels, np.concatenate(scores))
-    pixel_threshold, pixel_f1 = f1_max_threshold(pixel_labels, np.concatenate(maps).reshape(-1))
+    scored, _ = score(scorer, tensor_batches(images, masks, torch.from_numpy(labels), batch_size), n,
+                      tuple(images.shape[2:]), device, desc="calibrate")
+    image_threshold, image_f1 = f1_max_threshold(labels, scored.scores)
+    pixel_threshold, pixel_f1 = f1_max_threshold(pixel_labels, scored.maps.reshape(-1))
     return {
         "image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "image_f1": image_f1, "pixel_f1": pixel_f1,
         "rule": RULE, "source": source, "n_normal": n - n_anomalous, "n_anomalous": n_anomalous,
@@ -53,39 +50,29 @@ def calibrate(
     }
 
 
-def good_image_paths(good_dir: str | os.PathLike) -> list[Path]:
-    """Every image under `good_dir` (recursively, sorted), each a non-empty image file; none, or no folder, is a
-    one-line error."""
-    paths = sorted_images(Path(good_dir).rglob("*"), FOLDER_IMAGE_SUFFIXES) if Path(good_dir).is_dir() else []
-    if not paths:
-        raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --good_dir {good_dir}")
-    for path in paths:  # a few bytes each, so a broken file is found before training, not after it
-        image_format(path, "--good_dir image")
-    return paths
-
-
 def good_images(good_dir: str | os.PathLike, image_size: int) -> torch.Tensor:
     """Every image under `good_dir`, read as the test program reads images: N×3×S×S."""
-    return torch.from_numpy(np.stack([to_chw(read_image(path, (image_size, image_size))) for path in good_image_paths(good_dir)]))
+    paths = find_images(good_dir, "--good_dir")
+    return torch.from_numpy(np.stack([to_chw(read_image(path, (image_size, image_size))) for path in paths]))
 
 
 def synthetic_set(
     image_paths: list[Path], anomaly_source_path: str | os.PathLike | None, image_size: int, num_samples: int, seed: int,
-) -> ValidationSet:
+) -> SampleSet:
     """`num_samples` training-style samples (METHOD.md §2) from `image_paths`, for checkpoints trained elsewhere.
 
     The samples come from validation.synthesize with the training dataset's anomaly sources, so with the
     image paths a run held out (validation.split_paths) and the same seed and count, they are that run's
     validation set; train_draem.py calibrates on the samples it already has.
     """
-    dataset = MVTecDRAEMTrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=(image_size, image_size),
+    dataset = TrainDataset(anomaly_source_path=anomaly_source_path, resize_shape=(image_size, image_size),
                                      image_paths=image_paths)
     return synthesize(dataset.images, dataset.draw_source, num_samples, seed)
 
 
 def with_good_images(
-    samples: ValidationSet, source: str, good_dir: str | os.PathLike | None, image_size: int
-) -> tuple[ValidationSet, str]:
+    samples: SampleSet, source: str, good_dir: str | os.PathLike | None, image_size: int
+) -> tuple[SampleSet, str]:
     """`samples` plus every image under `good_dir` as a normal sample with an empty mask, and `source` saying so;
     both unchanged without `good_dir`."""
     if good_dir is None:

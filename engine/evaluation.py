@@ -5,21 +5,20 @@ scores (test, validation, predict, the ONNX export and the benchmark all call it
 streams scored batches into the released protocol's metrics.
 """
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_loader import MVTecDRAEMTestDataset, make_test_dataset
+from data_loader import LabelledImageDataset, make_test_dataset
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from util.atomic import check_output_files, check_output_folder
 from util.checkpoints import checkpoint_paths
 from util.errors import DraemInputError
-from util.metrics import CategoryResult, DraemEvaluator, format_markdown, image_scores, results_rows, write_results
+from util.metrics import CategoryResult, DraemEvaluator, format_markdown, image_scores, mean_and_std, results_rows, write_results
 from util.pictures import heatmap_overlay, save_png
 from util.report import FILES_DIR, REPORT_NAME, write_report
 from util.runtime import autocast, prepare_model, to_memory_format
@@ -44,12 +43,20 @@ class DraemScorer(nn.Module):
         return amap, image_scores(amap)
 
 
+def tensor_batches(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[dict]:
+    """Samples held in memory (N×3×H×W, N×1×H×W, (N,)) as the scoring loop's batches, in order."""
+    for start in range(0, len(images), batch_size):
+        end = start + batch_size
+        yield {"image": images[start:end], "mask": masks[start:end], "has_anomaly": labels[start:end]}
+
+
 @torch.no_grad()
-def evaluate(
-    scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
+def score(
+    scorer: nn.Module, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
     overlay_dir: Path | None = None, desc: str = "test",
-) -> CategoryResult:
-    """The protocol's metrics over `batches` of {"image", "mask", "has_anomaly"} (and "path" for overlays and the result).
+) -> tuple[DraemEvaluator, list[str]]:
+    """The one scoring loop (test, validation, calibration): `batches` of {"image", "mask", "has_anomaly"} (and "path"
+    for overlays) scored by `scorer` into a DraemEvaluator; returns it and the paths in order.
 
     With `overlay_dir`, each image's heat-map overlay is saved as `<overlay_dir>/<defect>_<stem>.png`.
     Leaves the model in eval mode.
@@ -66,6 +73,15 @@ def evaluate(
                 path = Path(batch["path"][i])
                 overlay = heatmap_overlay(batch["image"][i], amap[i].cpu(), batch["mask"][i], score=score)
                 save_png(overlay_dir / f"{path.parent.name}_{path.stem}.png", overlay)
+    return evaluator, paths
+
+
+def evaluate(
+    scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
+    overlay_dir: Path | None = None, desc: str = "test",
+) -> CategoryResult:
+    """The protocol's metrics over scored `batches` (see `score`), and what they were computed from."""
+    evaluator, paths = score(scorer, batches, num_images, image_shape, device, overlay_dir, desc)
     n = evaluator.count
     return CategoryResult(evaluator.compute(), evaluator.scores[:n], evaluator.labels[:n], evaluator.maps[:n],
                           evaluator.masks[:n], paths)
@@ -74,7 +90,7 @@ def evaluate(
 def evaluate_category(
     scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int, device: torch.device,
     batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask", overlay_dir: Path | None = None,
-    dataset: MVTecDRAEMTestDataset | None = None,
+    dataset: LabelledImageDataset | None = None,
 ) -> CategoryResult:
     """The released protocol on one category's test set (see `evaluate`); `dataset`: that test set, already made."""
     if dataset is None:
@@ -92,8 +108,8 @@ def evaluate_checkpoints(
     """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print the table.
 
     Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
-    threshold file beside a pair (calibration.py), precision, recall and F1 at that threshold are reported too.
-    `provenance` (provenance.py) goes into the results JSON and the report. Every checkpoint pair, threshold file,
+    threshold file beside a pair (util/thresholds.py), precision, recall and F1 at that threshold are reported too.
+    `provenance` (util/provenance.py) goes into the results JSON and the report. Every checkpoint pair, threshold file,
     test image and mask, and the output folder, is checked before the first image is scored.
     Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
     """
@@ -134,12 +150,10 @@ def evaluate_checkpoints(
     title = f"DRAEM results: {', '.join(base_model_names)}"
     report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title, provenance)
     print(f"report: {report}")  # last line, so a caller or a log reader finds the page
-    return {category: _mean_over_runs([run[category] for run in per_run]) for category in categories}
-
-
-def _mean_over_runs(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric's mean over the runs (fractions), and its sample standard deviation `<metric>_std` with several runs."""
-    merged = {name: float(np.mean([run[name] for run in runs])) for name in runs[0]}
-    if len(runs) > 1:
-        merged.update({f"{name}_std": float(np.std([run[name] for run in runs], ddof=1)) for name in runs[0]})
+    merged = {}
+    for category in categories:
+        merged[category] = {}
+        for name in per_run[0][category]:
+            mean, std = mean_and_std([run[category][name] for run in per_run])
+            merged[category].update({name: mean, f"{name}_std": std} if len(per_run) > 1 else {name: mean})
     return merged

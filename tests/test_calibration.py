@@ -133,7 +133,7 @@ def test_metrics_at_threshold_literal_cases():
 
 
 def reference_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The lowest threshold of maximal F1 by walking the scores from the top (independent of calibration.py)."""
+    """The lowest threshold of maximal F1 by walking the scores from the top (independent of the code under test)."""
     order = np.argsort(-scores, kind="stable")
     ranked, truth = scores[order], labels[order].astype(np.int64)
     hits, called = np.cumsum(truth), np.arange(1, len(ranked) + 1)

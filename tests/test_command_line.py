@@ -123,7 +123,7 @@ CATALOGUE = [
     ("bench", "--device tpu9", "--device 'tpu9' is not a device"),
     ("bench_synthesis", "--samples 0", "--samples"),
     ("calibrate", f"--checkpoint_path {{ckpt}} --base_model_name {BASE} --obj_id brick", "--data_path"),
-    ("calibrate", CALIBRATE + " --val_fraction 1.5", "--val_fraction must be between 0 and 1"),
+    ("calibrate", CALIBRATE + " --val_fraction 1.5", "--val_fraction: must be between 0 and 1"),
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {out}/nothing", "--good_dir"),
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {textfile_src}", "--good_dir image"),
     ("calibrate", CALIBRATE.replace("obj_id brick", "obj_id ../brick"), "'../brick' is not a plain name"),

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 import data_loader
 from data_loader import (
-    MVTecDRAEMTestDataset,
-    MVTecDRAEMTrainDataset,
+    LabelledImageDataset,
+    TrainDataset,
     blend_anomaly,
     make_training_sample,
     seed_everything,
@@ -105,9 +105,9 @@ def test_anomaly_sources_are_found_recursively_and_sorted(tmp_path):
 
 def test_train_dataset_rejects_missing_or_empty_folders(tmp_path):
     with pytest.raises(DraemInputError, match="does not exist"):
-        MVTecDRAEMTrainDataset(tmp_path / "nowhere")
+        TrainDataset(tmp_path / "nowhere")
     with pytest.raises(DraemInputError, match="no .png"):
-        MVTecDRAEMTrainDataset(tmp_path)
+        TrainDataset(tmp_path)
 
 
 def test_blend_is_exactly_the_formula_inside_the_mask_and_the_image_outside():
@@ -133,7 +133,7 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
 
     monkeypatch.setattr(data_loader, "blend_anomaly", recording_blend)
     torch.manual_seed(0)
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     assert len(dataset) == 6
     samples = [dataset[0] for _ in range(400)]
     for s in samples:
@@ -159,7 +159,7 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
 def test_caching_changes_no_sample(tiny_mvtec):
     """The cached path (images decoded once, bounded source cache) equals reading every file per sample."""
     shape = (48, 48)
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, shape, source_cache_size=2)
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, shape, source_cache_size=2)
     paths, sources = dataset.image_paths, dataset.source_paths
 
     def read_source(rng):
@@ -177,7 +177,7 @@ def test_caching_changes_no_sample(tiny_mvtec):
 
 def test_fast_path_gives_the_released_style_samples(tiny_mvtec):
     """Same seed, same sample as the released-style path (decode per sample, float64 Perlin, no shortcuts)."""
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     released = ReleasedStyleDataset(dataset.image_paths, dataset.source_paths, (64, 64))
     for seed in range(40):
         torch.manual_seed(seed)
@@ -191,7 +191,7 @@ def test_fast_path_gives_the_released_style_samples(tiny_mvtec):
 
 
 def test_without_a_source_folder_the_sources_are_noise(tiny_mvtec):
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(32, 32))
+    dataset = TrainDataset(train_dir(tiny_mvtec), None, resize_shape=(32, 32))
     noise = dataset.draw_source(np.random.default_rng(0))
     assert noise.shape == (32, 32, 3) and noise.dtype == np.uint8 and noise.std() > 60
     torch.manual_seed(1)
@@ -206,7 +206,7 @@ def two_worker_batches(dataset, seed):
 
 
 def test_seeded_loader_with_two_workers_is_reproducible_and_workers_differ(tiny_mvtec):
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(32, 32))
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(32, 32))
     run_a, run_b, other_seed = two_worker_batches(dataset, 7), two_worker_batches(dataset, 7), two_worker_batches(dataset, 8)
     for key in ("image", "augmented_image", "anomaly_mask", "has_anomaly"):
         assert torch.equal(run_a[0][key], run_b[0][key])
@@ -269,7 +269,7 @@ def test_seed_everything_seeds_torch_numpy_and_python():
 
 
 def test_test_dataset_reads_labels_masks_and_paths(tiny_mvtec):
-    dataset = MVTecDRAEMTestDataset(tiny_mvtec.mvtec_root / "brick" / "test", resize_shape=(48, 48))
+    dataset = LabelledImageDataset(tiny_mvtec.mvtec_root / "brick" / "test", resize_shape=(48, 48))
     assert len(dataset) == 3 + 2 + 2
     paths = [dataset[i]["path"] for i in range(len(dataset))]
     assert paths == sorted(paths)
@@ -294,15 +294,15 @@ def test_test_dataset_errors_name_the_missing_mask_or_unreadable_image(tiny_mvte
     shutil.copytree(tiny_mvtec.mvtec_root / "brick", category)
     (category / "test" / "good" / "000.png").write_bytes(b"broken")
     with pytest.raises(DraemInputError, match="good/000.png is not a PNG"):  # found when the set is made, before scoring
-        MVTecDRAEMTestDataset(category / "test", resize_shape=(32, 32))
+        LabelledImageDataset(category / "test", resize_shape=(32, 32))
     (category / "test" / "good" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # looks like a PNG, is not one
-    dataset = MVTecDRAEMTestDataset(category / "test", resize_shape=(32, 32))
+    dataset = LabelledImageDataset(category / "test", resize_shape=(32, 32))
     broken = next(i for i, p in enumerate(dataset.image_paths) if p.parent.name == "good" and p.name == "000.png")
     with pytest.raises(DraemInputError, match="good/000.png"):
         dataset[broken]
     mask = next((category / "ground_truth").glob("*/001_mask.png"))
     mask.unlink()
     with pytest.raises(DraemInputError, match=f"{mask.parent.name}/001_mask.png"):
-        MVTecDRAEMTestDataset(category / "test")
+        LabelledImageDataset(category / "test")
     with pytest.raises(DraemInputError, match="does not exist"):
-        MVTecDRAEMTestDataset(tmp_path / "nothing" / "test")
+        LabelledImageDataset(tmp_path / "nothing" / "test")

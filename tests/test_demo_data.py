@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset
+from data_loader import LabelledImageDataset, TrainDataset
 from tools.make_demo_data import main
 from util.demo_data import CATEGORY_STYLES, DEFECT_TYPES, DEMO_CATEGORIES, draw_defect, make_demo_dataset, texture_image
 from util.errors import DraemInputError
@@ -19,9 +19,9 @@ def test_default_demo_dataset_is_readable_by_the_datasets(tmp_path):
     assert len(find_anomaly_sources(demo.texture_root)) == 24
     assert not (tmp_path / ".demo-building").exists()
     for category in DEMO_CATEGORIES:
-        train = MVTecDRAEMTrainDataset(demo.mvtec_root / category / "train" / "good", demo.texture_root, (64, 64))
+        train = TrainDataset(demo.mvtec_root / category / "train" / "good", demo.texture_root, (64, 64))
         assert len(train) == 40 and train.images.shape == (40, 64, 64, 3)
-        test = MVTecDRAEMTestDataset(demo.mvtec_root / category / "test", (64, 64))
+        test = LabelledImageDataset(demo.mvtec_root / category / "test", (64, 64))
         labels = [test[i]["has_anomaly"][0] for i in range(len(test))]
         assert labels.count(0) == 10 and labels.count(1) == 10
         defects = {p.parent.name for p in test.image_paths} - {"good"}

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import test_draem
 import train_draem
-from data_loader import MVTecDRAEMTrainDataset
+from data_loader import TrainDataset
 from model_unet import DraemModel, model_from_checkpoint
 from util import checkpoints, distributed
 from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
@@ -67,7 +67,7 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
     recording(train_draem, "atomic_torch_save", 1)  # the resume file
     recording(train_draem, "atomic_write_text", 0)  # the log
     recording(train_draem, "save_png", 0)  # the sample grids
-    draw = MVTecDRAEMTrainDataset.__getitem__
+    draw = TrainDataset.__getitem__
 
     def recorded_draw(self, index):
         sample = draw(self, index)
@@ -75,7 +75,7 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
         note(sample=digest.hexdigest(), idx=sample["idx"])
         return sample
 
-    MVTecDRAEMTrainDataset.__getitem__ = recorded_draw
+    TrainDataset.__getitem__ = recorded_draw
     gather = distributed.gather_objects
     calls = {"n": 0}
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, make_test_dataset
+from data_loader import LabelledImageDataset, TrainDataset, make_test_dataset
 from util.errors import DraemInputError
 from util.images import read_image, read_mask, read_nonzero_mask
 from util.layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
@@ -66,7 +66,7 @@ def folder_root(tmp_path) -> Path:
 def test_folder_training_images_are_every_image_of_train_good_sorted(folder_root):
     good = folder_root / "widget" / "train" / "good"
     assert train_image_paths("folder", folder_root, "widget") == [good / "a.png", good / "b.jpg", good / "c.BMP"]
-    dataset = MVTecDRAEMTrainDataset(image_paths=train_image_paths("folder", folder_root, "widget"), resize_shape=SHAPE)
+    dataset = TrainDataset(image_paths=train_image_paths("folder", folder_root, "widget"), resize_shape=SHAPE)
     assert len(dataset) == 3 and dataset.images.shape == (3, *SHAPE, 3)
     np.testing.assert_array_equal(dataset.images[0], cv2.resize(cv2.imread(str(good / "a.png")), SHAPE[::-1]))
 
@@ -164,7 +164,7 @@ def test_visa_training_images_are_the_train_rows_of_the_object_in_file_order(vis
     normal = visa_root / "candle/Data/Images/Normal"
     assert train_image_paths("visa", visa_root, "candle") == [normal / "0836.JPG", normal / "0451.JPG", normal / "0001.JPG"]
     assert train_image_paths("visa", visa_root, "pcb1") == [visa_root / "pcb1/Data/Images/Normal/0000.JPG"]
-    assert len(MVTecDRAEMTrainDataset(image_paths=train_image_paths("visa", visa_root, "candle"), resize_shape=SHAPE)) == 3
+    assert len(TrainDataset(image_paths=train_image_paths("visa", visa_root, "candle"), resize_shape=SHAPE)) == 3
 
 
 def test_visa_test_records_and_samples(visa_root):
@@ -210,7 +210,7 @@ def test_nonzero_masks_read_as_their_0_255_version(tmp_path, convention):
 def test_visa_errors_are_one_line(visa_root, tmp_path):
     message = one_line_error(train_image_paths, "visa", tmp_path / "elsewhere", "candle")
     assert str(tmp_path / "elsewhere" / "split_csv" / "1cls.csv") in message and "VisA's layout" in message
-    assert "1cls.csv" in one_line_error(categories_for, "visa", "-1", tmp_path / "elsewhere")
+    assert "1cls.csv" in one_line_error(categories_for, "visa", "-1", tmp_path)  # a folder without the split file
     assert "candle, pcb1" in one_line_error(evaluation_records, "visa", visa_root, "cashew")
     assert "VisA's 1cls.csv names its masks" in one_line_error(evaluation_records, "visa", visa_root, "candle", mask_suffix="_gt")
     (visa_root / "candle/Data/Images/Normal/0107.JPG").unlink()
@@ -247,7 +247,7 @@ def test_mvtec_through_the_factories_is_exactly_the_mvtec_classes(tiny_mvtec):
         for p in sorted(test_dir.glob("*/*.png"), key=str)
     ]
     assert evaluation_records("mvtec", root, category) == expected
-    ours, classic = make_test_dataset("mvtec", root, category, SHAPE), MVTecDRAEMTestDataset(test_dir, SHAPE)
+    ours, classic = make_test_dataset("mvtec", root, category, SHAPE), LabelledImageDataset(test_dir, SHAPE)
     assert len(ours) == len(classic) == len(expected)
     for i in range(len(ours)):
         a, b = ours[i], classic[i]
@@ -258,9 +258,9 @@ def test_mvtec_through_the_factories_is_exactly_the_mvtec_classes(tiny_mvtec):
 
     train_dir = root / category / "train" / "good"
     assert train_image_paths("mvtec", root, category) == sorted(train_dir.glob("*.png"), key=str)
-    ours = MVTecDRAEMTrainDataset(anomaly_source_path=tiny_mvtec.texture_root, resize_shape=SHAPE,
+    ours = TrainDataset(anomaly_source_path=tiny_mvtec.texture_root, resize_shape=SHAPE,
                                   image_paths=train_image_paths("mvtec", root, category))
-    classic = MVTecDRAEMTrainDataset(train_dir, tiny_mvtec.texture_root, SHAPE)
+    classic = TrainDataset(train_dir, tiny_mvtec.texture_root, SHAPE)
     assert ours.image_paths == classic.image_paths and ours.source_paths == classic.source_paths
     for seed in range(12):
         torch.manual_seed(seed)
@@ -284,11 +284,11 @@ def test_a_missing_mask_is_an_error_for_mvtec_and_a_warning_for_folder(tiny_mvte
 
 def test_the_datasets_take_exactly_one_source_of_images(tiny_mvtec):
     with pytest.raises(ValueError, match="either"):
-        MVTecDRAEMTrainDataset(tiny_mvtec.mvtec_root / "brick/train/good", image_paths=[])
+        TrainDataset(tiny_mvtec.mvtec_root / "brick/train/good", image_paths=[])
     with pytest.raises(ValueError, match="either"):
-        MVTecDRAEMTestDataset()
-    one_line_error(MVTecDRAEMTrainDataset, image_paths=[])
-    one_line_error(MVTecDRAEMTestDataset, records=[])
+        LabelledImageDataset()
+    one_line_error(TrainDataset, image_paths=[])
+    one_line_error(LabelledImageDataset, records=[])
 
 
 def test_layouts_and_visa_categories():

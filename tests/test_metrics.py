@@ -16,7 +16,7 @@ from util.metrics import (
     PAPER_RESULTS,
     DraemEvaluator,
     aupro,
-    f1_max,
+    f1_max_threshold,
     format_markdown,
     image_scores,
     results_rows,
@@ -174,8 +174,8 @@ def test_aupro_rejects_bad_limit_and_warns_without_defects():
 
 def test_f1_max_known_case():
     # Threshold 0.35 keeps 3 images, 2 of them anomalous: precision 2/3, recall 1, F1 0.8 (the best).
-    assert f1_max(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.8)
-    assert f1_max(np.array([0, 1]), np.array([0.2, 0.9])) == pytest.approx(1.0)
+    assert f1_max_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))[1] == pytest.approx(0.8)
+    assert f1_max_threshold(np.array([0, 1]), np.array([0.2, 0.9]))[1] == pytest.approx(1.0)
 
 
 def metrics_of(value: float) -> dict[str, float]:

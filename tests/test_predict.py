@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import MVTecDRAEMTestDataset
+from data_loader import LabelledImageDataset
 from engine import evaluation
 from engine.evaluation import DraemScorer
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
@@ -82,7 +82,7 @@ def protocol_scores(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(evaluation, "DraemEvaluator", RecordingEvaluator)
     model = model_from_checkpoint(setup["checkpoints"], BASE_NAME, CATEGORY)
     evaluation.evaluate_category(DraemScorer(model), setup["data"], CATEGORY, SIZE, torch.device("cpu"), batch_size=1)
-    dataset = MVTecDRAEMTestDataset(setup["test"], resize_shape=(SIZE, SIZE))
+    dataset = LabelledImageDataset(setup["test"], resize_shape=(SIZE, SIZE))
     paths = [str(Path(dataset[i]["path"]).resolve()) for i in range(len(dataset))]
     (evaluator,) = evaluators
     return dict(zip(paths, evaluator.scores[: evaluator.count].tolist()))

@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import test_draem
 import train_draem
-from data_loader import MVTecDRAEMTestDataset
+from data_loader import LabelledImageDataset
 from model_unet import DraemModel
 from util.checkpoints import checkpoint_paths, save_checkpoint
 
@@ -97,7 +97,7 @@ def test_resume_across_a_milestone_equals_an_uninterrupted_run(tiny_mvtec, tmp_p
 
 def test_test_set_is_the_sorted_defect_folders_with_good_as_normal(tiny_mvtec):
     """The test set is test/<defect>/* in sorted order (as the released sorted(glob)); `good` is label 0, the rest 1."""
-    dataset = MVTecDRAEMTestDataset(tiny_mvtec.mvtec_root / "brick" / "test", (TEST_SIZE, TEST_SIZE))
+    dataset = LabelledImageDataset(tiny_mvtec.mvtec_root / "brick" / "test", (TEST_SIZE, TEST_SIZE))
     items = [dataset[i] for i in range(len(dataset))]
     listed = [Path(item["path"]).relative_to(tiny_mvtec.mvtec_root / "brick" / "test").as_posix() for item in items]
     assert listed == ["good/000.png", "good/001.png", "good/002.png", "scratch/000.png", "scratch/001.png",

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, default_collate
 import augment
 import data_loader
 import device_synthesis
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, blend_anomaly
+from data_loader import TrainDataset, TrainImageDataset, blend_anomaly
 from device_synthesis import DEVICE_AUGMENTATIONS, augment_sources, draw_augmentation_indices, synthesize_batch, to_float
 from util.images import to_float as cpu_to_float
 
@@ -108,7 +108,7 @@ def test_solarize_is_applied_to_about_half_of_the_samples():
 # whole SIMD blocks (64 pixels here). Lab and Luv are float equivalents of OpenCV's fixed-point tables.
 # On this batch of noise, with the ranges' end points, they measure 0.22-0.23 and 1.5-1.6 over four seeds.
 # Luv's error is mostly OpenCV's wrap of far out-of-gamut colours when noise is darkened, as listed in
-# synthesis_gpu.py. The bounds leave about 50 % and 25 % margin.
+# device_synthesis.py. The bounds leave about 50 % and 25 % margin.
 BRIGHTNESS_MEAN_TOLERANCE = {"YCrCb": 0, "HSV": 0, "HLS": 0, "Lab": 0.35, "Luv": 2.0, "YUV": 0}
 
 
@@ -145,7 +145,7 @@ def test_device_colour_conversions_give_opencvs_bytes(name):
 
 def test_device_lab_and_luv_are_close_to_opencv():
     """Float formulas for OpenCV's table-based Lab and Luv. Forward over all 2**24 colours: at most 3 and 1
-    levels off (measured, synthesis_gpu.py). Inverse near black, where OpenCV clamps 1/v' to ±1/4:
+    levels off (measured, device_synthesis.py). Inverse near black, where OpenCV clamps 1/v' to ±1/4:
     a fixed grid measures a mean of 2.74 levels, and 3.90 without that clamp."""
     triples = random_triples(11)
     image = np.ascontiguousarray(triples[0].permute(1, 2, 0).numpy())
@@ -217,7 +217,7 @@ def test_device_brightness_statistics_match_the_cpu_path():
 
 def raw_batch(demo, n: int, size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    dataset = RawTrainDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
+    dataset = TrainImageDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
     return default_collate([dataset[0] for _ in range(n)])
 
 
@@ -280,8 +280,8 @@ def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
 
 def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     torch.manual_seed(0)
-    dataset = RawTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
-    assert isinstance(dataset, RawTrainDataset) and len(dataset) == 6
+    dataset = TrainImageDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    assert isinstance(dataset, TrainImageDataset) and len(dataset) == 6
     batch = next(iter(DataLoader(dataset, batch_size=6)))
     assert batch["image"].dtype == batch["source"].dtype == torch.uint8
     assert batch["image"].shape == batch["source"].shape == (6, 3, 64, 64)
@@ -291,7 +291,7 @@ def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     kept = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
     images = next(iter(DataLoader(dataset, batch_size=64)))["image"]
     assert all((kept == image).flatten(1).all(1).any() for image in images)
-    without_sources = RawTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
+    without_sources = TrainImageDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
     assert set(without_sources[0]) == {"image"}
 
 
@@ -311,7 +311,7 @@ def test_device_path_statistics_match_the_cpu_path(tiny_mvtec, monkeypatch):
     monkeypatch.setattr(device_synthesis, "augment_sources", lambda sources, generator: sources)
     n = 4096
     torch.manual_seed(0)
-    cpu_dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    cpu_dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     cpu = coverage_summary(default_collate([cpu_dataset[0] for _ in range(n)]))
     raw = raw_batch(tiny_mvtec, n)
     device = coverage_summary(synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0)))

@@ -52,7 +52,7 @@ def observe_synthesis(monkeypatch, noise_value=None) -> dict[str, list]:
         log["perlin_res"].append(tuple(int(r) for r in res))
         return noise(shape, res, gradients) if noise_value is None else np.full(shape, noise_value)
 
-    # Three distinct call sites: synthesis.py rotates the training image, the source's "rotate" augmentation
+    # Three distinct call sites: data_loader.py rotates the training image, the source's "rotate" augmentation
     # calls augment.rotate, perlin rotates the noise map.
     monkeypatch.setattr(cpu_synthesis, "rotate", recording_rotate("image_angles", cpu_synthesis.rotate))
     monkeypatch.setattr(augment, "rotate", recording_rotate("source_angles", augment.rotate))

@@ -1,4 +1,4 @@
-"""Training curves: the PNG that train_draem.py redraws from its log after every epoch and on --resume (plots.py)."""
+"""Training curves: the PNG that train_draem.py redraws from its log after every epoch and on --resume (util/pictures.py)."""
 import json
 import os
 
@@ -31,7 +31,7 @@ def train_args(data, out) -> list[str]:
 
 @pytest.fixture
 def drawn(monkeypatch) -> list[Figure]:
-    """Every Figure that plots.py makes, to inspect what it drew."""
+    """Every Figure that util/pictures.py makes, to inspect what it drew."""
     figures = []
 
     class RecordedFigure(Figure):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_draem
-from data_loader import MVTecDRAEMTrainDataset
+from data_loader import TrainDataset
 from engine import validation
 from engine.evaluation import DraemScorer
 from model_unet import DraemModel, model_from_checkpoint
@@ -26,7 +26,7 @@ def arguments(data, out, *extra: str) -> list[str]:
             "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"), *SMALL, *extra]
 
 
-def datasets(data, tmp_path, *extra: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
+def datasets(data, tmp_path, *extra: str) -> tuple[TrainDataset, validation.SampleSet | None]:
     """What train_draem trains and validates on for these flags."""
     return train_draem.make_datasets(train_draem.parse_args(arguments(data, tmp_path, *extra)), "brick")
 
@@ -73,11 +73,12 @@ def test_split_paths_keeps_at_least_one_image_on_each_side_in_order():
 
 def test_save_best_survives_resume_and_loads(tiny_mvtec, tmp_path, monkeypatch):
     flags = ("--epochs", "2", "--seed", "3", "--val_every", "1", "--val_samples", "8", "--save_best")
-    base, best_base = run_base_name(1e-4, 2, 4, seed=3), validation.best_base_name(run_base_name(1e-4, 2, 4, seed=3))
+    base = run_base_name(1e-4, 2, 4, seed=3)
+    best_base = f"{base}_best"  # README: the best pair is <base>_best_<category>_.pckl
     saved, compared = [], []
-    real_save, real_improves, real_write = checkpoints.atomic_torch_save, validation.improves, train_draem.atomic_write_text
+    real_save, real_validate, real_write = checkpoints.atomic_torch_save, train_draem.validate, train_draem.atomic_write_text
     monkeypatch.setattr(checkpoints, "atomic_torch_save", lambda obj, path: (saved.append(path), real_save(obj, path)))
-    monkeypatch.setattr(validation, "improves", lambda value, best: (compared.append(best), real_improves(value, best))[1])
+    monkeypatch.setattr(train_draem, "validate", lambda run, record: (compared.append(run.best), real_validate(run, record)))
 
     def crash_after_first_epoch(path, text):
         real_write(path, text)
@@ -123,5 +124,5 @@ def test_validation_flags_are_checked(tiny_mvtec, tmp_path, capsys):
 
 @pytest.mark.parametrize(("epoch", "expected"), [(1, False), (2, True), (3, False), (4, True), (5, True)])
 def test_validation_runs_every_n_epochs_and_after_the_last(epoch, expected):
-    assert validation.due(epoch, every=2, epochs=5) is expected
-    assert not validation.due(epoch, every=0, epochs=5)
+    assert train_draem.validation_due(epoch, every=2, epochs=5) is expected
+    assert not train_draem.validation_due(epoch, every=0, epochs=5)

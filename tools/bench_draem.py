@@ -1,7 +1,7 @@
 """Benchmark DRAEM's fast path side by side on whatever device is present; print a table, write JSON.
 
-    python bench_draem.py                                     # paper size: widths 128/64, 256 px, batch 8 (a GPU job)
-    python bench_draem.py --base_width 16 --image_size 128    # a small model: about a minute on a 2-core CPU
+    python -m tools.bench_draem                                     # paper size: widths 128/64, 256 px, batch 8 (a GPU job)
+    python -m tools.bench_draem --base_width 16 --image_size 128    # a small model: about a minute on a 2-core CPU
 
 Measured in one run, every training row from the same initial weights and the same batch:
 - training samples/s of fp32 eager, then bf16 autocast, channels_last, torch.compile each alone, then
@@ -10,8 +10,8 @@ Measured in one run, every training row from the same initial weights and the sa
   by rounding), the achieved FLOP rate (FLOPs of one step counted by torch.utils.flop_counter) as a
   fraction of the device's measured bf16 (and fp32) matmul rate, and peak memory (CUDA: allocated by
   torch; CPU: the process's peak resident set so far, so it only grows down the table);
-- synthesis samples/s: the CPU path (MVTecDRAEMTrainDataset, one process) next to the device path
-  (RawTrainDataset in one process + synthesize_batch, and synthesize_batch alone);
+- synthesis samples/s: the CPU path (TrainDataset, one process) next to the device path
+  (TrainImageDataset in one process + synthesize_batch, and synthesize_batch alone);
 - inference latency at batch 1 and batch 8, fp32 eager and with the fast options.
 Compilation happens in the untimed warm-up steps. Two options are left out where they cannot pay off,
 unless asked for: torch.compile on CPU (`--compile auto`: inductor's C++ build takes minutes there)
@@ -34,14 +34,14 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything
+from data_loader import TrainDataset, TrainImageDataset, seed_everything
 from device_synthesis import device_generator, synthesize_batch
 from engine.evaluation import DraemScorer
 from loss import DraemLoss
 from model_unet import DraemModel, check_image_size
 from train_draem import train_step
 from util.atomic import atomic_write_text
-from util.cli import ArgumentParser, at_least
+from util.cli import ArgumentParser, add_device_flags, add_image_size_flag, add_width_flags, at_least
 from util.demo_data import make_demo_dataset
 from util.errors import one_line_errors
 from util.runtime import prepare_model, select_device
@@ -73,16 +73,14 @@ DEFAULTS = {"cuda": (8, 20, 3, 20, 512, 8192), "cpu": (2, 3, 1, 2, 32, 512)}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--base_width", type=at_least(1), default=128, help="reconstructive network width (paper: 128)")
-    parser.add_argument("--seg_base_width", type=at_least(1), default=64, help="discriminative network width (paper: 64)")
-    parser.add_argument("--image_size", type=int, default=256, help="side of the square images; a multiple of 32 (paper: 256)")
+    add_width_flags(parser)
+    add_image_size_flag(parser)
     parser.add_argument("--batch_size", type=at_least(1), help="training batch size (default: 8 on CUDA, 2 on CPU)")
     parser.add_argument("--steps", type=at_least(1),
                         help="timed training steps per configuration (default: 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=at_least(0),
                         help="untimed steps first, compilation included (default: 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
-    parser.add_argument("--gpu_id", type=at_least(0), default=0, help="CUDA device index")
+    add_device_flags(parser)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="include torch.compile: auto = on CUDA only (on CPU the C++ build takes minutes)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
@@ -152,7 +150,7 @@ def benchmark_data(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path]
     return Path(args.data_path or train_dir), Path(args.anomaly_source_path or demo.texture_root)
 
 
-def raw_batch(dataset: RawTrainDataset, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+def raw_batch(dataset: TrainImageDataset, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     """One collated uint8 batch from the raw dataset, on `device`."""
     batch = next(iter(DataLoader(dataset, batch_size=batch_size)))
     return {key: value.to(device) for key, value in batch.items()}
@@ -218,7 +216,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, options: Opt
 
 
 def bench_synthesis(
-    args: argparse.Namespace, device: torch.device, cpu_dataset: MVTecDRAEMTrainDataset, raw_dataset: RawTrainDataset,
+    args: argparse.Namespace, device: torch.device, cpu_dataset: TrainDataset, raw_dataset: TrainImageDataset,
     samples: int
 ) -> dict:
     """Samples/s of the CPU path and of the device path, at the training image size, with warm source caches."""
@@ -330,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         train_dir, sources = benchmark_data(args, Path(scratch))
         size = (args.image_size, args.image_size)
-        cpu_dataset, raw_dataset = MVTecDRAEMTrainDataset(train_dir, sources, size), RawTrainDataset(train_dir, sources, size)
+        cpu_dataset, raw_dataset = TrainDataset(train_dir, sources, size), TrainImageDataset(train_dir, sources, size)
         raw = raw_batch(raw_dataset, args.batch_size, device)
         batch = synthesize_batch(raw["image"], raw.get("source"), device_generator(device, args.seed))
         step_flops = count_train_flops(args, device, batch)

@@ -4,13 +4,13 @@
 image and the anomaly source from disk, Perlin noise in float64 NumPy with full-size gradient
 tiles, all of it even for the half of the samples that end up normal. (imgaug itself no longer
 installs; our augmentation functions stand in for it, so its own cost is left out.) "ours" is
-MVTecDRAEMTrainDataset: images decoded once, a bounded source cache, vectorised Perlin, no work
+TrainDataset: images decoded once, a bounded source cache, vectorised Perlin, no work
 for normal samples. For the same seed both give the same samples (masks bit for bit, images to
 float32 rounding); tests/test_data_loader.py checks it. Both run on one core in the main
 process, then in N DataLoader workers.
 
-    python bench_synthesis.py                       # demo images of MVTec size (1024 px), made in a temp folder
-    python bench_synthesis.py --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
+    python -m tools.bench_synthesis                       # demo images of MVTec size (1024 px), made in a temp folder
+    python -m tools.bench_synthesis --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ from data_loader import (
     IMAGE_ROTATION_DEGREES,
     MAX_BETA,
     ROTATE_IMAGE_PROBABILITY,
-    MVTecDRAEMTrainDataset,
+    TrainDataset,
     blend_anomaly,
     worker_init_fn,
 )
@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, train_dir: Path, source_dir: Path) -> dict:
     shape = (args.size, args.size)
     start = time.perf_counter()
-    ours = MVTecDRAEMTrainDataset(train_dir, source_dir, shape)
+    ours = TrainDataset(train_dir, source_dir, shape)
     load_seconds = time.perf_counter() - start
     released = ReleasedStyleDataset(ours.image_paths, ours.source_paths, shape)
     rows = []

@@ -1,11 +1,11 @@
 """Calibrate deployable thresholds for a trained checkpoint pair, without the test set.
 
-    python calibrate.py --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
+    python -m tools.calibrate --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
         --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
 
 Makes --samples training-style samples from the category's training images (about half with a
 synthetic anomaly, METHOD.md §2), scores them with the test protocol, and picks the image-score
-threshold and the pixel threshold that maximise F1 on them (calibration.py explains the rule and its
+threshold and the pixel threshold that maximise F1 on them (util/thresholds.py explains the rule and its
 limit). Only <category>/train is read, never <category>/test. The thresholds go to
 <checkpoint_path>/<base>_<category>_threshold.json, which predict.py and export_onnx.py use by default
 and beside which test_draem.py reports precision, recall and F1 at the threshold.
@@ -19,13 +19,22 @@ known-good images as normals, to raise the threshold against false alarms on rea
 import argparse
 from pathlib import Path
 
-from engine.calibration import calibrate, good_image_paths, synthetic_set, with_good_images
+from engine.calibration import calibrate, synthetic_set, with_good_images
 from engine.evaluation import DraemScorer
 from engine.validation import split_paths
 from model_unet import check_image_size, model_from_checkpoint
 from util.atomic import check_output_file
-from util.cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, at_least
+from util.cli import (
+    ArgumentParser,
+    add_checkpoint_flags,
+    add_dataset_flags,
+    add_device_flags,
+    add_image_size_flag,
+    at_least,
+    fraction,
+)
 from util.errors import one_line_errors
+from util.images import find_images
 from util.layouts import LAYOUTS, train_image_paths
 from util.provenance import provenance
 from util.runtime import select_device
@@ -41,14 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anomaly_source_path",
                         help="texture folder (DTD) the model was trained with, searched recursively; "
                              "omitted: random-noise anomalies, as in training without it")
-    parser.add_argument("--image_size", type=int, default=256,
-                        help="side images are resized to, a multiple of 32: the size the model is deployed at "
-                             "(predict.py and export_onnx.py refuse a file made at another size)")
+    add_image_size_flag(parser)
     parser.add_argument("--samples", type=at_least(1), default=64,
                         help="synthetic samples to calibrate on, the training mix (about half anomalous)")
     parser.add_argument("--seed", type=at_least(0), default=0,
                         help="seed of the synthesis and of the --val_fraction split (give the training run's seed)")
-    parser.add_argument("--val_fraction", type=float, default=None,
+    parser.add_argument("--val_fraction", type=fraction, default=None,
                         help="calibrate on the training images a run with --val_every and this --val_fraction held out "
                              "(never trained on); omitted: on all training images")
     parser.add_argument("--good_dir",
@@ -56,10 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same thresholds)")
     add_device_flags(parser)
-    args = parser.parse_args(argv)
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    return args
+    return parser.parse_args(argv)
 
 
 @one_line_errors
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
     check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category), "the threshold file")
     if args.good_dir is not None:
-        good_image_paths(args.good_dir)
+        find_images(args.good_dir, "--good_dir", check="--good_dir image")  # now, not after the samples are made
     paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
     if args.val_fraction is not None:
         _, paths = split_paths(paths, args.val_fraction, args.seed)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
     device = select_device(args.device, args.gpu_id)
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
     path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
-                            provenance("calibrate.py", args, device))
+                            provenance("tools/calibrate.py", args, device))
     print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 {thresholds['image_f1']:.3f}), "
           f"pixel threshold {thresholds['pixel_threshold']:.6g} (F1 {thresholds['pixel_f1']:.3f}) on "
           f"{thresholds['n_normal']} normal and {thresholds['n_anomalous']} anomalous samples from {len(paths)} {source}; "

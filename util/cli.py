@@ -15,7 +15,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a flag means what it says: `--epoch` is not quietly `--epochs`
         super().__init__(*args, **kwargs)
+
+    def typed(self, argv: list[str] | None = None) -> set[str]:
+        """The destinations of the flags the user typed (a default equal to a typed value still counts as typed)."""
+        argv = sys.argv[1:] if argv is None else argv
+        return {action.dest for action in self._actions for option in action.option_strings
+                for token in argv if token == option or token.startswith(option + "=")}
 
     def error(self, message: str) -> None:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -26,10 +33,7 @@ def at_least(minimum: int, kind: type = int):
     """An argparse `type` accepting numbers >= `minimum` (e.g. a batch size of 1 or more)."""
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        value = _number(text, kind)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {text}")
         return value
@@ -38,27 +42,35 @@ def at_least(minimum: int, kind: type = int):
     return parse
 
 
-def _finite(text: str) -> float:
+def _number(text: str, kind: type = float):
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
+    if not math.isfinite(value):  # nan or inf: a number that means nothing here
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
     """An argparse `type` accepting finite floats > 0 (a learning rate, a tolerance)."""
-    value = _finite(text)
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse `type` accepting a fraction strictly between 0 and 1 (a share of the images to hold out)."""
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse `type` accepting finite floats >= 0 (a loss weight)."""
-    value = _finite(text)
+    value = _number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
@@ -66,7 +78,7 @@ def non_negative_float(text: str) -> float:
 
 def finite_float(text: str) -> float:
     """An argparse `type` accepting any finite float (a threshold: nan would flag nothing, silently)."""
-    return _finite(text)
+    return _number(text)
 
 
 def plain_name_problem(name: str) -> str | None:
@@ -86,6 +98,18 @@ def plain_name(text: str) -> str:
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: {problem}")
     return text
+
+
+def add_image_size_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument("--image_size", type=at_least(32), default=256,
+                       help="side of the square images the model sees, a multiple of 32 (released: 256); "
+                            "test, predict, calibrate and export at the size the model was trained at")
+
+
+def add_width_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument("--base_width", type=at_least(1), default=128, help="reconstructive network width (released: 128)")
+    group.add_argument("--seg_base_width", type=at_least(1), default=64,
+                       help="discriminative network width (released: 64)")
 
 
 def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, gpu_id: bool = True) -> None:

@@ -109,6 +109,29 @@ def sorted_images(paths, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]
     return sorted((p for p in paths if p.suffix.lower() in suffixes and p.is_file()), key=str)
 
 
+def find_images(
+    folder: str | os.PathLike, what: str, suffixes: Sequence[str] = FOLDER_IMAGE_SUFFIXES, *, hint: str = "",
+    skip: str | os.PathLike | None = None, check: str | None = None,
+) -> list[Path]:
+    """Every image under `folder`, recursively, in `sorted_images` order, leaving out what lies under `skip`.
+
+    A missing folder or one without images is a one-line error naming it as `what` (e.g. "--good_dir"), with `hint`.
+    With `check` (what one file is called, e.g. "anomaly source"), each file's first bytes are checked too
+    (`image_format`): a broken file is one line now, not a failure after the slow work.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DraemInputError(f"{what} {folder} does not exist{hint}")
+    skip = None if skip is None else Path(skip).resolve()
+    paths = [p for p in sorted_images(folder.rglob("*"), suffixes) if skip is None or skip not in p.resolve().parents]
+    if not paths:
+        raise DraemInputError(f"no images ({', '.join(suffixes)}) found under {what} {folder}")
+    if check is not None:
+        for path in paths:
+            image_format(path, check)
+    return paths
+
+
 
 def load_images(paths: Sequence[Path], resize_shape: tuple[int, int]) -> np.ndarray:
     """Decode and resize every image once, on a few threads (OpenCV releases the GIL): uint8 N x H x W x 3."""

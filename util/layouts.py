@@ -25,7 +25,7 @@ from pathlib import Path
 
 from util.cli import plain_name_problem
 from util.errors import DraemInputError
-from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, image_format, sorted_images
+from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, find_images, sorted_images
 
 # The released programs' --obj_id order: id i is CATEGORIES[i]; -1 means all of them.
 CATEGORIES = (
@@ -83,18 +83,8 @@ def find_anomaly_sources(path: str | os.PathLike) -> list[Path]:
 
     Each is checked to be a non-empty image file (its first bytes), so a broken source is one line now, not a
     failure at a random step of a long run."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DraemInputError(
-            f"anomaly source folder {path} does not exist: pass the DTD folder (dtd/ or dtd/images/), "
-            "or leave the option out to use random-noise sources"
-        )
-    sources = sorted_images(path.rglob("*"))
-    if not sources:
-        raise DraemInputError(f"no .jpg/.jpeg/.png images under anomaly source folder {path}")
-    for source in sources:
-        image_format(source, "anomaly source")
-    return sources
+    return find_images(path, "anomaly source folder", IMAGE_SUFFIXES, check="anomaly source",
+                       hint=": pass the DTD folder (dtd/ or dtd/images/), or leave the option out to use random-noise sources")
 
 
 
@@ -257,8 +247,6 @@ def evaluation_records(
 def _folder_categories(data_path: str | os.PathLike) -> list[str]:
     """Sub-folders of `data_path` that hold train/good, sorted."""
     root = Path(data_path)
-    if not root.is_dir():
-        raise DraemInputError(f"data path {root} does not exist: the folder layout is <data_path>/<category>/train/good")
     return sorted(child.name for child in root.iterdir() if (child / "train" / GOOD).is_dir())
 
 
@@ -269,6 +257,8 @@ def categories_for(layout: str, obj_id: str | int, data_path: str | os.PathLike)
     sub-folders of data_path that hold train/good (-1: all of them). In every layout a name with a
     folder under data_path is accepted too.
     """
+    if not Path(data_path).is_dir():
+        raise DraemInputError(f"--data_path {data_path} does not exist (point it at the dataset root folder)")
     if _check_layout(layout) == "mvtec":
         return resolve_categories(obj_id, CATEGORIES, data_path)
     if layout == "visa":

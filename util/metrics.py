@@ -26,7 +26,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from util.atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
-# At the image threshold calibrated without the test set (calibration.py); F1-max above is chosen on the test set,
+# At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the test set,
 # an upper bound. Empty where a checkpoint has no threshold file.
 THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
 TABLE_METRICS = (*METRICS, *THRESHOLD_METRICS)
@@ -131,7 +131,7 @@ class DraemEvaluator:
         return {
             "image_auroc": float(roc_auc_score(labels, scores)),
             "image_ap": float(average_precision_score(labels, scores)),
-            "image_f1_max": f1_max(labels, scores),
+            "image_f1_max": f1_max_threshold(labels, scores)[1],
         }
 
     def _pixel_metrics(self) -> dict[str, float]:
@@ -147,12 +147,21 @@ class DraemEvaluator:
 
 # --- metrics beyond the released program -----------------------------------------------------
 
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Best F1 over all thresholds of the precision-recall curve."""
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    return float(f1.max())
+def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on ties.
+
+    Candidates are the thresholds of sklearn's precision_recall_curve (the distinct scores, down to the
+    first that reaches full recall). F1 = 2·TP / (called + positives) is computed from integer counts,
+    so thresholds with mathematically equal F1 get bitwise equal values and the tie rule holds;
+    2PR / (P + R) from the curve's rounded precision and recall can differ in the last bit.
+    """
+    labels, scores = np.asarray(labels).ravel() == 1, np.asarray(scores).ravel()
+    _, _, thresholds = precision_recall_curve(labels, scores)  # increasing
+    called = scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
+    hits = labels.sum() - np.searchsorted(np.sort(scores[labels]), thresholds, side="left")
+    f1 = 2 * hits / (called + labels.sum())
+    best = int(np.argmax(f1))  # the first maximum: the lowest threshold reaching it
+    return float(thresholds[best]), float(f1[best])
 
 
 def _region_weights(masks: np.ndarray) -> np.ndarray:
@@ -249,11 +258,12 @@ def _row(
     return row
 
 
-def _mean_and_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof 1) in percent of per-run fractions; None if any run lacks the value."""
+def mean_and_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) of one metric over runs; NaN for both when any run lacks it
+    (None or NaN), the std NaN for a single run."""
     if any(v is None or math.isnan(v) for v in values):
-        return None, None
-    return _percent(float(np.mean(values))), _percent(float(np.std(values, ddof=1)))
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
 def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
@@ -288,7 +298,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
             if spread is None:
                 ours[metric] = None if per_run[0] is None else _percent(per_run[0])
             else:
-                ours[metric], spread[metric] = _mean_and_std(per_run)
+                ours[metric], spread[metric] = (_percent(v) for v in mean_and_std(per_run))
         rows.append(_row(category, ours, categories if category == MEAN_ROW else [category], spread))
     return rows
 

@@ -201,7 +201,7 @@ def _table_notes(rows: Sequence[dict], stem: str) -> list[str]:
          "false-positive rate of 0.3, divided by 0.3."),
         ("Image F1-max is the best F1 over all thresholds, chosen on the test set itself, so it is an upper bound on "
          "what a deployed threshold achieves. The precision, recall and F1 at the calibrated threshold use the "
-         "threshold stored beside the checkpoints (calibration.py), chosen without the test set; they show "
+         "threshold stored beside the checkpoints (util/thresholds.py), chosen without the test set; they show "
          f"{MISSING} where a checkpoint has no threshold file."),
     ]
     if with_paper:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 from util.atomic import atomic_write_text
 from util.errors import DraemInputError
@@ -43,7 +42,7 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
     path = threshold_path(checkpoint_dir, base_name, category)
     if not path.is_file():
         return None
-    fix = "delete it and calibrate again (calibrate.py)"
+    fix = "delete it and calibrate again (python -m tools.calibrate)"
     try:
         thresholds = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
@@ -84,7 +83,7 @@ def usable_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, categor
     if thresholds is not None and thresholds.get("image_size", image_size) != image_size:
         raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was calibrated at "
                               f"image size {thresholds['image_size']}, not {image_size}: calibrate again at this size "
-                              "(calibrate.py --image_size) or use the size it was made for")
+                              "(python -m tools.calibrate --image_size) or use the size it was made for")
     return thresholds
 
 
@@ -118,20 +117,3 @@ def write_thresholds(
     record = thresholds if provenance is None else {**thresholds, "provenance": provenance}
     atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
-
-
-def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on ties.
-
-    Candidates are the thresholds of sklearn's precision_recall_curve (the distinct scores, down to the
-    first that reaches full recall). F1 = 2·TP / (called + positives) is computed from integer counts,
-    so thresholds with mathematically equal F1 get bitwise equal values and the tie rule holds;
-    2PR / (P + R) from the curve's rounded precision and recall can differ in the last bit.
-    """
-    labels, scores = np.asarray(labels).ravel() == 1, np.asarray(scores).ravel()
-    _, _, thresholds = precision_recall_curve(labels, scores)  # increasing
-    called = scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
-    hits = labels.sum() - np.searchsorted(np.sort(scores[labels]), thresholds, side="left")
-    f1 = 2 * hits / (called + labels.sum())
-    best = int(np.argmax(f1))  # the first maximum: the lowest threshold reaching it
-    return float(thresholds[best]), float(f1[best])
