@@ -29,7 +29,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from augment import augment_source, rotate
 from perlin import perlin_mask
 from util.errors import DraemInputError
-from util.images import load_images, read_image, read_image_uint8, read_mask, read_nonzero_mask, to_chw, to_float
+from util.images import (
+    check_mask_file,
+    image_format,
+    load_images,
+    read_image,
+    read_image_uint8,
+    read_mask,
+    read_nonzero_mask,
+    to_chw,
+    to_float,
+)
 from util.layouts import (
     MVTEC_MASK_SUFFIX,
     ImageRecord,
@@ -205,11 +215,14 @@ class LabelledImageDataset(Dataset):
         self.records = [(Path(image), None if mask is None else Path(mask), int(label)) for image, mask, label in records]
         if not self.records:
             raise DraemInputError("no test images were given")
-        for image, mask, _ in self.records:
+        for image, mask, _ in self.records:  # checked now (a few bytes each), not after scoring half of them
             if not image.is_file():
                 raise DraemInputError(f"test image {image} does not exist")
+            image_format(image, "test image")
             if mask is not None and not mask.exists():  # a file, or a folder of masks (MVTec LOCO AD)
                 raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+            if mask is not None:
+                check_mask_file(mask)
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
-from util.atomic import atomic_write_bytes
-from util.cli import ArgumentParser, add_checkpoint_flags, add_image_size_flag, at_least, positive_float
+from util.atomic import atomic_write_bytes, check_output_file
+from util.cli import ArgumentParser, add_checkpoint_flags, add_image_size_flag, at_least, finite_float, positive_float
 from util.errors import ParityCheckFailed, one_line_errors
 from util.images import image_shape
 from util.thresholds import thresholds_in_use
@@ -142,9 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest ONNX-vs-PyTorch difference accepted in the parity check")
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the random images of the parity check")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="image threshold baked in as output is_anomalous (image_score >= threshold); default: the "
-                             "image threshold of the checkpoint pair's threshold file (tools/calibrate.py), if it has one")
+    parser.add_argument("--threshold", type=finite_float, default=None,
+                        help="image threshold (finite) baked in as output is_anomalous (image_score >= threshold); default: "
+                             "the image threshold of the checkpoint pair's threshold file (tools/calibrate.py), if it has one")
     return parser.parse_args(argv)
 
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_image_size(args.image_size)
     model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id)
     scorer, baked_line = thresholded(DraemScorer(model), args)
+    check_output_file(args.output, "--output")  # before the export, not after it
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
     atomic_write_bytes(args.output, model_bytes)
     side = ",".join(str(s) for s in args.image_size)

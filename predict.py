@@ -30,8 +30,16 @@ from tqdm import tqdm
 
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
-from util.atomic import atomic_write_text
-from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, add_image_size_flag, at_least
+from util.atomic import atomic_write_text, check_output_files, check_output_folder
+from util.cli import (
+    ArgumentParser,
+    add_checkpoint_flags,
+    add_device_flags,
+    add_fast_flags,
+    add_image_size_flag,
+    at_least,
+    finite_float,
+)
 from util.errors import DraemInputError, one_line_errors
 from util.images import FOLDER_IMAGE_SUFFIXES, find_images, image_shape, read_image, to_chw
 from util.pictures import heatmap_overlay, save_png
@@ -140,8 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_checkpoint_flags(parser)
     parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
     parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="image threshold of the is_anomalous column (1 where image score >= threshold, else 0); "
+    parser.add_argument("--threshold", type=finite_float, default=None,
+                        help="image threshold (finite) of the is_anomalous column (1 where image score >= threshold, else 0); "
                              "default: the image threshold of the checkpoint pair's threshold file, if it has one")
     parser.add_argument("--save_images", action="store_true",
                         help="save a heat-map overlay per image under <output_dir>/overlays and, when the threshold "
@@ -168,6 +176,13 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(args.output_dir)
     threshold, threshold_source, pixel_threshold, threshold_file = thresholds_in_use(
         args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size, args.threshold)
+    # Before the first image: where the results go.
+    check_output_folder(output_dir, "--output_dir")
+    check_output_files([output_dir / CSV_NAME], "the scores table")
+    if args.save_images:
+        check_output_folder(output_dir / OVERLAY_DIR, "the overlay folder of --save_images")
+        if pixel_threshold is not None:
+            check_output_folder(output_dir / MASK_DIR, "the mask folder of --save_images")
 
     def save_images(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
         save_png(output_image_path(output_dir, OVERLAY_DIR, Path(args.input), paths[index]),

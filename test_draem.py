@@ -19,9 +19,18 @@ import argparse
 from engine.evaluation import evaluate_checkpoints
 from model_unet import check_image_size
 from util.checkpoints import run_base_name
-from util.cli import ArgumentParser, add_dataset_flags, add_device_flags, add_fast_flags, add_image_size_flag, at_least
+from util.cli import (
+    ArgumentParser,
+    add_dataset_flags,
+    add_device_flags,
+    add_fast_flags,
+    add_image_size_flag,
+    at_least,
+    plain_name,
+)
 from util.errors import one_line_errors
 from util.layouts import LAYOUTS, categories_for
+from util.provenance import provenance
 from util.runtime import select_device
 
 
@@ -29,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     released = parser.add_argument_group("flags of the released program")
     released.add_argument("--gpu_id", type=at_least(0), default=0, help="CUDA device index when testing on a GPU")
-    released.add_argument("--base_model_name", nargs="+", default=[run_base_name(1e-4, 700, 8)],
+    released.add_argument("--base_model_name", nargs="+", default=[run_base_name(1e-4, 700, 8)], type=plain_name,
                           help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl "
                                "(default: what train_draem.py writes with the paper's settings); several names (runs "
                                "with different --seed) give each metric as mean ± std over them")
@@ -38,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     released.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pairs")
     extra = parser.add_argument_group("additions")
     add_dataset_flags(extra, LAYOUTS)
-    extra.add_argument("--obj_id", "--category", dest="obj_id", default="-1",
+    extra.add_argument("--obj_id", "--category", dest="obj_id", default="-1", type=plain_name,
                        help="category name, released integer id (0 capsule .. 14 wood), or -1 for all")
     add_device_flags(extra, gpu_id=False)
     add_image_size_flag(extra)
@@ -56,9 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
     check_image_size(args.image_size)
+    device = select_device(args.device, args.gpu_id)
     return evaluate_checkpoints(
         checkpoint_path=args.checkpoint_path, base_model_names=args.base_model_name, data_path=args.data_path,
-        categories=categories, image_size=args.image_size, device=select_device(args.device, args.gpu_id),
+        categories=categories, image_size=args.image_size, device=device, provenance=provenance("test_draem.py", args, device),
         output_dir=args.output_dir, batch_size=args.batch_size, layout=args.dataset, mask_suffix=args.mask_suffix,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile, save_images=args.save_images,
     )

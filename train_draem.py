@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from zipfile import BadZipFile
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from engine.validation import SampleSet
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map, check_image_size
 from util import distributed
-from util.atomic import atomic_torch_save, atomic_write_text
-from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
+from util.atomic import atomic_torch_save, atomic_write_text, check_output_files, check_output_folder, exclusive_lock
+from util.checkpoints import checkpoint_paths, load_failure, load_state_dict_checked, run_base_name, save_checkpoint
 from util.cli import (
     ArgumentParser,
     add_dataset_flags,
@@ -40,13 +41,23 @@ from util.cli import (
     add_width_flags,
     at_least,
     fraction,
+    non_negative_float,
+    plain_name,
     positive_float,
 )
 from util.demo_data import make_demo_dataset
-from util.errors import DraemInputError, TrainingDiverged, one_line_errors
-from util.images import find_images, load_images
-from util.layouts import LAYOUTS, VALIDATION_LAYOUTS, categories_for, train_image_paths, validation_image_paths
+from util.errors import DraemInputError, Terminated, TrainingDiverged, interrupted, one_line_errors
+from util.images import find_images, load_images, shape_record
+from util.layouts import (
+    LAYOUTS,
+    VALIDATION_LAYOUTS,
+    categories_for,
+    find_anomaly_sources,
+    train_image_paths,
+    validation_image_paths,
+)
 from util.pictures import save_png, save_training_curves, training_grid
+from util.provenance import provenance
 from util.runtime import autocast, prepare_model, to_memory_format
 from util.thresholds import (
     DEFAULT_K,
@@ -54,16 +65,18 @@ from util.thresholds import (
     TRAINING_SOURCE,
     VALIDATION_GOOD_SYNTHETIC_SOURCE,
     VALIDATION_SOURCE,
+    threshold_path,
     write_thresholds,
 )
 
 DEMO_ROOT = Path("datasets/demo")
+DEMO_RESULTS = Path("results/demo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     released = parser.add_argument_group("flags of the released program")
-    released.add_argument("--obj_id", default="-1",
+    released.add_argument("--obj_id", default="-1", type=plain_name,
                           help="category name, released integer id (0 capsule .. 14 wood), "
                                "or -1 for all of the layout's categories")
     released.add_argument("--bs", type=at_least(1), default=8, help="batch size (paper: 8)")
@@ -88,11 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="seed of every random stream (model init, sampling, synthesis); a seed other than 0 is added "
                             "to the run name (<base>_seed<N>), so several seeds never overwrite each other")
     extra.add_argument("--workers", type=at_least(0), default=4, help="DataLoader worker processes (0: load in the main process)")
-    extra.add_argument("--resume", action="store_true", help="continue each category from its resume file in --checkpoint_path")
+    extra.add_argument("--resume", action="store_true",
+                       help="continue each category from its resume file in --checkpoint_path, which must exist and hold "
+                            "the same settings (refused otherwise, naming the setting)")
+    extra.add_argument("--overwrite", action="store_true",
+                       help="train anew over a run of the same name in --checkpoint_path / --log_path, replacing its files "
+                            "(without it, or --resume, such a run is never touched)")
     add_image_size_flag(extra)
     add_width_flags(extra)
     extra.add_argument("--sspcab", action="store_true", help="replace the reconstructive encoder's last block by SSPCAB")
-    extra.add_argument("--sspcab_lambda", type=float, default=0.1, help="weight of the SSPCAB loss")
+    extra.add_argument("--sspcab_lambda", type=non_negative_float, default=0.1, help="weight of the SSPCAB loss")
     extra.add_argument("--calibration_samples", type=at_least(2), default=64,
                        help="synthetic samples (the training mix) the deployment thresholds are calibrated on after the last "
                             "epoch, written to <base>_<category>_threshold.json (with --val_every: the validation set)")
@@ -132,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         apply_demo_defaults(args, parser.typed(argv))
     if args.data_path is None:
         parser.error("--data_path is required (or use --demo)")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run, --overwrite starts it anew: give one of them")
     check_validation_args(args, parser)
     return args
 
@@ -170,6 +190,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     epoch: int = 0  # epochs done
+    saved: int = 0  # the epoch the resume file holds: what --resume continues from
     log_lines: list[str] = field(default_factory=list)
     best: float | None = None  # best validation pixel AP so far (--save_best)
 
@@ -194,15 +215,25 @@ def make_datasets(args: argparse.Namespace, category: str) -> tuple[TrainDataset
     return dataset, val_set
 
 
-def start_run(args: argparse.Namespace, category: str, device: torch.device) -> Run:
-    """Seed this process, build the data, the model and its optimiser; continue from the resume file with --resume."""
+def start_run(args: argparse.Namespace, category: str, device: torch.device, resume: bool) -> Run:
+    """Seed this process, build the data, the model and its optimiser; with `resume`, continue from the resume file.
+
+    Before the weights change (a run anew, or a resumed one with epochs left), the pair's threshold file goes: it was
+    calibrated for other weights. A run anew also drops the resume file of the run it replaces (--overwrite).
+    """
     seed = args.seed + distributed.rank()  # each rank its own random streams; a single process uses --seed itself
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     base_name = run_base_name(args.lr, args.epochs, args.bs, args.seed)
     resume_file = resume_path(args.checkpoint_path, base_name, category)
-    # Read before any slow work, so a bad resume file is one line at once.
-    resumed = read_resume_file(resume_file) if args.resume and resume_file.is_file() else None
+    resumed = read_resume_file(resume_file) if resume else None
+    if distributed.is_main():
+        if resumed is None:
+            resume_file.unlink(missing_ok=True)
+        if resumed is None or resumed["epoch"] < args.epochs:
+            threshold_path(args.checkpoint_path, base_name, category).unlink(missing_ok=True)
+        if resumed is None and args.resume:
+            print(f"{category}: no resume file yet, training from the start")
     dataset, val_set = make_datasets(args, category)
     # A fresh worker per epoch, reseeded from `generator`, makes --resume bitwise exact; the device path keeps its workers.
     loader = train_loader(dataset, args.bs, args.workers, generator, device, sampler=distributed.rank_sampler(dataset),
@@ -232,9 +263,14 @@ def training_batch(batch: dict, device: torch.device, synthesis_rng: torch.Gener
 
 
 def rng_state(run: Run) -> dict:
-    """Every random stream this process draws from, to continue it exactly on --resume."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "loader": run.generator.get_state()}
+    """Every random stream this process draws from, to continue it exactly on --resume: tensors and plain values only,
+    so the resume file loads with torch.load(weights_only=True)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "loader": run.generator.get_state(),
+             "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": [version, list(python_state), gauss_next]}
     if run.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(run.device)
     if run.synthesis_rng is not None:
@@ -244,8 +280,11 @@ def rng_state(run: Run) -> dict:
 
 def set_rng_state(run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["bit_generator"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    version, python_state, gauss_next = state["python"]
+    random.setstate((version, tuple(python_state), gauss_next))
     run.generator.set_state(state["loader"])
     if "cuda" in state and run.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], run.device)
@@ -262,45 +301,116 @@ def resume_path(checkpoint_dir: str | Path, base_name: str, category: str) -> Pa
 # log. A crash between these writes leaves the pair one epoch behind (or, between its two files, mixed) and
 # the log short; --resume rewrites the pair and the log from the resume file before training on, so they
 # agree again. A resume file that cannot be read is refused, and nothing is written.
-RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "log_lines", "best_val_pixel_ap")
+# It holds tensors and plain values only and is read with weights_only=True: a resume file from elsewhere is data,
+# never code. Its settings must equal this run's (RESUME_SETTINGS).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "log_lines", "best_val_pixel_ap", "settings")
+# What changes the computation of a run: --resume refuses a resume file written with other values. The run's name
+# already fixes --lr, --epochs, --bs and --seed. Paths (a moved dataset), the device, --workers and the pictures may
+# change: the seeded streams do not depend on them (README, "Reproducibility and provenance").
+RESUME_SETTINGS = ("dataset", "mask_suffix", "lr", "epochs", "bs", "seed", "image_size", "base_width", "seg_base_width",
+                   "sspcab", "sspcab_lambda", "synthesis", "precision", "channels_last", "compile", "calibration_samples",
+                   "val_every", "val_fraction", "val_samples", "val_test", "save_best", "sync_bn",
+                   "threshold_rule", "threshold_k")
+
+
+def run_settings(args: argparse.Namespace, category: str) -> dict:
+    """The settings a resume file records and --resume compares: the category (a renamed file is not that category's
+    run), RESUME_SETTINGS, and which kinds of data are used."""
+    settings = {"obj_id": category, **{name: getattr(args, name) for name in RESUME_SETTINGS}}
+    settings["anomaly_source_path"] = "a folder" if args.anomaly_source_path is not None else "none (random noise)"
+    settings["good_dir"] = "a folder" if args.good_dir is not None else "none"
+    settings["image_size"] = shape_record(args.image_size)  # a square size as one side, as files before H x W
+    return settings
+
+
+def log_file(args: argparse.Namespace, base_name: str, category: str) -> Path:
+    return Path(args.log_path) / f"{base_name}_{category}_log.jsonl"
+
+
+def curves_file(args: argparse.Namespace, base_name: str, category: str) -> Path:
+    return Path(args.log_path) / f"{base_name}_{category}_curves.png"
+
+
+def run_files(args: argparse.Namespace, base_name: str, category: str) -> list[Path]:
+    """The files a category's run writes: the pair, the resume file, the threshold file, the log and its curves."""
+    files = [*checkpoint_paths(args.checkpoint_path, base_name, category), resume_path(args.checkpoint_path, base_name, category),
+             threshold_path(args.checkpoint_path, base_name, category), log_file(args, base_name, category),
+             curves_file(args, base_name, category)]
+    if args.save_best:
+        files += checkpoint_paths(args.checkpoint_path, f"{base_name}_best", category)
+    return files
+
+
+def run_locks(args: argparse.Namespace, base_name: str, categories: list[str]) -> list[tuple[Path, str]]:
+    """The lock files of a run, one per category in each output folder (util.atomic.exclusive_lock)."""
+    return [(Path(folder) / f"{base_name}_{category}.lock", f"{base_name} for {category} in {folder}")
+            for category in categories for folder in (args.checkpoint_path, args.log_path)]
 
 
 def write_outputs(run: Run) -> None:
     """The checkpoint pair, the JSONL log of the run so far and its training curves (each file atomically)."""
-    args, stem = run.args, f"{run.base_name}_{run.category}"
+    args = run.args
     save_checkpoint(run.model, args.checkpoint_path, run.base_name, run.category)
-    atomic_write_text(Path(args.log_path) / f"{stem}_log.jsonl", "\n".join(run.log_lines) + "\n")
-    save_training_curves([json.loads(line) for line in run.log_lines], Path(args.log_path) / f"{stem}_curves.png")
+    atomic_write_text(log_file(args, run.base_name, run.category), "\n".join(run.log_lines) + "\n")
+    save_training_curves([json.loads(line) for line in run.log_lines], curves_file(args, run.base_name, run.category))
 
 
 def save_epoch(run: Run, rng_states: list[dict]) -> None:
     """Write the resume file, then the checkpoint pair and the log, for the epoch just finished."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng": rng_states, "epoch": run.epoch, "log_lines": run.log_lines,
-             "best_val_pixel_ap": run.best, "args": vars(run.args)}
+             "best_val_pixel_ap": run.best, "settings": run_settings(run.args, run.category),
+             "provenance": provenance("train_draem.py", run.args, run.device)}
     atomic_torch_save(state, resume_path(run.args.checkpoint_path, run.base_name, run.category))
+    run.saved = run.epoch
     write_outputs(run)
 
 
-def read_resume_file(path: Path) -> dict:
-    """The state a resume file holds; an unreadable or foreign file is a one-line error naming it and the fix."""
+def read_resume_file(path: Path, mmap: bool = False) -> dict:
+    """The state a resume file holds, loaded as data only (weights_only); an unreadable, foreign or edited file is a
+    one-line error naming it and the fix. `mmap`: map the tensors instead of reading them (for a quick look)."""
+    fix = "restore it, or delete it and start this category over without --resume"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [key for key in RESUME_KEYS if key not in state]
-    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as exc:
-        # a truncated or foreign file fails inside torch, pickle or zipfile in any of these ways
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
-        raise DraemInputError(f"cannot read resume file {path} ({reason}): restore it, or delete it and leave out --resume "
-                              f"to start this category over") from None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, TypeError, AttributeError, ImportError,
+            BadZipFile) as exc:
+        # a truncated, foreign or code-carrying file fails inside torch, pickle or zipfile in any of these ways
+        raise DraemInputError(f"cannot read resume file {path} ({load_failure(exc)}): {fix}") from None
+    missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
     if missing:
         raise DraemInputError(f"cannot read resume file {path}: it has no {', '.join(missing)} (not a resume file of "
-                              f"train_draem.py?); delete it and leave out --resume to start over")
+                              f"this train_draem.py?): {fix}")
+    epoch, log_lines, best = state["epoch"], state["log_lines"], state["best_val_pixel_ap"]
+    problems = {
+        "epoch": not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0,
+        "log_lines": not isinstance(log_lines, list) or not all(isinstance(line, str) for line in log_lines)
+        or len(log_lines) != epoch,
+        "best_val_pixel_ap": best is not None and not isinstance(best, float),
+        "rng": not isinstance(state["rng"], list) or not all(isinstance(rng, dict) for rng in state["rng"]),
+        "settings": not isinstance(state["settings"], dict),
+        "model": not isinstance(state["model"], dict),
+    }
+    wrong = [key for key, bad in problems.items() if bad]
+    if wrong:
+        raise DraemInputError(f"resume file {path}: {wrong[0]} is not what train_draem.py writes (edited?): {fix}")
     return state
+
+
+def check_resume_settings(state: dict, args: argparse.Namespace, path: Path, category: str) -> None:
+    """A resume file continues only the run it was written by: the first setting that differs is a one-line error."""
+    for name, value in run_settings(args, category).items():
+        stored = state["settings"].get(name, "(not recorded)")
+        if stored != value:
+            if str(stored) == str(value):  # equal as text, not in type (an edited file): show the types
+                stored, value = repr(stored), repr(value)
+            raise DraemInputError(f"resume file {path} was written with --{name} {stored}, this run has --{name} {value}: "
+                                  f"resume with the settings it was started with, or train anew with --overwrite")
 
 
 def load_epoch(run: Run, state: dict) -> None:
     """Restore a run from its resume state (epochs done, log, best value) and rewrite its pair and log."""
     path = resume_path(run.args.checkpoint_path, run.base_name, run.category)
+    check_resume_settings(state, run.args, path, run.category)
     load_state_dict_checked(run.model, state["model"], str(path))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -309,6 +419,7 @@ def load_epoch(run: Run, state: dict) -> None:
                               f"{distributed.world_size()}: resume with the same number of processes, or leave out --resume")
     set_rng_state(run, state["rng"][distributed.rank()])  # each rank continues its own stream
     run.epoch, run.log_lines, run.best = state["epoch"], state["log_lines"], state["best_val_pixel_ap"]
+    run.saved = run.epoch
     if distributed.is_main():
         write_outputs(run)
 
@@ -388,7 +499,8 @@ def calibrate_thresholds(run: Run) -> None:
         samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
         thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, run.device, args.bs,
                                            source=source)
-    path = write_thresholds(args.checkpoint_path, run.base_name, run.category, thresholds)
+    path = write_thresholds(args.checkpoint_path, run.base_name, run.category, thresholds,
+                            provenance("train_draem.py", args, run.device))
     rule = " (mean_std rule)" if args.threshold_rule == "mean_std" else ""
     print(f"{run.category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
           f"{thresholds['pixel_threshold']:.4g}{rule}, from {source} -> {path}")
@@ -412,43 +524,89 @@ def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, op
     return loss.detach(), parts, reconstruction.detach(), logits.detach()
 
 
-def train_category(args: argparse.Namespace, category: str, device: torch.device) -> None:
-    """Train one category from scratch (or from its resume file) and write its checkpoints every epoch (rank 0)."""
-    run = start_run(args, category, device)
+def plan_category(args: argparse.Namespace, base_name: str, category: str) -> bool:
+    """Whether the category resumes (its resume file read and its settings checked) or starts anew; a run of the same
+    name that would be lost, or cannot be resumed, is a one-line error. Before any slow work."""
+    path = resume_path(args.checkpoint_path, base_name, category)
+    if args.resume and path.is_file():
+        check_resume_settings(read_resume_file(path, mmap=True), args, path, category)
+        return True
+    found = [file for file in (path, *checkpoint_paths(args.checkpoint_path, base_name, category),
+                               log_file(args, base_name, category)) if file.exists()]
+    if found and not args.overwrite:
+        if args.resume:
+            raise DraemInputError(f"{found[0]} exists but there is no resume file {path.name} beside the checkpoints: "
+                                  f"{category} cannot be resumed; train it anew with --overwrite instead of --resume")
+        raise DraemInputError(f"{found[0]} exists: a run named {base_name} for {category} is there; add --resume to "
+                              f"continue it, --overwrite to train it anew (replacing its files), or choose other folders")
+    return False
+
+
+def preflight(args: argparse.Namespace, base_name: str, categories: list[str]) -> dict[str, bool]:
+    """Check everything the run will read and write before the first epoch (the output folders are checked before,
+    for the lock files); per category, whether it resumes."""
+    if args.anomaly_source_path is not None:
+        find_anomaly_sources(args.anomaly_source_path)  # listed, and each file's first bytes checked
+    if args.good_dir is not None:
+        find_images(args.good_dir, "--good_dir", check="--good_dir image")
+    plans = {}
+    for category in categories:
+        train_image_paths(args.dataset, args.data_path, category)
+        if args.threshold_rule == "mean_std":  # the normal-only rule's images exist
+            paths, _ = calibration.normal_set(args.dataset, args.data_path, category, held_out_fraction(args), args.seed)
+            calibration.require_normal_set(paths, args.good_dir)
+        check_output_files(run_files(args, base_name, category), "a file of this run")
+        plans[category] = plan_category(args, base_name, category)
+    if args.resume and not any(plans.values()):
+        path = resume_path(args.checkpoint_path, base_name, categories[0])
+        raise DraemInputError(f"--resume: there is no resume file {path} (the run's name {base_name} comes from --lr, "
+                              "--epochs, --bs and --seed): check them and --checkpoint_path, or leave out --resume")
+    return plans
+
+
+def train_category(args: argparse.Namespace, category: str, device: torch.device, resume: bool) -> None:
+    """Train one category from scratch (or, with `resume`, from its resume file) and write its checkpoints every epoch
+    (rank 0). Ctrl-C or SIGTERM ends it with one line saying what was saved."""
+    run = start_run(args, category, device, resume)
     criterion = DraemLoss(args.sspcab_lambda)
     prepare_model(run.model, args.channels_last, args.compile)  # in place: the state-dict keys stay the released ones
     net = distributed.wrap_model(run.model, device, args.sync_bn)  # what the loop calls; `run.model` is what is saved
 
-    step = run.epoch * len(run.loader)
-    for epoch in range(run.epoch, args.epochs):
-        net.train()
-        started, losses, part_sums = time.time(), [], {}
-        progress = tqdm(run.loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                        disable=not distributed.is_main())
-        for batch in progress:
-            image, augmented, mask = training_batch(batch, device, run.synthesis_rng)
-            loss, parts, reconstruction, logits = train_step(net, run.model, criterion, run.optimizer, image, augmented,
-                                                             mask, args.precision, args.channels_last)
-            losses.append(loss)  # a tensor: calling .item() here would stall the GPU every step
-            for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0.0) + value
-            step += 1
-            if args.visualize and distributed.is_main() and step % args.visualize_every == 0:
-                grid = training_grid(augmented, reconstruction.float(), image, mask, anomaly_map(logits))
-                save_png(Path(args.log_path) / f"{run.base_name}_{category}_step{step:07d}.png", grid)
-            if len(losses) % 10 == 0:
-                progress.set_postfix(loss=f"{losses[-1].item():.4f}")
-        record = epoch_record(run, step, losses, part_sums, started)
-        run.scheduler.step()
-        run.epoch = epoch + 1
-        rng_states = distributed.gather_objects(rng_state(run))  # all ranks', each resumes its own
+    try:
+        step = run.epoch * len(run.loader)
+        for epoch in range(run.epoch, args.epochs):
+            net.train()
+            started, losses, part_sums = time.time(), [], {}
+            progress = tqdm(run.loader, desc=f"{category} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+                            disable=not distributed.is_main())
+            for batch in progress:
+                image, augmented, mask = training_batch(batch, device, run.synthesis_rng)
+                loss, parts, reconstruction, logits = train_step(net, run.model, criterion, run.optimizer, image, augmented,
+                                                                 mask, args.precision, args.channels_last)
+                losses.append(loss)  # a tensor: calling .item() here would stall the GPU every step
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value
+                step += 1
+                if args.visualize and distributed.is_main() and step % args.visualize_every == 0:
+                    grid = training_grid(augmented, reconstruction.float(), image, mask, anomaly_map(logits))
+                    save_png(Path(args.log_path) / f"{run.base_name}_{category}_step{step:07d}.png", grid)
+                if len(losses) % 10 == 0:
+                    progress.set_postfix(loss=f"{losses[-1].item():.4f}")
+            record = epoch_record(run, step, losses, part_sums, started)
+            run.scheduler.step()
+            run.epoch = epoch + 1
+            rng_states = distributed.gather_objects(rng_state(run))  # all ranks', each resumes its own
+            if distributed.is_main():
+                validate(run, record)
+                run.log_lines.append(json.dumps(record))
+                save_epoch(run, rng_states)
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if distributed.is_main():
-            validate(run, record)
-            run.log_lines.append(json.dumps(record))
-            save_epoch(run, rng_states)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    if distributed.is_main():
-        calibrate_thresholds(run)
+            calibrate_thresholds(run)
+    except (KeyboardInterrupt, Terminated) as stop:
+        message = (f"{category}: interrupted after epoch {run.saved} of {args.epochs}; resume with --resume" if run.saved
+                   else f"{category}: interrupted before its first epoch was saved; start it again (without --resume)")
+        raise interrupted(stop, message) from None
     distributed.barrier()  # rank 0's last files are written before any rank moves on
 
 
@@ -457,27 +615,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_image_size(args.image_size)
     categories = categories_for(args.dataset, args.obj_id, args.data_path)
-    if args.good_dir is not None:
-        find_images(args.good_dir, "--good_dir")  # now, not after training
-    for category in categories if args.threshold_rule == "mean_std" else ():  # now, not after training
-        paths, _ = calibration.normal_set(args.dataset, args.data_path, category, held_out_fraction(args), args.seed)
-        calibration.require_normal_set(paths, args.good_dir)
+    base_name = run_base_name(args.lr, args.epochs, args.bs, args.seed)
     with distributed.process_group(args.device, args.gpu_id) as device:
-        if distributed.is_main():
-            if args.anomaly_source_path is None:
-                print("warning: no --anomaly_source_path: anomalies are cut from random noise, "
-                      "which the paper found weaker than DTD textures")
-            if args.synthesis == "gpu" and device.type == "cpu":
-                print("warning: --synthesis gpu on a CPU is about 10x slower than the default CPU synthesis in loader workers")
-            processes = f" in {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-            print(f"training {', '.join(categories)} on {device} for {args.epochs} epochs{processes}")
-        for category in categories:
-            train_category(args, category, device)
+        check_output_folder(args.checkpoint_path, "--checkpoint_path")
+        check_output_folder(args.log_path, "--log_path")
+        if args.demo:
+            check_output_folder(DEMO_RESULTS, "the demo's results folder")
+        # Taken before the files are looked at: a second run with the same names is refused, not told to --resume.
+        with exclusive_lock(run_locks(args, base_name, categories) if distributed.is_main() else []):
+            plans = preflight(args, base_name, categories)
+            if distributed.is_main():
+                if args.anomaly_source_path is None:
+                    print("warning: no --anomaly_source_path: anomalies are cut from random noise, "
+                          "which the paper found weaker than DTD textures")
+                if args.synthesis == "gpu" and device.type == "cpu":
+                    print("warning: --synthesis gpu on a CPU is about 10x slower than the default CPU synthesis in loader "
+                          "workers")
+                processes = f" in {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+                print(f"training {', '.join(categories)} on {device} for {args.epochs} epochs{processes}")
+            for category in categories:
+                train_category(args, category, device, plans[category])
         if args.demo and distributed.is_main():
-            evaluate_checkpoints(checkpoint_path=args.checkpoint_path,
-                                 base_model_names=[run_base_name(args.lr, args.epochs, args.bs, args.seed)],
+            evaluate_checkpoints(checkpoint_path=args.checkpoint_path, base_model_names=[base_name],
                                  data_path=args.data_path, categories=categories, image_size=args.image_size, device=device,
-                                 output_dir="results/demo", layout=args.dataset, mask_suffix=args.mask_suffix)
+                                 output_dir=DEMO_RESULTS, layout=args.dataset, mask_suffix=args.mask_suffix,
+                                 provenance=provenance("train_draem.py", args, device))
 
 
 if __name__ == "__main__":

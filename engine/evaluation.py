@@ -18,6 +18,8 @@ from tqdm import tqdm
 from data_loader import LabelledImageDataset, make_test_dataset
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from util.ad2 import full_resolution_map, image_decision, submission_mask
+from util.atomic import check_output_files, check_output_folder
+from util.checkpoints import checkpoint_paths
 from util.errors import DraemInputError
 from util.images import image_shape, nonzero_mask, stored_shape
 from util.metrics import (
@@ -31,7 +33,7 @@ from util.metrics import (
     write_results,
 )
 from util.pictures import heatmap_overlay, save_png
-from util.report import write_report
+from util.report import FILES_DIR, REPORT_NAME, write_report
 from util.runtime import autocast, prepare_model, to_memory_format
 from util.thresholds import metrics_at_threshold, usable_thresholds
 
@@ -101,15 +103,17 @@ def evaluate(
 def evaluate_category(
     scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int | tuple[int, int],
     device: torch.device, batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask",
-    overlay_dir: Path | None = None, thresholds: dict | None = None,
+    overlay_dir: Path | None = None, dataset: LabelledImageDataset | None = None, thresholds: dict | None = None,
 ) -> CategoryResult:
-    """The released protocol on one category's test set (see `evaluate`); image_size: a side or (height, width).
+    """The released protocol on one category's test set (see `evaluate`); image_size: a side or (height, width);
+    `dataset`: that test set, already made.
 
     mvtec_ad2: plus AU-PRO@0.05, SegF1 and ClassF1 at full resolution (SegF1 and ClassF1 at `thresholds`, a
     threshold file's contents; NaN without).
     """
     shape = image_shape(image_size)
-    dataset = make_test_dataset(layout, data_path, category, shape, mask_suffix)
+    if dataset is None:
+        dataset = make_test_dataset(layout, data_path, category, shape, mask_suffix)
     result = evaluate(scorer, DataLoader(dataset, batch_size=batch_size), len(dataset), shape, device,
                       overlay_dir, desc=f"test {category}")
     if layout == "mvtec_ad2":
@@ -120,16 +124,18 @@ def evaluate_category(
 def full_resolution_metrics(
     result: CategoryResult, dataset: LabelledImageDataset, thresholds: dict | None
 ) -> dict[str, float]:
-    """MVTec AD 2's leaderboard metrics of an evaluated test set (FullResolutionEvaluator): each working-size map at
-    its image's own size, as the submission writer makes it (util.ad2), against the mask at that size (every
+    """MVTec AD 2's leaderboard metrics of an evaluated test set (FullResolutionEvaluator): each working-size map
+    at its image's own size, as the submission writer makes it (util.ad2), against the mask at that size (every
     non-zero pixel anomalous); the masks and image decisions of `thresholds` when given."""
     evaluator = FullResolutionEvaluator()
-    for path, amap, image_score, label in zip(result.paths, result.maps, result.scores.tolist(), result.labels.tolist()):
+    for path, amap, image_score, label in zip(result.paths, result.maps, result.scores.tolist(),
+                                              result.labels.tolist()):
         mask_path, shape = dataset.mask_path(Path(path)), stored_shape(path)
         truth = np.zeros(shape, dtype=bool) if mask_path is None else nonzero_mask(mask_path)
         if truth.shape != shape:
-            raise DraemInputError(f"ground-truth mask {mask_path} is {truth.shape[0]}x{truth.shape[1]}, its image {path} "
-                                  f"{shape[0]}x{shape[1]}: full-resolution metrics need masks at the image's size")
+            raise DraemInputError(f"ground-truth mask {mask_path} is {truth.shape[0]}x{truth.shape[1]}, its image "
+                                  f"{path} {shape[0]}x{shape[1]}: full-resolution metrics need masks at the "
+                                  "image's size")
         full = full_resolution_map(amap, shape)
         if thresholds is None:
             evaluator.update(full, truth, label)
@@ -142,37 +148,54 @@ def full_resolution_metrics(
 def evaluate_checkpoints(
     *, checkpoint_path: str | os.PathLike, base_model_names: Sequence[str], data_path: str | os.PathLike,
     categories: Sequence[str], image_size: int | tuple[int, int], device: torch.device, output_dir: str | os.PathLike,
-    batch_size: int = 1,
-    layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
-    compile: bool = False, save_images: bool = False,
+    batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
+    compile: bool = False, save_images: bool = False, provenance: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print the table.
 
     Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
     threshold file beside a pair (util/thresholds.py), precision, recall and F1 at that threshold are reported too.
+    `provenance` (util/provenance.py) goes into the results JSON and the report. Every checkpoint pair, threshold file,
+    test image and mask, and the output folder, is checked before the first image is scored.
     Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
     """
+    stem = f"results_{base_model_names[0]}" + (f"_{len(base_model_names)}runs" if len(base_model_names) > 1 else "")
+    check_output_folder(output_dir, "--output_dir")
+    check_output_files([Path(output_dir) / f"{stem}.{suffix}" for suffix in ("md", "csv", "json")]
+                       + [Path(output_dir) / REPORT_NAME], "a results file")
+    if (Path(output_dir) / FILES_DIR).is_file():
+        raise DraemInputError(f"{Path(output_dir) / FILES_DIR} is a file, but the report puts its pictures in a folder of "
+                              "that name: move the file away")
+    datasets = {category: make_test_dataset(layout, data_path, category, image_shape(image_size), mask_suffix)
+                for category in categories}
+    thresholds = {}
+    for base_name in base_model_names:
+        for category in categories:
+            for path in checkpoint_paths(checkpoint_path, base_name, category):
+                if not path.is_file():
+                    raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
+            thresholds[base_name, category] = usable_thresholds(checkpoint_path, base_name, category, image_size)
     runs: dict[str, dict[str, CategoryResult]] = {}
     for base_name in base_model_names:
         runs[base_name] = {}
         for category in categories:
             model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
             overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
-            thresholds = usable_thresholds(checkpoint_path, base_name, category, image_size)
             result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
-                                       batch_size, layout, mask_suffix, overlay_dir, thresholds)
-            threshold = None if thresholds is None else thresholds["image_threshold"]
+                                       batch_size, layout, mask_suffix, overlay_dir, datasets[category],
+                                       thresholds[base_name, category])
+            stored = thresholds[base_name, category]
+            threshold = None if stored is None else stored["image_threshold"]
             result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
             runs[base_name][category] = result
     per_run = [{category: result.metrics for category, result in results.items()} for results in runs.values()]
     rows = results_rows(per_run)
-    stem = f"results_{base_model_names[0]}" + (f"_{len(runs)}runs" if len(runs) > 1 else "")
-    written = write_results(rows, output_dir, stem)
+    written = write_results(rows, output_dir, stem, provenance)
     print(format_markdown(rows))
     print(f"results written to {', '.join(str(p) for p in written.values())}")
     # Curves and pictures need one run's maps: the first; the page says so when the table is over several runs.
     title = f"DRAEM results: {', '.join(base_model_names)}"
-    report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title)
+    report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title, provenance)
     print(f"report: {report}")  # last line, so a caller or a log reader finds the page
     merged = {}
     for category in categories:

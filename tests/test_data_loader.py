@@ -293,6 +293,9 @@ def test_test_dataset_errors_name_the_missing_mask_or_unreadable_image(tiny_mvte
     category = tmp_path / "brick"
     shutil.copytree(tiny_mvtec.mvtec_root / "brick", category)
     (category / "test" / "good" / "000.png").write_bytes(b"broken")
+    with pytest.raises(DraemInputError, match="good/000.png is not a PNG"):  # found when the set is made, before scoring
+        LabelledImageDataset(category / "test", resize_shape=(32, 32))
+    (category / "test" / "good" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # looks like a PNG, is not one
     dataset = LabelledImageDataset(category / "test", resize_shape=(32, 32))
     broken = next(i for i, p in enumerate(dataset.image_paths) if p.parent.name == "good" and p.name == "000.png")
     with pytest.raises(DraemInputError, match="good/000.png"):

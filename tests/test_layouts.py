@@ -385,9 +385,8 @@ def test_loco_reads_its_folders_and_merges_every_mask_of_an_image(loco_root):
 
 def test_loco_refuses_a_missing_or_empty_mask_folder_and_a_mask_suffix(loco_root):
     masks = loco_root / "breakfast_box" / "ground_truth" / "structural_anomalies" / "000"
-    (masks / "000.png").unlink()
-    dataset = make_test_dataset("mvtec_loco", loco_root, "breakfast_box", SHAPE)
-    assert "holds no .png mask" in one_line_error(dataset.__getitem__, 2)
+    (masks / "000.png").unlink()  # refused when the test set is made, before any image is scored
+    assert "holds no .png mask" in one_line_error(make_test_dataset, "mvtec_loco", loco_root, "breakfast_box", SHAPE)
     masks.rmdir()
     assert "000 (000.png, 001.png, ...) is missing" in one_line_error(evaluation_records, "mvtec_loco", loco_root,
                                                                       "breakfast_box")

@@ -287,7 +287,7 @@ def test_write_results_writes_complete_md_csv_json(tmp_path):
     paths = write_results(rows, tmp_path / "out", "results_run1")
     assert {p.name for p in paths.values()} == {"results_run1.md", "results_run1.csv", "results_run1.json"}
     assert paths["md"].read_text() == format_markdown(rows)
-    assert json.loads(paths["json"].read_text()) == rows
+    assert json.loads(paths["json"].read_text()) == {"rows": rows, "provenance": None}
     with paths["csv"].open() as f:
         table = list(csv.DictReader(f))
     assert [r["category"] for r in table] == ["carpet", "demo_squares", "mean"]

@@ -152,7 +152,7 @@ def test_a_non_square_size_trains_tests_predicts_and_exports(trained, tmp_path, 
                                "--checkpoint_path", str(ckpt), "--base_model_name", BASE, *SIZE,
                                "--output_dir", str(tmp_path / "results")])
     assert all(0.0 <= results["can"][m] <= 1.0 for m in (*METRICS, "aupro_005", "seg_f1", "class_f1"))
-    table = json.loads((tmp_path / "results" / f"results_{BASE}.json").read_text())
+    table = json.loads((tmp_path / "results" / f"results_{BASE}.json").read_text())["rows"]
     assert {"aupro_005", "seg_f1", "class_f1"} <= set(table[0])
     assert "AU-PRO@0.05" in (tmp_path / "results" / "report.html").read_text()
 

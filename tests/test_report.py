@@ -154,7 +154,15 @@ def test_test_draem_writes_a_report_with_the_json_numbers_and_prints_its_path_la
     assert printed[-1] == f"report: {report}"
     parsed = parse_report(report)
     assert_opens_from_disk(report, parsed)
-    rows = json.loads((out / f"results_{BASE}.json").read_text())
+    results = json.loads((out / f"results_{BASE}.json").read_text())
+    rows = results["rows"]
+    # What produced the numbers is on the page: the program, the commit, the versions, the thread count.
+    page = report.read_text(encoding="utf-8")
+    made_with = results["provenance"]
+    assert made_with["program"] == "test_draem.py"
+    versions = made_with["versions"]
+    assert all(text in page for text in (made_with["commit"], f"torch {versions['torch']}", f"numpy {versions['numpy']}",
+                                         f'data-key="threads">{made_with["threads"]}<'))
     assert rows[0]["image_recall_at_t"] == 100.0  # the threshold file was read, so the _at_t cells are checked too
     assert_table_matches(parsed, rows)
     # brick is not in the paper: no paper or Δ column anywhere, not even empty ones.

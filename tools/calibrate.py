@@ -38,6 +38,7 @@ from engine.calibration import (
 from engine.evaluation import DraemScorer
 from engine.validation import split_paths
 from model_unet import check_image_size, model_from_checkpoint
+from util.atomic import check_output_file
 from util.cli import (
     ArgumentParser,
     add_checkpoint_flags,
@@ -50,6 +51,7 @@ from util.cli import (
 from util.errors import one_line_errors
 from util.images import find_images
 from util.layouts import LAYOUTS, VALIDATION_LAYOUTS, train_image_paths, validation_image_paths
+from util.provenance import provenance
 from util.runtime import select_device
 from util.thresholds import (
     DEFAULT_K,
@@ -57,6 +59,7 @@ from util.thresholds import (
     TRAINING_SOURCE,
     VALIDATION_GOOD_SYNTHETIC_SOURCE,
     VALIDATION_SOURCE,
+    threshold_path,
     write_thresholds,
 )
 
@@ -81,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--good_dir",
                         help="folder of extra known-good images (searched recursively), added as normal samples")
     parser.add_argument("--rule", choices=tuple(RULES), default="f1",
-                        help="f1: F1-max on synthetic anomalies and normal images; mean_std: mean + k·std of the scores "
-                             "on normal images only (validation/good, or --val_fraction held-out images, + --good_dir)")
+                        help="f1: F1-max on synthetic anomalies and normal images; mean_std: mean + k·std of the "
+                             "scores on normal images only (validation/good, or --val_fraction held-out images, "
+                             "+ --good_dir)")
     parser.add_argument("--k", type=at_least(0, float), default=DEFAULT_K, help="k of the mean_std rule (default 3)")
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same thresholds)")
@@ -95,22 +99,26 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
     category = args.obj_id
+    # Everything checked before the samples are made: the pair, the threshold file's place, the images.
+    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
+    check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category), "the threshold file")
     if args.good_dir is not None:
-        find_images(args.good_dir, "--good_dir")  # now, not after the samples are made
-    device = select_device(args.device, args.gpu_id)
+        find_images(args.good_dir, "--good_dir", check="--good_dir image")  # now, not after the samples are made
     if args.rule == "mean_std":
         paths, source = normal_set(args.dataset, args.data_path, category, args.val_fraction, args.seed)
         images, source = normal_images(paths, source, args.good_dir, args.image_size)
-        scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
+        device = select_device(args.device, args.gpu_id)
         thresholds = calibrate_normal_only(scorer, images, device, args.batch_size, k=args.k, source=source)
-        path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds)
-        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean {thresholds['image_mean']:.4g} + "
-              f"{args.k:g}·std {thresholds['image_std']:.4g}), pixel threshold {thresholds['pixel_threshold']:.6g} "
+        path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
+                                provenance("tools/calibrate.py", args, device))
+        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean {thresholds['image_mean']:.4g} "
+              f"+ {args.k:g}·std {thresholds['image_std']:.4g}), pixel threshold {thresholds['pixel_threshold']:.6g} "
               f"(mean {thresholds['pixel_mean']:.4g} + {args.k:g}·std {thresholds['pixel_std']:.4g}) on "
               f"{thresholds['n_normal']} {source}; wrote {path}")
         return path
     if args.dataset in VALIDATION_LAYOUTS:
-        paths, source = validation_image_paths(args.dataset, args.data_path, category), VALIDATION_GOOD_SYNTHETIC_SOURCE
+        paths = validation_image_paths(args.dataset, args.data_path, category)
+        source = VALIDATION_GOOD_SYNTHETIC_SOURCE
     else:
         paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
         if args.val_fraction is not None:
@@ -118,9 +126,10 @@ def main(argv: list[str] | None = None) -> Path:
             source = VALIDATION_SOURCE
     samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
     samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
+    device = select_device(args.device, args.gpu_id)
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
-    path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds)
+    path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
+                            provenance("tools/calibrate.py", args, device))
     print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 {thresholds['image_f1']:.3f}), "
           f"pixel threshold {thresholds['pixel_threshold']:.6g} (F1 {thresholds['pixel_f1']:.3f}) on "
           f"{thresholds['n_normal']} normal and {thresholds['n_anomalous']} anomalous samples from {len(paths)} {source}; "

@@ -42,7 +42,7 @@ from util.ad2 import (
 )
 from util.atomic import atomic_write_bytes
 from util.checkpoints import run_base_name
-from util.cli import ArgumentParser, add_device_flags, add_image_size_flag, at_least
+from util.cli import ArgumentParser, add_device_flags, add_image_size_flag, at_least, plain_name
 from util.errors import DraemInputError, one_line_errors
 from util.images import stored_shape
 from util.layouts import AD2_OBJECTS, AD2_PRIVATE_SPLITS, ad2_private_images, categories_for
@@ -57,11 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True,
                         help="folder for anomaly_images/ and anomaly_images_thresholded/ (and nothing else)")
     parser.add_argument("--checkpoint_path", help="folder of the checkpoint pairs and their threshold files")
-    parser.add_argument("--base_model_name", default=run_base_name(1e-4, 700, 8),
+    parser.add_argument("--base_model_name", default=run_base_name(1e-4, 700, 8), type=plain_name,
                         help="checkpoint base name: files <base>_<object>_.pckl, "
                              "<base>_<object>__seg.pckl and <base>_<object>_threshold.json (default: what "
                              "train_draem.py writes with the paper's settings)")
-    parser.add_argument("--obj_id", "--category", dest="obj_id", default="-1",
+    parser.add_argument("--obj_id", "--category", dest="obj_id", default="-1", type=plain_name,
                         help=f"an object ({', '.join(AD2_OBJECTS)}), its index, or -1 for all 8")
     add_image_size_flag(parser)
     parser.add_argument("--batch_size", type=at_least(1), default=8, help="images per forward pass")

@@ -7,8 +7,10 @@ pretrained set uses `DRAEM_seg_large_ae_large_0.0001_800_bs8`.
 """
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import NamedTuple
+from zipfile import BadZipFile
 
 import torch
 from torch import nn
@@ -59,20 +61,29 @@ def save_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_na
     return rec_path, seg_path
 
 
-def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """Load a state dict; a missing or unreadable file is a one-line DraemInputError.
+def load_failure(exc: BaseException) -> str:
+    """Why torch.load refused a file, in a few words: a pickled object that weights_only would not run, or the
+    first sentence of the error (a truncated or foreign file)."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    if found:
+        return f"it holds a pickled {found[1]}, not only tensors and plain values; it was not loaded"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
 
-    Only tensors are unpickled unless `trusted` (a Lightning checkpoint also pickles its hyper-parameters).
+
+def read_state_dict(path: str | os.PathLike, trusted: bool = False, trust_flag: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict as data (weights_only); a missing or unreadable file is a one-line DraemInputError.
+
+    Only tensors and plain values are unpickled unless `trusted` (a Lightning checkpoint also pickles its
+    hyper-parameters, which can run code). `trust_flag`: the program has --trust, so the error may suggest it.
     """
     path = Path(path)
     if not path.is_file():
         raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = "" if trusted else " (if it is a trusted Lightning checkpoint, pass --trust)"
-        raise DraemInputError(f"cannot read checkpoint {path}: {first_line}{hint}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, BadZipFile) as exc:
+        hint = " (if it is a Lightning checkpoint you trust, pass --trust)" if trust_flag and not trusted else ""
+        raise DraemInputError(f"cannot read checkpoint {path} ({load_failure(exc)}){hint}") from None
     if not isinstance(state, dict):
         raise DraemInputError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict")
     return state
@@ -173,7 +184,7 @@ def anomalib_to_released(state: dict, source: str) -> dict[str, dict[str, torch.
 
 def load_anomalib_checkpoint(model: nn.Module, path: str | os.PathLike, trusted: bool = False) -> None:
     """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`, converted for BGR input."""
-    for name, state in anomalib_to_released(read_state_dict(path, trusted), str(path)).items():
+    for name, state in anomalib_to_released(read_state_dict(path, trusted, trust_flag=True), str(path)).items():
         load_state_dict_checked(getattr(model, name), state, f"{path} ({name})")
 
 
@@ -181,7 +192,7 @@ def convert_anomalib_checkpoint(
     path: str | os.PathLike, checkpoint_dir: str | os.PathLike, base_name: str, category: str, trusted: bool = False
 ) -> tuple[Path, Path]:
     """Rewrite an anomalib DRAEM checkpoint as a released-format pair for BGR input; return the two paths."""
-    parts = anomalib_to_released(read_state_dict(path, trusted), str(path))
+    parts = anomalib_to_released(read_state_dict(path, trusted, trust_flag=True), str(path))
     rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
     atomic_torch_save(parts["reconstructive_subnetwork"], rec_path)
     atomic_torch_save(parts["discriminative_subnetwork"], seg_path)

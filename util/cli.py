@@ -4,6 +4,7 @@ The same idea has the same flag in every program; where the released programs na
 name is kept and the other spellings are aliases (`--obj_id` / `--category`).
 """
 import argparse
+import math
 import sys
 
 from util.runtime import PRECISIONS
@@ -43,13 +44,16 @@ def at_least(minimum: int, kind: type = int):
 
 def _number(text: str, kind: type = float):
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):  # nan or inf: a number that means nothing here
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def positive_float(text: str) -> float:
-    """An argparse `type` accepting floats > 0 (a learning rate)."""
+    """An argparse `type` accepting finite floats > 0 (a learning rate, a tolerance)."""
     value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
@@ -62,6 +66,38 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse `type` accepting finite floats >= 0 (a loss weight)."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type` accepting any finite float (a threshold: nan would flag nothing, silently)."""
+    return _number(text)
+
+
+def plain_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a category or base name, part of file names inside one folder; None when it can."""
+    if not name or name.strip() != name:
+        return "it is empty or starts or ends with a space"
+    if name in (".", "..") or any(separator in name for separator in ("/", "\\")):
+        return "a name has no '/' or '\\' and is not '.' or '..', so files named after it stay in their folder"
+    if any(ord(character) < 32 for character in name):
+        return "it holds a control character"
+    return None
+
+
+def plain_name(text: str) -> str:
+    """An argparse `type` for a category or checkpoint base name: a plain name that cannot lead out of its folder."""
+    problem = plain_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: {problem}")
+    return text
 
 
 class ImageSize(argparse.Action):
@@ -114,7 +150,7 @@ def add_fast_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that name one category's checkpoint pair (predict, export)."""
     parser.add_argument("--checkpoint_path", required=True, help="folder holding the checkpoint pair")
-    parser.add_argument("--base_model_name", required=True,
+    parser.add_argument("--base_model_name", required=True, type=plain_name,
                         help="checkpoint base name: files <base>_<category>_.pckl and <base>_<category>__seg.pckl")
-    parser.add_argument("--obj_id", "--category", dest="obj_id", required=True,
+    parser.add_argument("--obj_id", "--category", dest="obj_id", required=True, type=plain_name,
                         help="the category part of the checkpoint file names, e.g. carpet")

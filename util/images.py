@@ -19,6 +19,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # MVTec AD's training and test image
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first 8 bytes; its IHDR chunk (width, height) follows
 
+# The first bytes of each image format we accept; a file without one of them is not an image.
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF")
+
 # Unreadable files are reported as one DraemInputError line; OpenCV's own warnings would only add noise.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -53,6 +57,47 @@ def _decode(path: str | os.PathLike, flags: int) -> np.ndarray:
     if image is None:
         raise DraemInputError(f"cannot read image {path}: not an image OpenCV can decode (corrupt or truncated?)")
     return image
+
+
+def image_format(path: str | os.PathLike, what: str = "image") -> str:
+    """The format a file's first bytes say it holds (PNG, JPEG, BMP, TIFF); a missing, empty, unreadable or non-image
+    file is a one-line error naming it. Cheap (a few bytes), so whole folders are checked before the slow work."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as exc:
+        raise DraemInputError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    if not head:
+        raise DraemInputError(f"{what} {path} is empty (0 bytes): replace it or remove it")
+    for signature, name in SIGNATURES.items():
+        if head.startswith(signature):
+            return name
+    raise DraemInputError(f"{what} {path} is not a PNG, JPEG, BMP or TIFF image (its first bytes are {head[:4]!r})")
+
+
+def mask_files(path: str | os.PathLike) -> list[Path]:
+    """The mask files of a ground truth: the file itself, or every .png of a folder (MVTec LOCO AD: several masks
+    per image, 000.png, 001.png, ...); a folder without one is a one-line error."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = sorted_images(path.iterdir(), (".png",))
+    if not files:
+        raise DraemInputError(f"ground-truth folder {path} holds no .png mask")
+    return files
+
+
+def check_mask_file(path: str | os.PathLike) -> None:
+    """A ground-truth mask must hold lossless data: JPEG noise would mark stray pixels, whatever the file is called.
+    A folder of masks: each of them."""
+    if Path(path).is_dir():
+        for file in mask_files(path):
+            check_mask_file(file)
+        return
+    found = image_format(path, "ground-truth mask")
+    if found not in LOSSLESS_FORMATS:
+        raise DraemInputError(f"ground-truth mask {path} holds {found} data (whatever its name says), whose compression "
+                              "noise would mark stray pixels: save it as PNG")
 
 
 def _resize(image: np.ndarray, resize_shape: tuple[int, int]) -> np.ndarray:
@@ -93,6 +138,7 @@ def read_image(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.nda
 
 def read_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask read in grayscale, resized like the images: float32 H x W x 1 in [0, 1] (METHOD.md §6)."""
+    check_mask_file(path)
     return to_float(_resize(_decode(path, cv2.IMREAD_GRAYSCALE), resize_shape))[..., None]
 
 
@@ -103,13 +149,11 @@ def nonzero_mask(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted_images(path.iterdir(), (".png",))
-        if not files:
-            raise DraemInputError(f"ground-truth folder {path} holds no .png mask")
-        masks = [nonzero_mask(file) for file in files]
+        masks = [nonzero_mask(file) for file in mask_files(path)]
         if any(mask.shape != masks[0].shape for mask in masks):
             raise DraemInputError(f"the masks in {path} have different sizes: {sorted({m.shape for m in masks})}")
         return np.logical_or.reduce(masks)
+    check_mask_file(path)
     mask = _decode(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     return mask[..., :3].any(axis=2) if mask.ndim == 3 else mask != 0
 
@@ -136,11 +180,13 @@ def sorted_images(paths, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]
 
 def find_images(
     folder: str | os.PathLike, what: str, suffixes: Sequence[str] = FOLDER_IMAGE_SUFFIXES, *, hint: str = "",
-    skip: str | os.PathLike | None = None,
+    skip: str | os.PathLike | None = None, check: str | None = None,
 ) -> list[Path]:
     """Every image under `folder`, recursively, in `sorted_images` order, leaving out what lies under `skip`.
 
     A missing folder or one without images is a one-line error naming it as `what` (e.g. "--good_dir"), with `hint`.
+    With `check` (what one file is called, e.g. "anomaly source"), each file's first bytes are checked too
+    (`image_format`): a broken file is one line now, not a failure after the slow work.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -149,6 +195,9 @@ def find_images(
     paths = [p for p in sorted_images(folder.rglob("*"), suffixes) if skip is None or skip not in p.resolve().parents]
     if not paths:
         raise DraemInputError(f"no images ({', '.join(suffixes)}) found under {what} {folder}")
+    if check is not None:
+        for path in paths:
+            image_format(path, check)
     return paths
 
 

@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from util.cli import plain_name_problem
 from util.errors import DraemInputError
 from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, find_images, sorted_images
 
@@ -72,9 +73,12 @@ def resolve_categories(
     """Categories meant by a name, an integer id into `known` (int or text), or -1 for all of `known`.
 
     A name outside `known` is accepted when `data_root/<name>` is a folder: a category of your own
-    laid out like MVTec AD.
+    laid out like MVTec AD. A name is a plain name (no path: it cannot lead out of data_root or the output folders).
     """
     text = str(obj_id).strip()
+    problem = plain_name_problem(text) if text else None  # an empty name is just unknown (below)
+    if problem is not None:
+        raise DraemInputError(f"category {text!r} is not a plain name: {problem}")
     if text in known or (data_root is not None and text and (Path(data_root) / text).is_dir()):
         return [text]
     try:
@@ -92,8 +96,11 @@ def resolve_categories(
 
 
 def find_anomaly_sources(path: str | os.PathLike) -> list[Path]:
-    """Every .jpg/.jpeg/.png under `path`, recursively (so both dtd/ and dtd/images/ work), sorted."""
-    return find_images(path, "anomaly source folder", IMAGE_SUFFIXES,
+    """Every .jpg/.jpeg/.png under `path`, recursively (so both dtd/ and dtd/images/ work), sorted.
+
+    Each is checked to be a non-empty image file (its first bytes), so a broken source is one line now, not a
+    failure at a random step of a long run."""
+    return find_images(path, "anomaly source folder", IMAGE_SUFFIXES, check="anomaly source",
                        hint=": pass the DTD folder (dtd/ or dtd/images/), or leave the option out to use random-noise sources")
 
 
@@ -197,12 +204,18 @@ def _check_visa_row(row: dict[str, str], where: str) -> None:
 def _visa_rows(data_path: str | os.PathLike, category: str, split: str) -> list[ImageRecord]:
     """The rows of `category` and `split` in VisA's 1cls.csv, in file order, as (image, mask or None, label)."""
     split_file = _visa_split_file(data_path)
-    with split_file.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or ())]
-        if missing:
-            raise DraemInputError(f"{split_file} has no column {', '.join(missing)}: VisA's header is {','.join(VISA_COLUMNS)}")
-        rows = [(line, {key: (row[key] or "").strip() for key in VISA_COLUMNS}) for line, row in enumerate(reader, start=2)]
+    try:
+        with split_file.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or ())]
+            if missing:
+                raise DraemInputError(f"{split_file} has no column {', '.join(missing)}: VisA's header is "
+                                      f"{','.join(VISA_COLUMNS)}")
+            rows = [(line, {key: (row[key] or "").strip() for key in VISA_COLUMNS}) for line, row in enumerate(reader, start=2)]
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
+        reason = exc.reason if isinstance(exc, UnicodeDecodeError) else (getattr(exc, "strerror", None) or str(exc))
+        raise DraemInputError(f"cannot read VisA split file {split_file} ({type(exc).__name__}: {reason}): it must be "
+                              "UTF-8 CSV text, as VisA publishes it") from None
     objects = sorted({row["object"] for _, row in rows})
     if category not in objects:
         raise DraemInputError(f"{split_file} has no rows for object {category!r}; it has {', '.join(objects) or 'none'}")

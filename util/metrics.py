@@ -430,13 +430,16 @@ def _format_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_results(rows: list[dict], output_dir: str | Path, stem: str) -> dict[str, Path]:
-    """Write the rows as <stem>.md, <stem>.csv and <stem>.json (missing values null) atomically."""
+def write_results(rows: list[dict], output_dir: str | Path, stem: str, provenance: dict | None = None) -> dict[str, Path]:
+    """Write the rows as <stem>.md, <stem>.csv and <stem>.json atomically.
+
+    The JSON is {"rows": the rows (missing values null), "provenance": what produced them (provenance.py) or null}.
+    """
     output_dir = Path(output_dir)
     texts = {
         "md": format_markdown(rows),
         "csv": _format_csv(rows),
-        "json": json.dumps(rows, indent=2, allow_nan=False) + "\n",
+        "json": json.dumps({"rows": rows, "provenance": provenance}, indent=2, allow_nan=False) + "\n",
     }
     paths = {}
     for suffix, text in texts.items():

@@ -62,6 +62,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; }
 th { background: #eee; }
 td { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { text-align: left; font-family: monospace; word-break: break-all; }
 td.paper, td.delta { color: #555; background: #f7f7f7; }
 tr.mean th, tr.mean td { font-weight: bold; border-top: 2px solid #555; }
 p.note { font-size: 0.9em; color: #444; max-width: 60em; }
@@ -285,16 +286,32 @@ def _category_html(category: str, result: CategoryResult, image_size: int | tupl
     return "\n".join(parts)
 
 
+def _provenance_html(provenance: Mapping | None) -> str:
+    """What produced the numbers (provenance.py): program, commit, package versions, device, threads, flags."""
+    if not provenance:
+        return "<p>Not recorded.</p>"
+    versions = ", ".join(f"{name} {version}" for name, version in provenance.get("versions", {}).items())
+    flags = " ".join(f"--{name} {value}" for name, value in provenance.get("flags", {}).items())
+    items = [("program", provenance.get("program")), ("commit", provenance.get("commit")), ("versions", versions),
+             ("device", provenance.get("device")), ("threads", provenance.get("threads")),
+             ("platform", provenance.get("platform")), ("flags", flags)]
+    cells = "".join(f'<tr><th scope="row">{name}</th><td class="text" data-key="{name}">{html.escape(str(value))}</td></tr>'
+                    for name, value in items)
+    note = ("A seeded run repeats these numbers bit for bit only with the same commit, versions, device and thread "
+            "count (README, Reproducibility).")
+    return f'<table class="provenance">{cells}</table>\n<p class="note">{note}</p>'
+
+
 def write_report(
     output_dir: str | os.PathLike, stem: str, rows: Sequence[dict], results: Mapping[str, CategoryResult],
-    image_size: int | tuple[int, int], title: str,
+    image_size: int | tuple[int, int], title: str, provenance: Mapping | None = None,
 ) -> Path:
     """Write `<output_dir>/report.html` and its pictures in `<output_dir>/report_files/`; return the page's path.
 
     rows: metrics.results_rows (percent; `_std` keys with several runs); results: per category the CategoryResult of
     one run (the first), whose curves and galleries are drawn; stem: the results files' stem, linked from the page;
-    image_size: the side (or height and width) the test images were resized to. The page is written last, after
-    every picture it shows.
+    image_size: the side (or height and width) the test images were resized to; provenance: what produced the
+    numbers (provenance.py), shown under the table. The page is written last, after every picture it shows.
     """
     output_dir = Path(output_dir)
     contents = "".join(f'<li><a href="#{html.escape(_anchor(c))}">{html.escape(c)}</a></li>' for c in results)
@@ -312,6 +329,8 @@ def write_report(
 <h2>Results</h2>
 {_table(rows)}
 {notes}
+<h2>Made with</h2>
+{_provenance_html(provenance)}
 <ul>{contents}</ul>
 {chr(10).join(sections)}
 </body>

@@ -57,12 +57,24 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
     path = threshold_path(checkpoint_dir, base_name, category)
     if not path.is_file():
         return None
+    fix = "delete it and calibrate again (python -m tools.calibrate)"
     try:
-        thresholds = json.loads(path.read_text())
-        float(thresholds["image_threshold"]), float(thresholds["pixel_threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {exc}): "
-                              "delete it and calibrate again (python -m tools.calibrate)") from None
+        thresholds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {reason}): {fix}") from None
+    if not isinstance(thresholds, dict):
+        raise DraemInputError(f"threshold file {path} holds a JSON {type(thresholds).__name__}, not an object: {fix}")
+    for key in ("image_threshold", "pixel_threshold"):
+        value = thresholds.get(key)
+        # bool is an int to Python, and json reads NaN and Infinity: none of them is a threshold
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise DraemInputError(f"threshold file {path}: {key} is {value!r}, not a finite number: {fix}")
+    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]  # a side, or [height, width]
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in sides):
+        raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number or "
+                              f"[height, width]: {fix}")
     return thresholds
 
 
@@ -116,10 +128,14 @@ def thresholds_in_use(
     return ThresholdsInUse(image, source, None if thresholds is None else thresholds["pixel_threshold"], file)
 
 
-def write_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict) -> Path:
-    """Store a checkpoint pair's thresholds (the dict `calibrate` returns) as JSON, atomically; returns the file."""
+def write_thresholds(
+    checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict, provenance: dict | None = None
+) -> Path:
+    """Store a checkpoint pair's thresholds (the dict `calibrate` returns), with the provenance of the run that
+    calibrated them (provenance.py) when given, as JSON, atomically; returns the file."""
     path = threshold_path(checkpoint_dir, base_name, category)
-    atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
+    record = thresholds if provenance is None else {**thresholds, "provenance": provenance}
+    atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
 
 
