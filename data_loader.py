@@ -219,9 +219,9 @@ class LabelledImageDataset(Dataset):
             if not image.is_file():
                 raise DraemInputError(f"test image {image} does not exist")
             image_format(image, "test image")
-            if mask is not None and not mask.is_file():
+            if mask is not None and not mask.exists():  # a file, or a folder of masks (MVTec LOCO AD)
                 raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
-            if mask is not None:
+            if mask is not None and mask.is_file():
                 check_mask_file(mask)
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
@@ -256,7 +256,8 @@ def make_test_dataset(
     resize_shape: tuple[int, int] = (256, 256),
     mask_suffix: str = MVTEC_MASK_SUFFIX,
 ) -> LabelledImageDataset:
-    """The labelled test set of `category` in a dataset of `layout`; folder and VisA masks count every non-zero pixel."""
+    """The labelled test set of `category` in a dataset of `layout`; masks of the layouts other than mvtec count every
+    non-zero pixel (MVTec LOCO AD's several masks per image merged)."""
     records = evaluation_records(layout, data_path, category, mask_suffix)
     mask_reader = read_mask if layout == "mvtec" else read_nonzero_mask
     return LabelledImageDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)

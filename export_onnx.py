@@ -4,15 +4,15 @@
         --obj_id carpet --output draem_carpet.onnx
 
 The graph holds both subnetworks and the test protocol's scoring:
-  input  `image`        float32 batch×3×S×S, BGR in [0, 1], resized to S = --image_size (as predict.py reads images)
-  output `anomaly_map`  float32 batch×1×S×S, softmax channel 1 of the discriminative network
+  input  `image`        float32 batch×3×H×W, BGR in [0, 1], resized to H×W = --image_size (as predict.py reads images)
+  output `anomaly_map`  float32 batch×1×H×W, softmax channel 1 of the discriminative network
   output `image_score`  float32 batch, max of the 21×21 average-pooled map (stride 1, padding 10, zeros counted)
 When a threshold is known (the checkpoint pair's threshold file from tools/calibrate.py, calibrated
 without the test set, or --threshold, which replaces the file's image threshold), it is baked in:
   output `is_anomalous` bool batch, image_score >= image threshold
-  output `defect_mask`  bool batch×1×S×S, anomaly_map >= pixel threshold (only with the file's pixel threshold)
+  output `defect_mask`  bool batch×1×H×W, anomaly_map >= pixel threshold (only with the file's pixel threshold)
 Without a threshold the graph has the first two outputs only.
-The batch axis is dynamic; the image side is fixed at export. After writing the file, the graph is
+The batch axis is dynamic; the image height and width are fixed at export. After writing the file, the graph is
 run with onnxruntime (CPU) on seeded random images at batch sizes 1 and 3 and compared with PyTorch;
 the largest differences are printed, and a difference above --tolerance is an error. The decisions
 must be equal, except where ONNX's and PyTorch's float values fall on opposite sides of the threshold
@@ -36,6 +36,7 @@ from model_unet import check_image_size, model_from_checkpoint
 from util.atomic import atomic_write_bytes, check_output_file
 from util.cli import ArgumentParser, add_checkpoint_flags, add_image_size_flag, at_least, finite_float, positive_float
 from util.errors import ParityCheckFailed, one_line_errors
+from util.images import image_shape
 from util.thresholds import thresholds_in_use
 
 INPUT_NAME = "image"
@@ -76,11 +77,12 @@ def output_names(scorer: nn.Module) -> tuple[str, ...]:
     return scorer.output_names if isinstance(scorer, ThresholdedScorer) else OUTPUT_NAMES
 
 
-def onnx_bytes(scorer: DraemScorer | ThresholdedScorer, image_size: int, opset: int = DEFAULT_OPSET) -> bytes:
-    """The scorer as a serialized ONNX model with a dynamic batch axis, checked by the ONNX checker."""
+def onnx_bytes(scorer: DraemScorer | ThresholdedScorer, image_size: int | tuple[int, int], opset: int = DEFAULT_OPSET) -> bytes:
+    """The scorer as a serialized ONNX model with a dynamic batch axis, checked by the ONNX checker; image_size is
+    the side of square images or (height, width)."""
     scorer = scorer.eval().cpu()
     names = output_names(scorer)
-    example = torch.rand(1, 3, image_size, image_size)
+    example = torch.rand(1, 3, *image_shape(image_size))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The model's input-size checks read shapes as Python values while tracing; they are meant to be
@@ -100,7 +102,8 @@ def onnx_bytes(scorer: DraemScorer | ThresholdedScorer, image_size: int, opset: 
 
 @torch.no_grad()
 def parity(
-    scorer: DraemScorer | ThresholdedScorer, model_bytes: bytes, image_size: int, batch_sizes=PARITY_BATCH_SIZES, seed: int = 0
+    scorer: DraemScorer | ThresholdedScorer, model_bytes: bytes, image_size: int | tuple[int, int],
+    batch_sizes=PARITY_BATCH_SIZES, seed: int = 0,
 ) -> dict[str, float]:
     """ONNX (onnxruntime, CPU) against PyTorch per output, over seeded random batches.
 
@@ -114,7 +117,7 @@ def parity(
     generator = torch.Generator().manual_seed(seed)
     worst = dict.fromkeys(names, 0.0)
     for batch_size in batch_sizes:
-        images = torch.rand(batch_size, 3, image_size, image_size, generator=generator)
+        images = torch.rand(batch_size, 3, *image_shape(image_size), generator=generator)
         got = dict(zip(names, session.run(list(names), {INPUT_NAME: images.numpy()})))
         expected = {name: output.numpy() for name, output in zip(names, scorer(images))}
         for name in names:
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_output_file(args.output, "--output")  # before the export, not after it
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
     atomic_write_bytes(args.output, model_bytes)
-    side = f"{args.image_size},{args.image_size}"
+    side = ",".join(str(s) for s in args.image_size)
     shapes = {OUTPUT_NAMES[0]: f"[batch,1,{side}]", OUTPUT_NAMES[1]: "[batch]", IS_ANOMALOUS: "[batch] bool",
               DEFECT_MASK: f"[batch,1,{side}] bool"}
     print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): {INPUT_NAME} [batch,3,{side}] -> "

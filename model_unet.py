@@ -6,6 +6,7 @@ Every layer name below is load-bearing: `ReconstructiveSubNetwork().state_dict()
 they may be plain modules without disturbing the keys.
 """
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torch import nn
 
 from util.checkpoints import load_checkpoint_pair, read_checkpoint_pair
 from util.errors import DraemInputError
+from util.images import image_shape, shape_text
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -46,10 +48,13 @@ def check_divisible(x: torch.Tensor, factor: int) -> None:
         )
 
 
-def check_image_size(image_size: int) -> None:
-    """A --image_size flag: the discriminative U-Net pools five times, so a positive multiple of 32."""
-    if image_size < 32 or image_size % 32:
-        raise DraemInputError(f"--image_size must be a positive multiple of 32 (e.g. 256), got {image_size}")
+def check_image_size(image_size: int | Sequence[int]) -> None:
+    """A --image_size flag (one side, or height and width): the discriminative U-Net pools five times, so each side
+    a positive multiple of 32."""
+    sides = image_shape(image_size)
+    if any(side < 32 or side % 32 for side in sides):
+        raise DraemInputError(f"--image_size must be a positive multiple of 32 per side (e.g. 256, or 256 384 for height "
+                              f"and width), got {shape_text(sides)}")
 
 
 class SSPCAB(nn.Module):

@@ -41,7 +41,7 @@ from util.cli import (
     finite_float,
 )
 from util.errors import DraemInputError, one_line_errors
-from util.images import FOLDER_IMAGE_SUFFIXES, find_images, read_image, to_chw
+from util.images import FOLDER_IMAGE_SUFFIXES, find_images, image_shape, read_image, to_chw
 from util.pictures import heatmap_overlay, save_png
 from util.runtime import prepare_model, select_device
 from util.thresholds import thresholds_in_use
@@ -69,9 +69,9 @@ def input_images(input_path: str | Path, skip_dir: str | Path | None = None) -> 
 class ImageFiles(Dataset):
     """Reads image files with the project's test preprocessing; an unreadable file yields its error instead."""
 
-    def __init__(self, paths: list[Path], image_size: int):
+    def __init__(self, paths: list[Path], image_size: int | tuple[int, int]):
         self.paths = paths
-        self.resize_shape = (image_size, image_size)
+        self.resize_shape = image_shape(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -102,7 +102,7 @@ def defect_mask(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
 
 @torch.no_grad()
 def predict(
-    scorer: DraemScorer, paths: list[Path], image_size: int, device: torch.device, batch_size: int = 8,
+    scorer: DraemScorer, paths: list[Path], image_size: int | tuple[int, int], device: torch.device, batch_size: int = 8,
     num_workers: int = 0, on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
 ) -> tuple[list[float | None], list[str]]:
     """Score `paths` in order; return (score or None, error or '') per path.

@@ -48,11 +48,26 @@ from util.cli import (
 from util.demo_data import make_demo_dataset
 from util.errors import DraemInputError, Terminated, TrainingDiverged, interrupted, one_line_errors
 from util.images import find_images, load_images
-from util.layouts import LAYOUTS, categories_for, find_anomaly_sources, train_image_paths
+from util.layouts import (
+    LAYOUTS,
+    VALIDATION_LAYOUTS,
+    categories_for,
+    find_anomaly_sources,
+    train_image_paths,
+    validation_image_paths,
+)
 from util.pictures import save_png, save_training_curves, training_grid
 from util.provenance import provenance
 from util.runtime import autocast, prepare_model, to_memory_format
-from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, threshold_path, write_thresholds
+from util.thresholds import (
+    DEFAULT_K,
+    RULES,
+    TRAINING_SOURCE,
+    VALIDATION_GOOD_SYNTHETIC_SOURCE,
+    VALIDATION_SOURCE,
+    threshold_path,
+    write_thresholds,
+)
 
 DEMO_ROOT = Path("datasets/demo")
 DEMO_RESULTS = Path("results/demo")
@@ -101,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "epoch, written to <base>_<category>_threshold.json (with --val_every: the validation set)")
     extra.add_argument("--good_dir",
                        help="a folder of extra known-good images, counted as normal when calibrating the thresholds")
+    extra.add_argument("--threshold_rule", choices=tuple(RULES), default="f1",
+                       help="how the thresholds are calibrated after the last epoch: f1 (F1-max on synthetic anomalies "
+                            "and normal images) or mean_std (mean + k·std of the scores on normal images only: the "
+                            "layout's validation/good, the --val_every held-out images, + --good_dir)")
+    extra.add_argument("--threshold_k", type=at_least(0, float), default=DEFAULT_K, help="k of the mean_std rule")
     extra.add_argument("--demo", action="store_true",
                        help="make the demo dataset if absent, train small models on CPU and test them; "
                             "other flags keep their meaning")
@@ -144,7 +164,7 @@ def check_validation_args(args: argparse.Namespace, parser: argparse.ArgumentPar
 def apply_demo_defaults(args: argparse.Namespace, typed: set[str]) -> None:
     """Small-and-quick settings for the demo, for every flag the user did not type."""
     demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"),
-            "epochs": 32, "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
+            "epochs": 32, "image_size": (128, 128), "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
     for name, value in demo.items():
         if name not in typed:
@@ -176,18 +196,22 @@ class Run:
 
 
 def make_datasets(args: argparse.Namespace, category: str) -> tuple[TrainDataset, SampleSet | None]:
-    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only)."""
+    """The training dataset and, with --val_every, the validation set made from images held out of it (rank 0 only);
+    in the layouts with a validation/good set (mvtec_ad2, mvtec_loco) from that set, and every training image trains."""
     paths, held_paths = train_image_paths(args.dataset, args.data_path, category), []
-    if args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
+    if args.val_every and args.dataset in VALIDATION_LAYOUTS:
+        held_paths = validation_image_paths(args.dataset, args.data_path, category)
+    elif args.val_every:  # on every rank, before the dataset is built: no rank trains on the held-out images
         paths, held_paths = validation.split_paths(paths, args.val_fraction, args.seed)
     dataset_class = TrainImageDataset if args.synthesis == "gpu" else TrainDataset
-    shape = (args.image_size, args.image_size)
+    shape = args.image_size
     dataset = dataset_class(anomaly_source_path=args.anomaly_source_path, resize_shape=shape, image_paths=paths)
     if not held_paths or not distributed.is_main():
         return dataset, None
     val_set = validation.synthesize(load_images(held_paths, shape), dataset.draw_source, args.val_samples, args.seed)
+    held = "validation/good" if args.dataset in VALIDATION_LAYOUTS else "held-out training"
     print(f"{category}: validating on {len(val_set.labels)} samples ({int(val_set.labels.sum())} anomalous) made from "
-          f"{len(held_paths)} held-out training images ({', '.join(p.name for p in held_paths)})")
+          f"{len(held_paths)} {held} images ({', '.join(p.name for p in held_paths)})")
     return dataset, val_set
 
 
@@ -372,11 +396,16 @@ def read_resume_file(path: Path, mmap: bool = False) -> dict:
 
 def check_resume_settings(state: dict, args: argparse.Namespace, path: Path, category: str) -> None:
     """A resume file continues only the run it was written by: the first setting that differs is a one-line error."""
+    def as_flag(value):  # (64, 96) as the flag reads "64 96", a square (64, 64) as "64"
+        return " ".join(map(str, dict.fromkeys(value))) if isinstance(value, tuple) else value
+
     for name, value in run_settings(args, category).items():
         stored = state["settings"].get(name, "(not recorded)")
+        stored = tuple(stored) if isinstance(stored, list) else stored
         if stored != value:
             if str(stored) == str(value):  # equal as text, not in type (an edited file): show the types
                 stored, value = repr(stored), repr(value)
+            stored, value = as_flag(stored), as_flag(value)
             raise DraemInputError(f"resume file {path} was written with --{name} {stored}, this run has --{name} {value}: "
                                   f"resume with the settings it was started with, or train anew with --overwrite")
 
@@ -441,24 +470,43 @@ def validate(run: Run, record: dict) -> None:
         save_checkpoint(run.model, args.checkpoint_path, f"{run.base_name}_best", run.category)
 
 
+def held_out_fraction(args: argparse.Namespace) -> float | None:
+    """The share of the training images this run holds out (validation), or None when it trains on all of them."""
+    return args.val_fraction if args.val_every and args.dataset not in VALIDATION_LAYOUTS else None
+
+
 def calibrate_thresholds(run: Run) -> None:
-    """Write the pair's deployment thresholds, calibrated on data the test never sees (util/thresholds.py): the
-    validation set with validation on, else synthetic anomalies on the training images the dataset holds;
-    plus --good_dir's images as normals."""
+    """Write the pair's deployment thresholds, calibrated on data the test never sees (util/thresholds.py). The f1
+    rule: on the validation set with validation on, else on synthetic anomalies on the layout's validation/good images
+    or, without one, on the training images the dataset holds; plus --good_dir's images as normals. The mean_std
+    rule: on the normal images the model never trained on (`calibration.normal_set`) and --good_dir's."""
     args, dataset = run.args, run.dataset
-    if run.val_set is not None:
-        samples, source = run.val_set, VALIDATION_SOURCE
-    else:
-        samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
-        source = TRAINING_SOURCE
-    samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
     scorer = DraemScorer(run.model, args.precision, args.channels_last)
-    thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, run.device, args.bs,
-                                       source=source)
+    if args.threshold_rule == "mean_std":
+        paths, source = calibration.normal_set(args.dataset, args.data_path, run.category, held_out_fraction(args),
+                                               args.seed)
+        images, source = calibration.normal_images(paths, source, args.good_dir, args.image_size)
+        thresholds = calibration.calibrate_normal_only(scorer, images, run.device, args.bs, k=args.threshold_k,
+                                                       source=source)
+    else:
+        if run.val_set is not None:
+            samples = run.val_set
+            source = VALIDATION_GOOD_SYNTHETIC_SOURCE if args.dataset in VALIDATION_LAYOUTS else VALIDATION_SOURCE
+        elif args.dataset in VALIDATION_LAYOUTS:
+            held = load_images(validation_image_paths(args.dataset, args.data_path, run.category), args.image_size)
+            samples = validation.synthesize(held, dataset.draw_source, args.calibration_samples, args.seed)
+            source = VALIDATION_GOOD_SYNTHETIC_SOURCE
+        else:
+            samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
+            source = TRAINING_SOURCE
+        samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
+        thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, run.device, args.bs,
+                                           source=source)
     path = write_thresholds(args.checkpoint_path, run.base_name, run.category, thresholds,
                             provenance("train_draem.py", args, run.device))
+    rule = " (mean_std rule)" if args.threshold_rule == "mean_std" else ""
     print(f"{run.category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
-          f"{thresholds['pixel_threshold']:.4g}, from {source} -> {path}")
+          f"{thresholds['pixel_threshold']:.4g}{rule}, from {source} -> {path}")
 
 
 def train_step(net: torch.nn.Module, model: DraemModel, criterion: DraemLoss, optimizer: torch.optim.Optimizer,
@@ -504,6 +552,9 @@ def preflight(args: argparse.Namespace, base_name: str, categories: list[str]) -
         find_anomaly_sources(args.anomaly_source_path)  # listed, and each file's first bytes checked
     if args.good_dir is not None:
         find_images(args.good_dir, "--good_dir", check="--good_dir image")
+    for category in categories if args.threshold_rule == "mean_std" else ():
+        paths, _ = calibration.normal_set(args.dataset, args.data_path, category, held_out_fraction(args), args.seed)
+        calibration.require_normal_set(paths, args.good_dir)
     plans = {}
     for category in categories:
         train_image_paths(args.dataset, args.data_path, category)

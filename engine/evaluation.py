@@ -2,12 +2,14 @@
 
 One scoring path serves every program: `DraemScorer` turns images into anomaly maps and image
 scores (test, validation, predict, the ONNX export and the benchmark all call it), and `evaluate`
-streams scored batches into the released protocol's metrics.
+streams scored batches into the released protocol's metrics. MVTec AD 2's test set also gets its
+leaderboard's metrics at each image's own resolution (`full_resolution_metrics`).
 """
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -15,10 +17,21 @@ from tqdm import tqdm
 
 from data_loader import LabelledImageDataset, make_test_dataset
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
+from util.ad2 import full_resolution_map, image_decision, submission_mask
 from util.atomic import check_output_files, check_output_folder
 from util.checkpoints import checkpoint_paths
 from util.errors import DraemInputError
-from util.metrics import CategoryResult, DraemEvaluator, format_markdown, image_scores, mean_and_std, results_rows, write_results
+from util.images import image_shape, nonzero_mask, stored_shape
+from util.metrics import (
+    CategoryResult,
+    DraemEvaluator,
+    FullResolutionEvaluator,
+    format_markdown,
+    image_scores,
+    mean_and_std,
+    results_rows,
+    write_results,
+)
 from util.pictures import heatmap_overlay, save_png
 from util.report import FILES_DIR, REPORT_NAME, write_report
 from util.runtime import autocast, prepare_model, to_memory_format
@@ -88,20 +101,51 @@ def evaluate(
 
 
 def evaluate_category(
-    scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int, device: torch.device,
-    batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask", overlay_dir: Path | None = None,
-    dataset: LabelledImageDataset | None = None,
+    scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int | tuple[int, int],
+    device: torch.device, batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask",
+    overlay_dir: Path | None = None, thresholds: dict | None = None, dataset: LabelledImageDataset | None = None,
 ) -> CategoryResult:
-    """The released protocol on one category's test set (see `evaluate`); `dataset`: that test set, already made."""
+    """The released protocol on one category's test set (see `evaluate`); image_size: a side or (height, width).
+
+    mvtec_ad2: plus AU-PRO@0.05, SegF1 and ClassF1 at full resolution (SegF1 and ClassF1 at `thresholds`, a
+    threshold file's contents; NaN without). `dataset`: that test set, already made.
+    """
+    shape = image_shape(image_size)
     if dataset is None:
-        dataset = make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
-    return evaluate(scorer, DataLoader(dataset, batch_size=batch_size), len(dataset), (image_size, image_size), device,
-                    overlay_dir, desc=f"test {category}")
+        dataset = make_test_dataset(layout, data_path, category, shape, mask_suffix)
+    result = evaluate(scorer, DataLoader(dataset, batch_size=batch_size), len(dataset), shape, device,
+                      overlay_dir, desc=f"test {category}")
+    if layout == "mvtec_ad2":
+        result.metrics.update(full_resolution_metrics(result, dataset, thresholds))
+    return result
+
+
+def full_resolution_metrics(
+    result: CategoryResult, dataset: LabelledImageDataset, thresholds: dict | None
+) -> dict[str, float]:
+    """MVTec AD 2's leaderboard metrics of an evaluated test set (FullResolutionEvaluator): each working-size map at
+    its image's own size, as the submission writer makes it (util.ad2), against the mask at that size (every
+    non-zero pixel anomalous); the masks and image decisions of `thresholds` when given."""
+    evaluator = FullResolutionEvaluator()
+    for path, amap, image_score, label in zip(result.paths, result.maps, result.scores.tolist(), result.labels.tolist()):
+        mask_path, shape = dataset.mask_path(Path(path)), stored_shape(path)
+        truth = np.zeros(shape, dtype=bool) if mask_path is None else nonzero_mask(mask_path)
+        if truth.shape != shape:
+            raise DraemInputError(f"ground-truth mask {mask_path} is {truth.shape[0]}x{truth.shape[1]}, its image {path} "
+                                  f"{shape[0]}x{shape[1]}: full-resolution metrics need masks at the image's size")
+        full = full_resolution_map(amap, shape)
+        if thresholds is None:
+            evaluator.update(full, truth, label)
+            continue
+        predicted = submission_mask(full, image_score, thresholds["image_threshold"], thresholds["pixel_threshold"])
+        evaluator.update(full, truth, label, predicted, image_decision(predicted))
+    return evaluator.compute()
 
 
 def evaluate_checkpoints(
     *, checkpoint_path: str | os.PathLike, base_model_names: Sequence[str], data_path: str | os.PathLike,
-    categories: Sequence[str], image_size: int, device: torch.device, output_dir: str | os.PathLike, batch_size: int = 1,
+    categories: Sequence[str], image_size: int | tuple[int, int], device: torch.device, output_dir: str | os.PathLike,
+    batch_size: int = 1,
     layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
     compile: bool = False, save_images: bool = False, provenance: dict | None = None,
 ) -> dict[str, dict[str, float]]:
@@ -120,7 +164,7 @@ def evaluate_checkpoints(
     if (Path(output_dir) / FILES_DIR).is_file():
         raise DraemInputError(f"{Path(output_dir) / FILES_DIR} is a file, but the report puts its pictures in a folder of "
                               "that name: move the file away")
-    datasets = {category: make_test_dataset(layout, data_path, category, (image_size, image_size), mask_suffix)
+    datasets = {category: make_test_dataset(layout, data_path, category, image_shape(image_size), mask_suffix)
                 for category in categories}
     thresholds = {}
     for base_name in base_model_names:
@@ -135,9 +179,9 @@ def evaluate_checkpoints(
         for category in categories:
             model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
             overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
-            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
-                                       batch_size, layout, mask_suffix, overlay_dir, datasets[category])
             stored = thresholds[base_name, category]
+            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
+                                       batch_size, layout, mask_suffix, overlay_dir, stored, datasets[category])
             threshold = None if stored is None else stored["image_threshold"]
             result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
             runs[base_name][category] = result

@@ -20,6 +20,7 @@ import torch
 from data_loader import make_training_sample
 from engine.evaluation import DraemScorer, evaluate, evaluate_category, tensor_batches
 from util.errors import DraemInputError
+from util.layouts import has_test_set
 
 # Tags that give the split and the synthesis streams of their own, apart from each other and from training.
 SPLIT_STREAM = 1
@@ -76,14 +77,16 @@ def evaluate_synthetic(scorer: DraemScorer, val_set: SampleSet, device: torch.de
 
 
 def evaluate_test_set(
-    scorer: DraemScorer, data_path: str | Path, category: str, image_size: int, device: torch.device, batch_size: int,
+    scorer: DraemScorer, data_path: str | Path, category: str, image_size: int | tuple[int, int], device: torch.device,
+    batch_size: int,
     layout: str = "mvtec", mask_suffix: str = "_mask",
 ) -> dict[str, float]:
     """The released test protocol on the category's test set, keys `test_*`; {} when the layout has no test folder for it.
 
-    VisA always has a test split (its CSV lists it); mvtec and folder need `<data_path>/<category>/test`.
+    VisA always has a test split (its CSV lists it); the other layouts need `<data_path>/<category>/test`
+    (mvtec_ad2: `test_public`).
     """
-    if layout != "visa" and not (Path(data_path) / category / "test").is_dir():
+    if not has_test_set(layout, data_path, category):
         return {}
     result = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout, mask_suffix)
     return prefixed(result.metrics, "test_")

@@ -11,15 +11,17 @@ from test_predict import calibrated_model
 from torch import nn
 
 import train_draem
-from engine.calibration import calibrate
+from engine.calibration import calibrate, calibrate_normal_only
 from model_unet import anomaly_map, model_from_checkpoint
 from tools import calibrate as calibrate_program
 from util.checkpoints import save_checkpoint
 from util.errors import DraemInputError
 from util.metrics import image_scores
 from util.thresholds import (
+    NORMAL_RULE,
     RULE,
     TRAINING_SOURCE,
+    MeanStd,
     metrics_at_threshold,
     read_thresholds,
     threshold_path,
@@ -93,6 +95,36 @@ def test_pixel_threshold_maximises_f1_over_all_pixels_lowest_on_ties():
 def test_a_set_without_both_classes_is_a_one_line_error(labels):
     with pytest.raises(DraemInputError, match="--samples"):
         calibrate(LookupScorer(), *calibration_set([0.1, 0.2, 0.3], labels), CPU)
+
+
+def test_normal_only_rule_is_mean_plus_k_population_std_on_literal_scores():
+    # Scores 1, 2, 3, 4: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, population variance 5 / 4,
+    # so with k = 3 the threshold is 2.5 + 3·sqrt(1.25) = 2.5 + 3.3541019662496847 = 5.854101966249685.
+    stats = MeanStd()
+    stats.update(np.array([1.0, 2.0]))  # in two chunks, as the maps of two batches
+    stats.update(np.array([3.0, 4.0]))
+    assert (stats.count, stats.mean, stats.std) == (4, 2.5, pytest.approx(math.sqrt(1.25), abs=1e-15))
+    assert stats.threshold(3) == pytest.approx(5.854101966249685, abs=1e-14)
+    assert stats.threshold(0) == 2.5
+
+
+def test_normal_only_calibration_takes_image_scores_and_every_pixel_of_every_map():
+    # Image scores 1, 2, 3, 4 (/8) in batches of 3 and 1: mean 2.5/8, population std sqrt(1.25)/8, k = 3:
+    # (2.5 + 3·sqrt(1.25)) / 8 = 5.854101966249685 / 8 = 0.7317627457812106.
+    # Pixels: the 2×2 maps hold 0, 0, 0, 1 (/8) each: 16 values, mean 1/32, variance 1/64·(1/4 - 1/16) = 3/1024,
+    # std sqrt(3)/32; threshold 1/32 + 2·sqrt(3)/32 (k = 2) = 0.13950317547305482.
+    maps = [0.0, 0.0, 0.0, 1 / 8] * 4
+    images, _, _ = calibration_set([1 / 8, 2 / 8, 3 / 8, 4 / 8], [0, 0, 0, 0], maps, [0] * 16)
+    three = calibrate_normal_only(LookupScorer(), images, CPU, batch_size=3, k=3.0, source="validation/good images")
+    assert three["image_threshold"] == pytest.approx(0.7317627457812106, abs=1e-15)
+    assert three["pixel_threshold"] == pytest.approx((1 + 3 * math.sqrt(3)) / 32, abs=1e-15)
+    two = calibrate_normal_only(LookupScorer(), images, CPU, batch_size=1, k=2.0, source="s")
+    assert two["pixel_threshold"] == pytest.approx(0.13950317547305482, abs=1e-15)
+    assert three["rule"] == NORMAL_RULE == "mean + k·std of the scores on normal images only, never the test set"
+    assert (three["k"], three["source"], three["n_normal"], three["n_anomalous"], three["image_size"]) == (
+        3.0, "validation/good images", 4, 0, 2)
+    with pytest.raises(DraemInputError, match="at least 2 normal images"):
+        calibrate_normal_only(LookupScorer(), images[:1], CPU, source="s")
 
 
 def test_threshold_file_round_trips(tmp_path):

@@ -27,7 +27,7 @@ import test_draem
 import train_draem
 from engine import evaluation
 from model_unet import DraemModel
-from tools import bench_draem, bench_synthesis, calibrate, convert_anomalib, make_demo_data
+from tools import bench_draem, bench_synthesis, calibrate, convert_anomalib, make_demo_data, write_ad2_submission
 from util import atomic
 from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
 from util.errors import DraemInputError
@@ -36,7 +36,7 @@ from util.thresholds import threshold_path
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"train": train_draem.main, "test": test_draem.main, "predict": predict.main, "export": export_onnx.main,
             "convert": convert_anomalib.main, "demo_data": make_demo_data.main, "bench": bench_draem.main,
-            "bench_synthesis": bench_synthesis.main, "calibrate": calibrate.main}
+            "bench_synthesis": bench_synthesis.main, "calibrate": calibrate.main, "ad2": write_ad2_submission.main}
 BASE = run_base_name(1e-4, 2, 4)
 DONE = run_base_name(1e-4, 1, 4)  # the finished run in {done}: 1 epoch, batch 4
 TINY = "--image_size 64 --base_width 4 --seg_base_width 4 --workers 0"
@@ -127,6 +127,16 @@ CATALOGUE = [
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {out}/nothing", "--good_dir"),
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {textfile_src}", "--good_dir image"),
     ("calibrate", CALIBRATE.replace("obj_id brick", "obj_id ../brick"), "'../brick' is not a plain name"),
+    ("train", TRAIN + " --good_dir {out}/nothing --epochs 1 --bs 4", "--good_dir"),
+    ("train", TRAIN + " --image_size 64 64 64", "--image_size takes one side or height and width, got 3"),
+    ("test", TEST + " --image_size 64 100", "--image_size must be a positive multiple of 32 per side"),
+    ("train", TRAIN + " --threshold_rule mean_std --epochs 1", "the normal-only rule (mean_std) needs normal images"),
+    ("calibrate", CALIBRATE + " --image_size 64 --rule mean_std", "the normal-only rule (mean_std) needs normal images"),
+    ("calibrate", CALIBRATE + " --image_size 64 --rule mean_std --k -1", "--k: must be 0 or more"),
+    ("train", TRAIN.replace("folder", "mvtec_ad2").replace("brick", "can"), "expected <mvtec_ad2>/<category>/train/good"),
+    ("ad2", "--data_path {data} --output_dir {out}/submission", "--checkpoint_path is required"),
+    ("ad2", "--data_path {data} --output_dir {out}/submission --check_only --obj_id can", "nothing to check"),
+    ("ad2", "--data_path {data} --output_dir {out}/submission --checkpoint_path {ckpt} --obj_id tin", "unknown category 'tin'"),
 ]
 
 

@@ -12,7 +12,15 @@ import torch
 from data_loader import LabelledImageDataset, TrainDataset, make_test_dataset
 from util.errors import DraemInputError
 from util.images import read_image, read_mask, read_nonzero_mask
-from util.layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
+from util.layouts import (
+    CATEGORIES,
+    LAYOUTS,
+    VISA_CATEGORIES,
+    categories_for,
+    evaluation_records,
+    train_image_paths,
+    validation_image_paths,
+)
 from util.metrics import DraemEvaluator
 
 SHAPE = (32, 32)
@@ -292,7 +300,7 @@ def test_the_datasets_take_exactly_one_source_of_images(tiny_mvtec):
 
 
 def test_layouts_and_visa_categories():
-    assert LAYOUTS == ("mvtec", "folder", "visa")
+    assert LAYOUTS == ("mvtec", "folder", "visa", "mvtec_ad2", "mvtec_loco")
     assert len(VISA_CATEGORIES) == 12 and VISA_CATEGORIES[0] == "candle" and VISA_CATEGORIES[-1] == "pipe_fryum"
 
 
@@ -324,3 +332,64 @@ def test_categories_for_each_layout(folder_root, visa_root, tiny_mvtec):
 )
 def test_an_unknown_layout_is_a_one_line_error_listing_the_layouts(tiny_mvtec, call):
     assert "use one of mvtec, folder, visa" in one_line_error(call, tiny_mvtec.mvtec_root)
+
+
+# --- MVTec LOCO AD -----------------------------------------------------------------------------
+
+def loco_mask(path: Path, box: tuple[int, int, int, int], value: int) -> np.ndarray:
+    """A mask with one rectangle (y0, y1, x0, x1) of `value`; returns it as the bool the merged ground truth sees."""
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[box[0] : box[1], box[2] : box[3]] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), mask)
+    return mask > 0
+
+
+@pytest.fixture
+def loco_root(tmp_path) -> Path:
+    """breakfast_box as MVTec LOCO AD lays it out: 2 train, 1 validation, 1 good, 1 logical (two masks, one of them
+    with another grey value), 1 structural (one mask)."""
+    box = tmp_path / "loco" / "breakfast_box"
+    for i in range(2):
+        write_image(box / "train" / "good" / f"{i:03d}.png", i)
+    write_image(box / "validation" / "good" / "000.png", 5)
+    write_image(box / "test" / "good" / "000.png", 6)
+    write_image(box / "test" / "logical_anomalies" / "000.png", 7)
+    write_image(box / "test" / "structural_anomalies" / "000.png", 8)
+    loco_mask(box / "ground_truth" / "logical_anomalies" / "000" / "000.png", (2, 10, 4, 20), 255)
+    loco_mask(box / "ground_truth" / "logical_anomalies" / "000" / "001.png", (20, 36, 30, 44), 100)
+    loco_mask(box / "ground_truth" / "structural_anomalies" / "000" / "000.png", (5, 15, 5, 15), 255)
+    return tmp_path / "loco"
+
+
+def test_loco_reads_its_folders_and_merges_every_mask_of_an_image(loco_root):
+    box = loco_root / "breakfast_box"
+    assert categories_for("mvtec_loco", "-1", loco_root) == ["breakfast_box", "juice_bottle", "pushpins", "screw_bag",
+                                                             "splicing_connectors"]
+    assert train_image_paths("mvtec_loco", loco_root, "breakfast_box") == [box / "train/good/000.png",
+                                                                           box / "train/good/001.png"]
+    assert validation_image_paths("mvtec_loco", loco_root, "breakfast_box") == [box / "validation/good/000.png"]
+    assert evaluation_records("mvtec_loco", loco_root, "breakfast_box") == [
+        (box / "test/good/000.png", None, 0),
+        (box / "test/logical_anomalies/000.png", box / "ground_truth/logical_anomalies/000", 1),
+        (box / "test/structural_anomalies/000.png", box / "ground_truth/structural_anomalies/000", 1),
+    ]
+    dataset = make_test_dataset("mvtec_loco", loco_root, "breakfast_box", SHAPE)
+    # Expected: the two rectangles of the logical anomaly together, written here at full size and resized as masks are.
+    union = np.zeros((40, 48), dtype=np.uint8)
+    union[2:10, 4:20] = union[20:36, 30:44] = 255
+    expected = cv2.resize(union, SHAPE[::-1]).astype(np.float32) / 255
+    np.testing.assert_array_equal(dataset[1]["mask"][0], expected)
+    assert dataset[0]["mask"].max() == 0 and dataset[2]["mask"].max() == 1.0
+
+
+def test_loco_refuses_a_missing_or_empty_mask_folder_and_a_mask_suffix(loco_root):
+    masks = loco_root / "breakfast_box" / "ground_truth" / "structural_anomalies" / "000"
+    (masks / "000.png").unlink()
+    dataset = make_test_dataset("mvtec_loco", loco_root, "breakfast_box", SHAPE)
+    assert "holds no .png mask" in one_line_error(dataset.__getitem__, 2)
+    masks.rmdir()
+    assert "000 (000.png, 001.png, ...) is missing" in one_line_error(evaluation_records, "mvtec_loco", loco_root,
+                                                                      "breakfast_box")
+    assert "folder of masks per image" in one_line_error(evaluation_records, "mvtec_loco", loco_root, "breakfast_box",
+                                                         mask_suffix="_gt")

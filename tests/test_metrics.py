@@ -15,6 +15,7 @@ from util.metrics import (
     METRICS,
     PAPER_RESULTS,
     DraemEvaluator,
+    FullResolutionEvaluator,
     aupro,
     f1_max_threshold,
     format_markdown,
@@ -135,15 +136,16 @@ def test_aupro_perfect_is_one_and_constant_is_fpr_limit_over_two():
     assert aupro(np.full(masks.shape, 0.5, np.float32), masks, fpr_limit=1.0) == pytest.approx(0.5)
 
 
-def reference_aupro(maps: np.ndarray, masks: np.ndarray, structure: np.ndarray, limit: float = 0.3) -> float:
-    """Straightforward AUPRO: loop over thresholds, scipy regions, trapezoids cut at `limit`."""
+def reference_aupro(maps, masks, structure: np.ndarray, limit: float = 0.3) -> float:
+    """Straightforward AUPRO: loop over thresholds, scipy regions, trapezoids cut at `limit`. maps and masks: N×H×W
+    arrays, or lists of images of any sizes."""
     regions = []
     for m, g in zip(maps, masks):
         ids, n = ndimage.label(g, structure=structure)
         regions += [m[ids == k] for k in range(1, n + 1)]
-    normal = maps[masks == 0]
+    normal = np.concatenate([m[g == 0] for m, g in zip(maps, masks)])
     points = [(0.0, 0.0)]
-    for t in np.unique(maps)[::-1]:
+    for t in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
         points.append(((normal >= t).mean(), np.mean([(r >= t).mean() for r in regions])))
     area = 0.0
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
@@ -162,6 +164,65 @@ def test_aupro_matches_threshold_loop_with_8_connected_regions():
     eight, four = np.ones((3, 3)), ndimage.generate_binary_structure(2, 1)
     assert aupro(maps, masks) == pytest.approx(reference_aupro(maps, masks, eight), abs=1e-9)
     assert aupro(maps, masks) != pytest.approx(reference_aupro(maps, masks, four), abs=1e-4)
+
+
+def full_resolution(images: list[tuple], thresholded: bool = True) -> dict[str, float]:
+    """FullResolutionEvaluator over (float16 map, bool truth, label, predicted mask, called) per image."""
+    evaluator = FullResolutionEvaluator()
+    for amap, truth, label, predicted, called in images:
+        evaluator.update(amap, truth, label, *((predicted, called) if thresholded else ()))
+    return evaluator.compute()
+
+
+def test_full_resolution_aupro_005_equals_the_threshold_loop_on_images_of_different_sizes():
+    rng = np.random.default_rng(8)
+    images = []
+    for shape in ((9, 14), (12, 7), (6, 6)):
+        truth = rng.random(shape) < 0.2
+        # float16 maps with ties: 64 levels, higher inside the defects
+        amap = (np.round((rng.random(shape) * 0.7 + 0.3 * truth) * 64) / 64).astype(np.float16)
+        images.append((amap, truth, int(truth.any()), None, None))
+    expected = reference_aupro([m.astype(np.float64) for m, *_ in images], [t for _, t, *_ in images], np.ones((3, 3)),
+                               limit=0.05)
+    # Sums of the same region weights in another order: equal to rounding (1e-12 of a value near 1).
+    assert full_resolution(images, thresholded=False)["aupro_005"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected < 1
+
+
+def test_full_resolution_aupro_005_literal_cases():
+    truth = np.zeros((8, 10), dtype=bool)
+    truth[2:5, 3:7] = True
+    perfect = [(truth.astype(np.float16), truth, 1, None, None)]
+    assert full_resolution(perfect, thresholded=False)["aupro_005"] == pytest.approx(1.0, abs=1e-12)
+    # A constant map: the curve jumps from (0, 0) to (1, 1), so it is the diagonal; its area up to 0.05 is
+    # 0.05² / 2, divided by 0.05: 0.025.
+    constant = [(np.full(truth.shape, 0.25, np.float16), truth, 1, None, None)]
+    assert full_resolution(constant, thresholded=False)["aupro_005"] == pytest.approx(0.025, abs=1e-12)
+
+
+def test_seg_f1_pools_all_pixels_of_all_images_and_class_f1_counts_images():
+    # A (2×3, anomalous): truth [[1,1,0],[0,0,0]], mask [[1,0,1],[0,0,0]]: TP 1, FP 1, FN 1; called (label 1).
+    # B (3×2, normal): mask with one pixel: FP 1; called (label 0).
+    # C (2×2, anomalous): truth one pixel, empty mask: FN 1; not called (label 1).
+    # SegF1 pooled: TP 1, FP 2, FN 2 -> 2·1 / (2·1 + 2 + 2) = 1/3 (the mean of per-image F1s would be (0.5 + 0 + 0) / 3).
+    # ClassF1: TP 1 (A), FP 1 (B), FN 1 (C) -> 2 / (2 + 1 + 1) = 0.5.
+    a_truth, a_mask = np.array([[1, 1, 0], [0, 0, 0]], bool), np.array([[1, 0, 1], [0, 0, 0]], bool)
+    b_truth, b_mask = np.zeros((3, 2), bool), np.array([[0, 0], [1, 0], [0, 0]], bool)
+    c_truth, c_mask = np.array([[1, 0], [0, 0]], bool), np.zeros((2, 2), bool)
+    images = [(m.astype(np.float16), t, label, m, called)
+              for t, m, label, called in ((a_truth, a_mask, 1, True), (b_truth, b_mask, 0, True), (c_truth, c_mask, 1, False))]
+    got = full_resolution(images)
+    assert got["seg_f1"] == pytest.approx(1 / 3, abs=1e-15) and got["class_f1"] == 0.5
+    untresholded = full_resolution(images, thresholded=False)
+    assert math.isnan(untresholded["seg_f1"]) and math.isnan(untresholded["class_f1"])
+
+
+def test_full_resolution_evaluator_refuses_float32_maps_and_negative_values():
+    truth = np.zeros((2, 2), bool)
+    with pytest.raises(ValueError, match="float16"):
+        FullResolutionEvaluator().update(np.zeros((2, 2), np.float32), truth, 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        FullResolutionEvaluator().update(np.full((2, 2), -1, np.float16), truth, 0)
 
 
 def test_aupro_rejects_bad_limit_and_warns_without_defects():

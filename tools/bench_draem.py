@@ -44,6 +44,7 @@ from util.atomic import atomic_write_text
 from util.cli import ArgumentParser, add_device_flags, add_image_size_flag, add_width_flags, at_least
 from util.demo_data import make_demo_dataset
 from util.errors import one_line_errors
+from util.images import shape_record
 from util.runtime import prepare_model, select_device
 
 
@@ -145,7 +146,8 @@ def benchmark_data(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path]
     """The train/good folder and texture folder the synthesis reads: the flags', else demo data made in `scratch`."""
     if args.data_path is not None and args.anomaly_source_path is not None:
         return Path(args.data_path), Path(args.anomaly_source_path)
-    demo = make_demo_dataset(scratch, image_size=args.image_size, n_train=16, n_test_good=1, n_test_per_defect=1, n_sources=8)
+    demo = make_demo_dataset(scratch, image_size=max(args.image_size), n_train=16, n_test_good=1, n_test_per_defect=1,
+                             n_sources=8)
     train_dir = demo.mvtec_root / demo.categories[0] / "train" / "good"
     return Path(args.data_path or train_dir), Path(args.anomaly_source_path or demo.texture_root)
 
@@ -208,7 +210,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, options: Opt
     scorer.eval()
     row = {"config": options.label()}
     for batch_size in (1, 8):
-        image = torch.rand(batch_size, 3, args.image_size, args.image_size, device=device)
+        image = torch.rand(batch_size, 3, *args.image_size, device=device)
         forward = functools.partial(scorer, image)
         seconds_per_call(forward, 1, device)  # warm-up (and compilation for this shape)
         row[f"batch{batch_size}_ms"] = 1000 * seconds_per_call(forward, repeats, device)
@@ -322,12 +324,13 @@ def main(argv: list[str] | None = None) -> dict:
     bf16_on = args.bf16 == "on" or (args.bf16 == "auto" and matmul["bf16"] >= 0.5 * matmul["fp32"])
     results = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                           else f"cpu ({torch.get_num_threads()} threads)"),
-               "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width], "image_size": args.image_size,
+               "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width],
+               "image_size": shape_record(args.image_size),
                "batch_size": args.batch_size, "args": vars(args), "matmul_tflops": matmul, "skipped": {}, "train": [],
                "inference": []}
     with tempfile.TemporaryDirectory() as scratch:
         train_dir, sources = benchmark_data(args, Path(scratch))
-        size = (args.image_size, args.image_size)
+        size = args.image_size
         cpu_dataset, raw_dataset = TrainDataset(train_dir, sources, size), TrainImageDataset(train_dir, sources, size)
         raw = raw_batch(raw_dataset, args.batch_size, device)
         batch = synthesize_batch(raw["image"], raw.get("source"), device_generator(device, args.seed))

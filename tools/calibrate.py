@@ -2,6 +2,8 @@
 
     python -m tools.calibrate --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
         --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
+    python -m tools.calibrate --rule mean_std --dataset mvtec_ad2 --obj_id can --data_path datasets/mvtec_ad2 \\
+        --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 --image_size 256 512
 
 Makes --samples training-style samples from the category's training images (about half with a
 synthetic anomaly, METHOD.md §2), scores them with the test protocol, and picks the image-score
@@ -15,11 +17,24 @@ With --val_fraction (and the run's --seed), the samples come from the training i
 validation set. Without it, all training images are used, which the model has seen: its normal scores
 are then lower than on new images, so the threshold tends to be low. --good_dir adds your own
 known-good images as normals, to raise the threshold against false alarms on real normal variation.
+In the layouts with a normal-only validation/good set (mvtec_ad2, mvtec_loco) the samples are made from
+it instead: the model never trained on it.
+
+--rule mean_std: each threshold is mean + --k·std (default 3) of the scores on normal images only,
+never synthetic anomalies (util/thresholds.py): the layout's validation/good, else the --val_fraction
+held-out training images, plus --good_dir's images.
 """
 import argparse
 from pathlib import Path
 
-from engine.calibration import calibrate, synthetic_set, with_good_images
+from engine.calibration import (
+    calibrate,
+    calibrate_normal_only,
+    normal_images,
+    normal_set,
+    synthetic_set,
+    with_good_images,
+)
 from engine.evaluation import DraemScorer
 from engine.validation import split_paths
 from model_unet import check_image_size, model_from_checkpoint
@@ -35,10 +50,18 @@ from util.cli import (
 )
 from util.errors import one_line_errors
 from util.images import find_images
-from util.layouts import LAYOUTS, train_image_paths
+from util.layouts import LAYOUTS, VALIDATION_LAYOUTS, train_image_paths, validation_image_paths
 from util.provenance import provenance
 from util.runtime import select_device
-from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, threshold_path, write_thresholds
+from util.thresholds import (
+    DEFAULT_K,
+    RULES,
+    TRAINING_SOURCE,
+    VALIDATION_GOOD_SYNTHETIC_SOURCE,
+    VALIDATION_SOURCE,
+    threshold_path,
+    write_thresholds,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(never trained on); omitted: on all training images")
     parser.add_argument("--good_dir",
                         help="folder of extra known-good images (searched recursively), added as normal samples")
+    parser.add_argument("--rule", choices=tuple(RULES), default="f1",
+                        help="f1: F1-max on synthetic anomalies and normal images; mean_std: mean + k·std of the scores "
+                             "on normal images only (validation/good, or --val_fraction held-out images, + --good_dir)")
+    parser.add_argument("--k", type=at_least(0, float), default=DEFAULT_K, help="k of the mean_std rule (default 3)")
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same thresholds)")
     add_device_flags(parser)
@@ -76,13 +103,27 @@ def main(argv: list[str] | None = None) -> Path:
     check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category), "the threshold file")
     if args.good_dir is not None:
         find_images(args.good_dir, "--good_dir", check="--good_dir image")  # now, not after the samples are made
-    paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
-    if args.val_fraction is not None:
-        _, paths = split_paths(paths, args.val_fraction, args.seed)
-        source = VALIDATION_SOURCE
+    device = select_device(args.device, args.gpu_id)
+    if args.rule == "mean_std":
+        paths, source = normal_set(args.dataset, args.data_path, category, args.val_fraction, args.seed)
+        images, source = normal_images(paths, source, args.good_dir, args.image_size)
+        thresholds = calibrate_normal_only(scorer, images, device, args.batch_size, k=args.k, source=source)
+        path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
+                                provenance("tools/calibrate.py", args, device))
+        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean {thresholds['image_mean']:.4g} + "
+              f"{args.k:g}·std {thresholds['image_std']:.4g}), pixel threshold {thresholds['pixel_threshold']:.6g} "
+              f"(mean {thresholds['pixel_mean']:.4g} + {args.k:g}·std {thresholds['pixel_std']:.4g}) on "
+              f"{thresholds['n_normal']} {source}; wrote {path}")
+        return path
+    if args.dataset in VALIDATION_LAYOUTS:
+        paths, source = validation_image_paths(args.dataset, args.data_path, category), VALIDATION_GOOD_SYNTHETIC_SOURCE
+    else:
+        paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
+        if args.val_fraction is not None:
+            _, paths = split_paths(paths, args.val_fraction, args.seed)
+            source = VALIDATION_SOURCE
     samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
     samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
-    device = select_device(args.device, args.gpu_id)
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
     path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
                             provenance("tools/calibrate.py", args, device))

@@ -100,10 +100,22 @@ def plain_name(text: str) -> str:
     return text
 
 
+class ImageSize(argparse.Action):
+    """--image_size S (square) or --image_size H W: stored as the tuple (height, width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            parser.error(f"{option_string} takes one side or height and width, got {len(values)} numbers")
+        setattr(namespace, self.dest, (values[0], values[-1]))
+
+
 def add_image_size_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
-    group.add_argument("--image_size", type=at_least(32), default=256,
-                       help="side of the square images the model sees, a multiple of 32 (released: 256); "
-                            "test, predict, calibrate and export at the size the model was trained at")
+    """--image_size, stored as (height, width); default 256 x 256, as released."""
+    group.add_argument("--image_size", nargs="+", type=at_least(32), action=ImageSize, default=(256, 256),
+                       metavar="SIDE",
+                       help="size of the images the model sees: one side (square; released: 256) or height and "
+                            "width (e.g. 256 384), multiples of 32; test, predict, calibrate and export at the size "
+                            "the model was trained at")
 
 
 def add_width_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -121,7 +133,9 @@ def add_device_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, g
 def add_dataset_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser, layouts: tuple[str, ...]) -> None:
     group.add_argument("--dataset", choices=layouts, default="mvtec",
                        help="layout of --data_path: mvtec | folder (<root>/<category>/train/good, test/<good|defect>, optional "
-                            "ground_truth/<defect>/<stem><mask_suffix>.png) | visa (<root>/split_csv/1cls.csv)")
+                            "ground_truth/<defect>/<stem><mask_suffix>.png) | visa (<root>/split_csv/1cls.csv) | "
+                            "mvtec_ad2 (MVTec AD 2: train/good, validation/good, test_public) | mvtec_loco (MVTec "
+                            "LOCO AD: train/good, validation/good, test, ground_truth/<defect>/<stem>/*.png)")
     group.add_argument("--mask_suffix", default="_mask",
                        help="mask file name ending for mvtec/folder test sets: ground_truth/<defect>/<stem><suffix>.png")
 

@@ -16,6 +16,14 @@ Every layout (`LAYOUTS`; the programs' --dataset) gives training image paths and
   masks mark defects with small non-zero values (1, not 255); like VisA's own preparation script
   (mask != 0 becomes 255) every non-zero pixel is anomalous, so masks read as they would after
   converting VisA to the MVTec layout.
+- mvtec_ad2: MVTec AD 2, `<root>/<object>/train/good/*.png`, `validation/good/*.png` (normal only: the
+  held-out normal set for validation and calibration), `test_public/good/*.png`, `test_public/bad/*.png`
+  with masks `test_public/ground_truth/bad/<stem>_mask.png` (255 = anomalous; every non-zero pixel counts),
+  and the flat private splits `test_private/*.png`, `test_private_mixed/*.png` (no ground truth: scored for
+  the submission, never evaluated here). test_public is the test set.
+- mvtec_loco: MVTec LOCO AD, `<root>/<category>/train/good`, `validation/good` (normal only), `test/<good|
+  logical_anomalies|structural_anomalies>/*.png`, and per anomalous image a folder of masks
+  `ground_truth/<defect>/<stem>/000.png, 001.png, ...`, merged: a pixel non-zero in any of them is anomalous.
 """
 import csv
 import os
@@ -40,7 +48,16 @@ VISA_CATEGORIES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
     "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
 )
-LAYOUTS = ("mvtec", "folder", "visa")
+# MVTec AD 2's objects and its private test splits (flat folders, no ground truth).
+AD2_OBJECTS = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
+AD2_PRIVATE_SPLITS = ("test_private", "test_private_mixed")
+AD2_TEST_SPLIT = "test_public"
+# MVTec LOCO AD's categories and its two kinds of anomalies.
+LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
+LOCO_DEFECTS = ("logical_anomalies", "structural_anomalies")
+LAYOUTS = ("mvtec", "folder", "visa", "mvtec_ad2", "mvtec_loco")
+# Layouts with a normal-only `<category>/validation/good` set: validation and calibration use it, training never does.
+VALIDATION_LAYOUTS = ("mvtec_ad2", "mvtec_loco")
 ImageRecord = tuple[Path, Path | None, int]  # (test image, its mask or None, label: 0 good, 1 anomalous)
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
@@ -219,9 +236,72 @@ def train_image_paths(layout: str, data_path: str | os.PathLike, category: str) 
     if _check_layout(layout) == "visa":
         return [image for image, _, _ in _visa_rows(data_path, category, "train")]
     train_dir = Path(data_path) / category / "train" / GOOD
-    if layout == "mvtec":
-        return training_folder_images(train_dir)
-    return training_folder_images(train_dir, FOLDER_IMAGE_SUFFIXES, "<data_path>")
+    if layout == "folder":
+        return training_folder_images(train_dir, FOLDER_IMAGE_SUFFIXES, "<data_path>")
+    return training_folder_images(train_dir, root=f"<{layout}>")
+
+
+def validation_image_paths(layout: str, data_path: str | os.PathLike, category: str) -> list[Path]:
+    """The normal-only validation images `<category>/validation/good/*` of a layout that has them (VALIDATION_LAYOUTS)."""
+    if _check_layout(layout) not in VALIDATION_LAYOUTS:
+        raise DraemInputError(f"the {layout} layout has no validation/good set (only {', '.join(VALIDATION_LAYOUTS)} "
+                              "have one): give a folder of good images (--good_dir) instead")
+    folder = Path(data_path) / category / "validation" / GOOD
+    if not folder.is_dir():
+        raise DraemInputError(f"validation folder {folder} does not exist: expected <{layout}>/<category>/validation/good")
+    paths = sorted_images(folder.iterdir())
+    if not paths:
+        raise DraemInputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+    return paths
+
+
+def ad2_private_images(data_path: str | os.PathLike, category: str, split: str) -> list[Path]:
+    """The images of one MVTec AD 2 private split, `<object>/<split>/*.png` (a flat folder), sorted."""
+    folder = Path(data_path) / category / split
+    if not folder.is_dir():
+        raise DraemInputError(f"private split folder {folder} does not exist: expected <mvtec_ad2>/<object>/{split}")
+    paths = sorted_images(folder.iterdir(), (".png",))
+    if not paths:
+        raise DraemInputError(f"no .png images in {folder}")
+    return paths
+
+
+def _ad2_test_records(test_dir: Path, mask_suffix: str) -> list[ImageRecord]:
+    """MVTec AD 2's test_public: `good/*.png` normal, `bad/*.png` anomalous with `ground_truth/bad/<stem><mask_suffix>.png`."""
+    if not test_dir.is_dir():
+        raise DraemInputError(f"test folder {test_dir} does not exist: expected <mvtec_ad2>/<object>/{AD2_TEST_SPLIT}")
+    records: list[ImageRecord] = [(image, None, 0) for image in sorted_images((test_dir / GOOD).glob("*"), (".png",))]
+    for image in sorted_images((test_dir / "bad").glob("*"), (".png",)):
+        mask = test_dir / "ground_truth" / "bad" / f"{image.stem}{mask_suffix}.png"
+        if not mask.is_file():
+            raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+        records.append((image, mask, 1))
+    if not records:
+        raise DraemInputError(f"no test images in {test_dir}/good or {test_dir}/bad")
+    return records
+
+
+def _loco_test_records(test_dir: Path) -> list[ImageRecord]:
+    """MVTec LOCO AD: `good` normal; each logical or structural anomaly with its mask folder `ground_truth/<defect>/<stem>`."""
+    records = []
+    for image in _test_images(test_dir, (".png",), "<mvtec_loco>"):
+        if image.parent.name == GOOD:
+            records.append((image, None, 0))
+            continue
+        if image.parent.name not in LOCO_DEFECTS:
+            raise DraemInputError(f"test image {image} is in neither good nor {' nor '.join(LOCO_DEFECTS)}")
+        masks = test_dir.parent / "ground_truth" / image.parent.name / image.stem
+        if not masks.is_dir():
+            raise DraemInputError(f"ground-truth folder {masks} (000.png, 001.png, ...) is missing for test image {image}")
+        records.append((image, masks, 1))
+    return records
+
+
+def has_test_set(layout: str, data_path: str | os.PathLike, category: str) -> bool:
+    """Whether `category` has a labelled test set in `data_path` (VisA's split file always lists one)."""
+    if _check_layout(layout) == "visa":
+        return True
+    return (Path(data_path) / category / (AD2_TEST_SPLIT if layout == "mvtec_ad2" else "test")).is_dir()
 
 
 def evaluation_records(
@@ -229,17 +309,22 @@ def evaluation_records(
 ) -> list[ImageRecord]:
     """The test images of `category` as (image, mask or None, label 0 good / 1 anomalous) records.
 
-    `mask_suffix` names masks `<stem><mask_suffix>.<ext>` in the mvtec and folder layouts; VisA's
-    split file names its masks itself.
+    `mask_suffix` names masks `<stem><mask_suffix>.<ext>` in the mvtec, folder and mvtec_ad2 layouts; VisA's
+    split file names its masks itself, and MVTec LOCO AD has a folder of masks per image. mvtec_ad2's test
+    set is test_public; its mask record is the mask file, LOCO's the folder of its masks.
     """
-    if _check_layout(layout) == "visa":
-        if mask_suffix != MVTEC_MASK_SUFFIX:
-            raise DraemInputError(f"a mask suffix ({mask_suffix!r}) applies to the mvtec and folder layouts; "
-                                  "VisA's 1cls.csv names its masks")
+    if _check_layout(layout) in ("visa", "mvtec_loco") and mask_suffix != MVTEC_MASK_SUFFIX:
+        raise DraemInputError(f"a mask suffix ({mask_suffix!r}) applies to the mvtec, folder and mvtec_ad2 layouts; "
+                              "VisA's 1cls.csv names its masks and MVTec LOCO AD has a folder of masks per image")
+    if layout == "visa":
         return _visa_rows(data_path, category, "test")
+    if layout == "mvtec_ad2":
+        return _ad2_test_records(Path(data_path) / category / AD2_TEST_SPLIT, mask_suffix)
     test_dir = Path(data_path) / category / "test"
     if layout == "mvtec":
         return mvtec_test_records(test_dir, mask_suffix)
+    if layout == "mvtec_loco":
+        return _loco_test_records(test_dir)
     return _folder_test_records(test_dir, mask_suffix)
 
 
@@ -253,14 +338,15 @@ def _folder_categories(data_path: str | os.PathLike) -> list[str]:
 def categories_for(layout: str, obj_id: str | int, data_path: str | os.PathLike) -> list[str]:
     """The categories meant by `obj_id` (a name, an id into the layout's list, or -1 for all of them).
 
-    mvtec: `resolve_categories` over CATEGORIES; visa: over VISA_CATEGORIES; folder: over the
-    sub-folders of data_path that hold train/good (-1: all of them). In every layout a name with a
-    folder under data_path is accepted too.
+    mvtec: `resolve_categories` over CATEGORIES; visa: over VISA_CATEGORIES; mvtec_ad2: AD2_OBJECTS;
+    mvtec_loco: LOCO_CATEGORIES; folder: over the sub-folders of data_path that hold train/good (-1: all
+    of them). In every layout a name with a folder under data_path is accepted too.
     """
     if not Path(data_path).is_dir():
         raise DraemInputError(f"--data_path {data_path} does not exist (point it at the dataset root folder)")
-    if _check_layout(layout) == "mvtec":
-        return resolve_categories(obj_id, CATEGORIES, data_path)
+    named = {"mvtec": CATEGORIES, "mvtec_ad2": AD2_OBJECTS, "mvtec_loco": LOCO_CATEGORIES}
+    if _check_layout(layout) in named:
+        return resolve_categories(obj_id, named[layout], data_path)
     if layout == "visa":
         _visa_split_file(data_path)
         return resolve_categories(obj_id, VISA_CATEGORIES, data_path)

@@ -26,6 +26,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from util.atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
+# MVTec AD 2's leaderboard metrics at each image's own resolution (FullResolutionEvaluator), in its layout's tables only.
+AD2_METRICS = ("aupro_005", "seg_f1", "class_f1")
 # At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the test set,
 # an upper bound. Empty where a checkpoint has no threshold file.
 THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
@@ -224,6 +226,78 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
+# --- MVTec AD 2's leaderboard metrics, at each image's own resolution ---------------------------
+
+def f1_from_counts(true_positives: int, false_positives: int, false_negatives: int) -> float:
+    """2·TP / (2·TP + FP + FN); NaN when there is nothing to find and nothing was called."""
+    denominator = 2 * true_positives + false_positives + false_negatives
+    return 2 * true_positives / denominator if denominator else math.nan
+
+
+class FullResolutionEvaluator:
+    """AU-PRO@0.05, SegF1 and ClassF1 (MVTec AD 2's leaderboard) over float16 maps at each image's own resolution,
+    one image at a time in fixed memory.
+
+    AU-PRO@0.05: the per-region-overlap curve of `aupro`, integrated up to FPR 0.05 and divided by 0.05. A float16
+    map takes at most 2**15 non-negative values whose bit patterns sort like the values, so per-value counts of
+    normal pixels and per-value sums of region weights (1 / region size; 8-connected regions of each image) give
+    the curve at every distinct value: exactly what `aupro` computes on all pixels at once, without holding them.
+    SegF1: F1 of the submitted binary masks against the ground truth, pooled over all pixels of all images (one
+    TP, FP and FN count for the whole test set). ClassF1: F1 of the image decisions (`util.ad2.image_decision`)
+    against the image labels. Without masks and decisions (no thresholds) both are NaN.
+    """
+
+    FPR_LIMIT = 0.05
+    BINS = 2**15  # the non-negative float16 bit patterns
+
+    def __init__(self):
+        self.normal = np.zeros(self.BINS, dtype=np.int64)  # normal pixels per float16 value
+        self.overlap = np.zeros(self.BINS, dtype=np.float64)  # sum over anomalous pixels of 1 / their region's size
+        self.regions = 0
+        self.pixels = np.zeros(3, dtype=np.int64)  # TP, FP, FN of the submitted masks
+        self.images = np.zeros(3, dtype=np.int64)  # TP, FP, FN of the image decisions
+        self.thresholded = True
+
+    def update(self, amap: np.ndarray, truth: np.ndarray, label: int, predicted: np.ndarray | None = None,
+               called: bool | None = None) -> None:
+        """One image: its float16 map and bool ground truth (H×W, its own size), label 1 = anomalous, and the submitted
+        bool mask and image decision (None without thresholds)."""
+        if amap.dtype != np.float16 or amap.shape != truth.shape or amap.ndim != 2:
+            raise ValueError(f"expected an H×W float16 map and an H×W mask, got {amap.dtype} {amap.shape}, {truth.shape}")
+        if (amap < 0).any() or not np.isfinite(amap).all():
+            raise ValueError("anomaly maps must be finite and non-negative")
+        truth = truth.astype(bool)
+        bins = (amap + np.float16(0)).view(np.uint16)  # + 0 turns a -0.0 into 0.0, the lowest bin
+        self.normal += np.bincount(bins[~truth], minlength=self.BINS)
+        ids, count = label_regions(truth, connectivity=2, return_num=True)
+        if count:
+            sizes = np.bincount(ids.ravel())
+            self.overlap += np.bincount(bins[truth], weights=1.0 / sizes[ids[truth]], minlength=self.BINS)
+            self.regions += count
+        if predicted is None or called is None:
+            self.thresholded = False
+            return
+        predicted = predicted.astype(bool)
+        self.pixels += [np.sum(predicted & truth), np.sum(predicted & ~truth), np.sum(~predicted & truth)]
+        self.images += [called and label == 1, called and label == 0, not called and label == 1]
+
+    def compute(self) -> dict[str, float]:
+        """aupro_005, seg_f1, class_f1 as fractions (NaN where undefined, with a warning for AU-PRO)."""
+        if not self.regions or not self.normal.sum():
+            warnings.warn("full-resolution AU-PRO: no anomalous or no normal pixel, so it is undefined (NaN)",
+                          RuntimeWarning, stacklevel=2)
+            aupro_005 = math.nan
+        else:
+            # From the highest value down: the pixels at or above each value, as the threshold falls.
+            fpr = np.concatenate([[0.0], np.cumsum(self.normal[::-1]) / self.normal.sum()])
+            pro = np.concatenate([[0.0], np.cumsum(self.overlap[::-1]) / self.regions])
+            aupro_005 = _area_up_to(fpr, pro, self.FPR_LIMIT) / self.FPR_LIMIT
+        if not self.thresholded:
+            return {"aupro_005": aupro_005, "seg_f1": math.nan, "class_f1": math.nan}
+        return {"aupro_005": aupro_005, "seg_f1": f1_from_counts(*self.pixels.tolist()),
+                "class_f1": f1_from_counts(*self.images.tolist())}
+
+
 # --- results tables --------------------------------------------------------------------------
 
 def _percent(value: float | None) -> float | None:
@@ -247,14 +321,14 @@ def _row(
     """One table row: our metrics in percent (with their standard deviation over runs when `spread` is given),
     plus paper value and delta for the paper's metrics."""
     row: dict = {"category": category}
-    for metric in TABLE_METRICS:
-        row[metric] = ours.get(metric)
+    for metric, value in ours.items():
+        row[metric] = value
         if spread is not None:
             row[f"{metric}_std"] = spread.get(metric)
         if metric in PAPER_METRICS:
             paper = _paper_value(paper_categories, metric)
             row[f"{metric}_paper"] = paper
-            row[f"{metric}_delta"] = None if paper is None or ours[metric] is None else round(ours[metric] - paper, 2)
+            row[f"{metric}_delta"] = None if paper is None or value is None else round(value - paper, 2)
     return row
 
 
@@ -279,6 +353,8 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     if not runs or not runs[0]:
         raise ValueError("no categories were evaluated, so there is no results table")
     categories = list(runs[0])
+    # MVTec AD 2's metrics have columns only in its tables, so every other table keeps its columns.
+    table_metrics = TABLE_METRICS + tuple(m for m in AD2_METRICS if m in runs[0][categories[0]])
 
     def value(run: dict, category: str, metric: str) -> float | None:
         return run[category].get(metric)
@@ -290,7 +366,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     rows = []
     for category in categories + [MEAN_ROW]:
         ours, spread = {}, {} if len(runs) > 1 else None
-        for metric in TABLE_METRICS:
+        for metric in table_metrics:
             if category == MEAN_ROW:
                 per_run = [category_mean(run, metric) for run in runs]
             else:
@@ -306,7 +382,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
 def _columns(rows: list[dict]) -> list[str]:
     """Column keys of results rows, in table order (a `_std` column only in rows that have one)."""
     columns = ["category"]
-    for metric in TABLE_METRICS:
+    for metric in TABLE_METRICS + tuple(m for m in AD2_METRICS if m in rows[0]):
         columns.append(metric)
         if f"{metric}_std" in rows[0]:
             columns.append(f"{metric}_std")

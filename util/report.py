@@ -18,8 +18,16 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from util.atomic import atomic_write_bytes, atomic_write_text
-from util.images import read_image, to_chw
-from util.metrics import MEAN_ROW, PAPER_METRICS, PAPER_RESULTS, TABLE_METRICS, THRESHOLD_METRICS, CategoryResult
+from util.images import image_shape, read_image, to_chw
+from util.metrics import (
+    AD2_METRICS,
+    MEAN_ROW,
+    PAPER_METRICS,
+    PAPER_RESULTS,
+    TABLE_METRICS,
+    THRESHOLD_METRICS,
+    CategoryResult,
+)
 from util.pictures import heatmap_overlay, png_bytes, save_png
 
 REPORT_NAME = "report.html"
@@ -37,8 +45,12 @@ LABELS = {
     "image_precision_at_t": "precision",
     "image_recall_at_t": "recall",
     "image_f1_at_t": "F1",
+    "aupro_005": "AU-PRO@0.05",
+    "seg_f1": "SegF1",
+    "class_f1": "ClassF1",
 }
 THRESHOLD_GROUP = "image, at the calibrated threshold"
+AD2_GROUP = "MVTec AD 2 leaderboard, at full resolution"
 GALLERIES = (
     ("false_alarm", "Highest-scoring normal images (likeliest false alarms)"),
     ("miss", "Lowest-scoring anomalous images (likeliest misses)"),
@@ -167,13 +179,17 @@ def _table(rows: Sequence[dict]) -> str:
             sub += ['<th scope="col">ours</th>', '<th scope="col">paper</th>', '<th scope="col">Δ</th>']
         else:
             top.append(f'<th rowspan="2" scope="col">{html.escape(LABELS.get(metric, metric))}</th>')
-    top.append(f'<th colspan="{len(THRESHOLD_METRICS)}" scope="colgroup">{html.escape(THRESHOLD_GROUP)}</th>')
-    sub += [f'<th scope="col">{html.escape(LABELS.get(m, m))}</th>' for m in THRESHOLD_METRICS]
+    groups = [(THRESHOLD_GROUP, THRESHOLD_METRICS)]
+    if all(m in rows[0] for m in AD2_METRICS):
+        groups.append((AD2_GROUP, AD2_METRICS))
+    for group, metrics in groups:
+        top.append(f'<th colspan="{len(metrics)}" scope="colgroup">{html.escape(group)}</th>')
+        sub += [f'<th scope="col">{html.escape(LABELS.get(m, m))}</th>' for m in metrics]
     body = []
     for row in rows:
         category = row["category"]
         cells = [f'<th scope="row">{html.escape("mean of the categories" if category == MEAN_ROW else category)}</th>']
-        for metric in (*plain, *THRESHOLD_METRICS):
+        for metric in (*plain, *(m for _, metrics in groups for m in metrics)):
             text = _number(row.get(metric), row.get(f"{metric}_std"))
             cells.append(f'<td class="ours" data-key="{metric}">{text}</td>')
             if metric in with_paper:
@@ -209,6 +225,13 @@ def _table_notes(rows: Sequence[dict], stem: str) -> list[str]:
                      "reports have these cells; the mean row's paper value is the mean over the same categories.")
     else:
         notes.append("No category here is in the paper (MVTec AD), so there are no paper columns.")
+    if all(m in rows[0] for m in AD2_METRICS):
+        notes.append("MVTec AD 2 leaderboard metrics, computed as the submission is made (README, METHOD.md §6): each "
+                     "map resized bilinearly to its image's own size and rounded to float16; AU-PRO integrated up to a "
+                     "false-positive rate of 0.05, divided by 0.05; SegF1 over all pixels of all test images at the "
+                     "submitted masks (map ≥ pixel threshold in images whose score ≥ image threshold); ClassF1 over the "
+                     f"images, an image anomalous when its mask has any anomalous pixel. {MISSING} without a threshold "
+                     "file.")
     if several_runs:
         notes.append("Several runs: each value is the mean ± sample standard deviation over the runs; the curves and "
                      "pictures below are from the first run only (the first checkpoint base name given).")
@@ -216,7 +239,7 @@ def _table_notes(rows: Sequence[dict], stem: str) -> list[str]:
 
 
 def _gallery_html(
-    category: str, result: CategoryResult, image_size: int, output_dir: Path, files: Path
+    category: str, result: CategoryResult, image_size: int | tuple[int, int], output_dir: Path, files: Path
 ) -> list[str]:
     """Write the category's overlays under `files` and return the gallery sections' HTML."""
     if len(result.paths) != len(result.scores):
@@ -227,7 +250,7 @@ def _gallery_html(
         figures = []
         for rank, index in enumerate(chosen[kind], start=1):
             score = float(result.scores[index])
-            image = to_chw(read_image(result.paths[index], (image_size, image_size)))
+            image = to_chw(read_image(result.paths[index], image_shape(image_size)))
             overlay = heatmap_overlay(image, result.maps[index], result.masks[index], score=score)
             picture = files / f"{kind}_{rank}.png"
             save_png(picture, overlay)
@@ -239,9 +262,9 @@ def _gallery_html(
     return parts
 
 
-def _category_html(category: str, result: CategoryResult, image_size: int, output_dir: Path) -> str:
+def _category_html(category: str, result: CategoryResult, image_size: int | tuple[int, int], output_dir: Path) -> str:
     """Write the category's pictures and return its section: counts, curves, galleries."""
-    if result.maps.shape[1:] != (image_size, image_size):
+    if result.maps.shape[1:] != image_shape(image_size):
         raise ValueError(f"{category}: anomaly maps are {result.maps.shape[1:]}, not the image size {image_size}")
     files = output_dir / FILES_DIR / category
     curves = files / "curves.png"
@@ -281,14 +304,14 @@ def _provenance_html(provenance: Mapping | None) -> str:
 
 def write_report(
     output_dir: str | os.PathLike, stem: str, rows: Sequence[dict], results: Mapping[str, CategoryResult],
-    image_size: int, title: str, provenance: Mapping | None = None,
+    image_size: int | tuple[int, int], title: str, provenance: Mapping | None = None,
 ) -> Path:
     """Write `<output_dir>/report.html` and its pictures in `<output_dir>/report_files/`; return the page's path.
 
     rows: metrics.results_rows (percent; `_std` keys with several runs); results: per category the CategoryResult of
     one run (the first), whose curves and galleries are drawn; stem: the results files' stem, linked from the page;
-    image_size: the side the test images were resized to; provenance: what produced the numbers (provenance.py), shown
-    under the table. The page is written last, after every picture it shows.
+    image_size: the side (or height and width) the test images were resized to; provenance: what produced the
+    numbers (provenance.py), shown under the table. The page is written last, after every picture it shows.
     """
     output_dir = Path(output_dir)
     contents = "".join(f'<li><a href="#{html.escape(_anchor(c))}">{html.escape(c)}</a></li>' for c in results)

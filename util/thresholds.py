@@ -15,6 +15,14 @@ image, so a deployed threshold exists for any category and the test metrics at i
 Its limit: real defects are not synthetic ones, and normal images the model was trained on score
 lower than new ones. Held-out training images (a run's validation split) avoid the second bias;
 extra good images from production push the threshold up against false alarms on real normal variation.
+
+The second rule, from normal images only (MVTec AD 2's baseline recipe): each threshold is mean + k·std
+(k = 3 by default) of the scores on a normal-only set the model did not train on (a layout's
+validation/good, held-out training images, or a folder of good images): the image threshold over the
+image scores, the pixel threshold over every pixel of every anomaly map. std is the population standard
+deviation (divided by the count, not count - 1). It needs no anomaly at all, synthetic or real, and
+says how far above normal variation a score must be; it knows nothing about how high anomalies score.
+The file records the rule (`rule`, and `k` for this one) and the set (`source`).
 """
 import json
 import math
@@ -26,10 +34,17 @@ import numpy as np
 
 from util.atomic import atomic_write_text
 from util.errors import DraemInputError
+from util.images import image_shape, shape_text
 
 RULE = "F1-max on synthetic anomalies + normal images, never the test set"
+NORMAL_RULE = "mean + k·std of the scores on normal images only, never the test set"
+RULES = {"f1": RULE, "mean_std": NORMAL_RULE}  # the --threshold_rule / --rule choices
+DEFAULT_K = 3.0
 TRAINING_SOURCE = "training images with synthetic anomalies"
 VALIDATION_SOURCE = "held-out training images (validation) with synthetic anomalies"
+VALIDATION_GOOD_SOURCE = "validation/good images"  # a layout's normal-only set (VALIDATION_LAYOUTS)
+VALIDATION_GOOD_SYNTHETIC_SOURCE = "validation/good images with synthetic anomalies"
+HELD_OUT_SOURCE = "held-out training images (validation)"
 
 
 def threshold_path(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> Path:
@@ -55,9 +70,11 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
         # bool is an int to Python, and json reads NaN and Infinity: none of them is a threshold
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise DraemInputError(f"threshold file {path}: {key} is {value!r}, not a finite number: {fix}")
-    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number: {fix}")
+    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded; [height, width] if not square
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in sides):
+        raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number or "
+                              f"[height, width]: {fix}")
     return thresholds
 
 
@@ -77,13 +94,15 @@ def metrics_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: floa
     return {"image_precision_at_t": float(precision), "image_recall_at_t": float(recall), "image_f1_at_t": float(f1)}
 
 
-def usable_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int) -> dict | None:
+def usable_thresholds(
+    checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int | tuple[int, int]
+) -> dict | None:
     """`read_thresholds`, refusing a file calibrated at another image size (scores and maps depend on the size)."""
     thresholds = read_thresholds(checkpoint_dir, base_name, category)
-    if thresholds is not None and thresholds.get("image_size", image_size) != image_size:
+    if thresholds is not None and image_shape(thresholds.get("image_size", image_size)) != image_shape(image_size):
         raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was calibrated at "
-                              f"image size {thresholds['image_size']}, not {image_size}: calibrate again at this size "
-                              "(python -m tools.calibrate --image_size) or use the size it was made for")
+                              f"image size {shape_text(thresholds['image_size'])}, not {shape_text(image_size)}: calibrate "
+                              "again at this size (python -m tools.calibrate --image_size) or use the size it was made for")
     return thresholds
 
 
@@ -97,7 +116,8 @@ class ThresholdsInUse(NamedTuple):
 
 
 def thresholds_in_use(
-    checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int, override: float | None
+    checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int | tuple[int, int],
+    override: float | None,
 ) -> ThresholdsInUse:
     """--threshold (`override`) if given, else the threshold file's image threshold; the file's pixel threshold."""
     thresholds = usable_thresholds(checkpoint_dir, base_name, category, image_size)
@@ -117,3 +137,33 @@ def write_thresholds(
     record = thresholds if provenance is None else {**thresholds, "provenance": provenance}
     atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
+
+
+class MeanStd:
+    """Mean and population standard deviation of values given in chunks (every pixel of many maps), in float64.
+
+    Chunks are combined by Chan et al.'s pairwise update, which keeps the precision of a two-pass computation.
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # m2: sum of squared deviations from the mean
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if not values.size:
+            return
+        mean = float(values.mean())
+        m2 = float(np.square(values - mean).sum())
+        total = self.count + values.size
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.count * values.size / total
+        self.mean += delta * values.size / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else math.nan
+
+    def threshold(self, k: float) -> float:
+        """mean + k·std."""
+        return self.mean + k * self.std
