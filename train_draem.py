@@ -47,7 +47,7 @@ from util.cli import (
 )
 from util.demo_data import make_demo_dataset
 from util.errors import DraemInputError, Terminated, TrainingDiverged, interrupted, one_line_errors
-from util.images import find_images, load_images, shape_record
+from util.images import find_images, load_images
 from util.layouts import (
     LAYOUTS,
     VALIDATION_LAYOUTS,
@@ -319,7 +319,6 @@ def run_settings(args: argparse.Namespace, category: str) -> dict:
     settings = {"obj_id": category, **{name: getattr(args, name) for name in RESUME_SETTINGS}}
     settings["anomaly_source_path"] = "a folder" if args.anomaly_source_path is not None else "none (random noise)"
     settings["good_dir"] = "a folder" if args.good_dir is not None else "none"
-    settings["image_size"] = shape_record(args.image_size)  # a square size as one side, as files before H x W
     return settings
 
 
@@ -398,11 +397,16 @@ def read_resume_file(path: Path, mmap: bool = False) -> dict:
 
 def check_resume_settings(state: dict, args: argparse.Namespace, path: Path, category: str) -> None:
     """A resume file continues only the run it was written by: the first setting that differs is a one-line error."""
+    def as_flag(value):  # (64, 96) as the flag reads "64 96", a square (64, 64) as "64"
+        return " ".join(map(str, dict.fromkeys(value))) if isinstance(value, tuple) else value
+
     for name, value in run_settings(args, category).items():
         stored = state["settings"].get(name, "(not recorded)")
+        stored = tuple(stored) if isinstance(stored, list) else stored
         if stored != value:
             if str(stored) == str(value):  # equal as text, not in type (an edited file): show the types
                 stored, value = repr(stored), repr(value)
+            stored, value = as_flag(stored), as_flag(value)
             raise DraemInputError(f"resume file {path} was written with --{name} {stored}, this run has --{name} {value}: "
                                   f"resume with the settings it was started with, or train anew with --overwrite")
 
@@ -549,6 +553,9 @@ def preflight(args: argparse.Namespace, base_name: str, categories: list[str]) -
         find_anomaly_sources(args.anomaly_source_path)  # listed, and each file's first bytes checked
     if args.good_dir is not None:
         find_images(args.good_dir, "--good_dir", check="--good_dir image")
+    for category in categories if args.threshold_rule == "mean_std" else ():
+        paths, _ = calibration.normal_set(args.dataset, args.data_path, category, held_out_fraction(args), args.seed)
+        calibration.require_normal_set(paths, args.good_dir)
     plans = {}
     for category in categories:
         train_image_paths(args.dataset, args.data_path, category)

@@ -103,13 +103,13 @@ def evaluate(
 def evaluate_category(
     scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int | tuple[int, int],
     device: torch.device, batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask",
-    overlay_dir: Path | None = None, dataset: LabelledImageDataset | None = None, thresholds: dict | None = None,
+    overlay_dir: Path | None = None, thresholds: dict | None = None, dataset: LabelledImageDataset | None = None,
 ) -> CategoryResult:
     """The released protocol on one category's test set (see `evaluate`); image_size: a side or (height, width);
     `dataset`: that test set, already made.
 
     mvtec_ad2: plus AU-PRO@0.05, SegF1 and ClassF1 at full resolution (SegF1 and ClassF1 at `thresholds`, a
-    threshold file's contents; NaN without).
+    threshold file's contents; NaN without). `dataset`: that test set, already made.
     """
     shape = image_shape(image_size)
     if dataset is None:
@@ -181,10 +181,9 @@ def evaluate_checkpoints(
         for category in categories:
             model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
             overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
-            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
-                                       batch_size, layout, mask_suffix, overlay_dir, datasets[category],
-                                       thresholds[base_name, category])
             stored = thresholds[base_name, category]
+            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
+                                       batch_size, layout, mask_suffix, overlay_dir, stored, datasets[category])
             threshold = None if stored is None else stored["image_threshold"]
             result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
             runs[base_name][category] = result

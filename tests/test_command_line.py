@@ -127,6 +127,7 @@ CATALOGUE = [
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {out}/nothing", "--good_dir"),
     ("calibrate", CALIBRATE + " --image_size 64 --good_dir {textfile_src}", "--good_dir image"),
     ("calibrate", CALIBRATE.replace("obj_id brick", "obj_id ../brick"), "'../brick' is not a plain name"),
+    ("train", TRAIN + " --good_dir {out}/nothing --epochs 1 --bs 4", "--good_dir"),
     ("train", TRAIN + " --image_size 64 64 64", "--image_size takes one side or height and width, got 3"),
     ("test", TEST + " --image_size 64 100", "--image_size must be a positive multiple of 32 per side"),
     ("train", TRAIN + " --threshold_rule mean_std --epochs 1", "the normal-only rule (mean_std) needs normal images"),

@@ -104,15 +104,15 @@ def main(argv: list[str] | None = None) -> Path:
     check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category), "the threshold file")
     if args.good_dir is not None:
         find_images(args.good_dir, "--good_dir", check="--good_dir image")  # now, not after the samples are made
+    device = select_device(args.device, args.gpu_id)
     if args.rule == "mean_std":
         paths, source = normal_set(args.dataset, args.data_path, category, args.val_fraction, args.seed)
         images, source = normal_images(paths, source, args.good_dir, args.image_size)
-        device = select_device(args.device, args.gpu_id)
         thresholds = calibrate_normal_only(scorer, images, device, args.batch_size, k=args.k, source=source)
         path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
                                 provenance("tools/calibrate.py", args, device))
-        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean {thresholds['image_mean']:.4g} "
-              f"+ {args.k:g}·std {thresholds['image_std']:.4g}), pixel threshold {thresholds['pixel_threshold']:.6g} "
+        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean {thresholds['image_mean']:.4g} + "
+              f"{args.k:g}·std {thresholds['image_std']:.4g}), pixel threshold {thresholds['pixel_threshold']:.6g} "
               f"(mean {thresholds['pixel_mean']:.4g} + {args.k:g}·std {thresholds['pixel_std']:.4g}) on "
               f"{thresholds['n_normal']} {source}; wrote {path}")
         return path
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> Path:
             source = VALIDATION_SOURCE
     samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
     samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
-    device = select_device(args.device, args.gpu_id)
     thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
     path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
                             provenance("tools/calibrate.py", args, device))

@@ -70,8 +70,8 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
         # bool is an int to Python, and json reads NaN and Infinity: none of them is a threshold
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise DraemInputError(f"threshold file {path}: {key} is {value!r}, not a finite number: {fix}")
-    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded
-    sides = size if isinstance(size, list) and len(size) == 2 else [size]  # a side, or [height, width]
+    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded; [height, width] if not square
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]
     if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in sides):
         raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number or "
                               f"[height, width]: {fix}")
