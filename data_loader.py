@@ -221,7 +221,7 @@ class LabelledImageDataset(Dataset):
             image_format(image, "test image")
             if mask is not None and not mask.exists():  # a file, or a folder of masks (MVTec LOCO AD)
                 raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
-            if mask is not None and mask.is_file():
+            if mask is not None:  # a file, or each mask of a LOCO folder
                 check_mask_file(mask)
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
