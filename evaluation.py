@@ -101,6 +101,7 @@ def evaluate_checkpoints(
 
     Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
     threshold file beside a pair (calibration.py), precision, recall and F1 at that threshold are reported too.
+    With `save_images`, every run's overlays are saved (see `overlay_folder`).
     Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
     """
     runs: dict[str, dict[str, CategoryResult]] = {}
@@ -108,7 +109,7 @@ def evaluate_checkpoints(
         runs[base_name] = {}
         for category in categories:
             model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
-            overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
+            overlay_dir = overlay_folder(output_dir, base_name, category, len(base_model_names)) if save_images else None
             result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
                                        batch_size, layout, mask_suffix, overlay_dir)
             thresholds = usable_thresholds(checkpoint_path, base_name, category, image_size)
@@ -126,6 +127,13 @@ def evaluate_checkpoints(
     report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title)
     print(f"report: {report}")  # last line, so a caller or a log reader finds the page
     return {category: _mean_over_runs([run[category] for run in per_run]) for category in categories}
+
+
+def overlay_folder(output_dir: str | os.PathLike, base_name: str, category: str, num_runs: int) -> Path:
+    """Where --save_images puts a category's overlays: `overlays/<category>`, or `overlays/<base>/<category>` when
+    several runs are evaluated (their images have the same names)."""
+    overlays = Path(output_dir) / "overlays"
+    return overlays / category if num_runs == 1 else overlays / base_name / category
 
 
 def _mean_over_runs(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -12,9 +12,9 @@ without the test set, or --threshold, which replaces the file's image threshold)
   output `is_anomalous` bool batch, image_score >= image threshold
   output `defect_mask`  bool batch×1×S×S, anomaly_map >= pixel threshold (only with the file's pixel threshold)
 Without a threshold the graph has the first two outputs only.
-The batch axis is dynamic; the image side is fixed at export. After writing the file, the graph is
+The batch axis is dynamic; the image side is fixed at export. Before the file is written, the graph is
 run with onnxruntime (CPU) on seeded random images at batch sizes 1 and 3 and compared with PyTorch;
-the largest differences are printed, and a difference above --tolerance is an error. The decisions
+the largest differences are printed, and a difference above --tolerance is an error (nothing is written). The decisions
 must be equal, except where ONNX's and PyTorch's float values fall on opposite sides of the threshold
 (float rounding decides those; the float outputs' own check bounds it).
 
@@ -167,13 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id)
     scorer, baked_line = thresholded(DraemScorer(model), args)
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
-    atomic_write_bytes(args.output, model_bytes)
-    side = f"{args.image_size},{args.image_size}"
-    shapes = {OUTPUT_NAMES[0]: f"[batch,1,{side}]", OUTPUT_NAMES[1]: "[batch]", IS_ANOMALOUS: "[batch] bool",
-              DEFECT_MASK: f"[batch,1,{side}] bool"}
-    print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): {INPUT_NAME} [batch,3,{side}] -> "
-          + ", ".join(f"{name} {shapes[name]}" for name in output_names(scorer)))
     print(baked_line)
+    # Checked before anything is written: a graph that fails the check never lies under the requested name.
     worst = parity(scorer, model_bytes, args.image_size, seed=args.seed)
     sizes = ", ".join(str(b) for b in PARITY_BATCH_SIZES)
     print(f"parity with PyTorch (onnxruntime {onnxruntime.__version__}, CPU, random images, batch sizes {sizes}): "
@@ -187,6 +182,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if mismatched:
         raise ParityCheckFailed("ONNX decisions differ from PyTorch's away from the threshold: "
                                 + ", ".join(f"{name} {value:.0f} elements" for name, value in mismatched.items()))
+    atomic_write_bytes(args.output, model_bytes)
+    side = f"{args.image_size},{args.image_size}"
+    shapes = {OUTPUT_NAMES[0]: f"[batch,1,{side}]", OUTPUT_NAMES[1]: "[batch]", IS_ANOMALOUS: "[batch] bool",
+              DEFECT_MASK: f"[batch,1,{side}] bool"}
+    print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): {INPUT_NAME} [batch,3,{side}] -> "
+          + ", ".join(f"{name} {shapes[name]}" for name in output_names(scorer)))
     return worst
 
 
