@@ -52,15 +52,15 @@ class StubScorer(nn.Module):
         return images[:, :1], images[:, 1, 0, 0]
 
 
-# Image threshold 0.7, pixel threshold 0.3. float32(0.7) = 0.69999999 lies below 0.7, float32(0.3) = 0.30000001 above
-# 0.3: the graph must decide these as Python does in float64 (predict.py, test_draem.py).
-IMAGE_T, PIXEL_T = 0.7, 0.3
-SCORES = [0.2, 0.6, float(np.float32(0.7)), float32_above(0.7)]
-MAP_VALUES = [float(np.float32(0.3)), float32_below(0.3), 0.9, 0.5]
-EXPECTED_IS_ANOMALOUS = [False, False, False, True]  # scores >= 0.7 in float64
-EXPECTED_DEFECT = [True, False, True, True]  # map >= 0.3 in float64
-# On the wrong threshold: scores >= 0.3 are [F, T, T, T], maps >= 0.7 are [F, F, T, F]; rounded to the nearest
-# float32 instead of up, float32(0.7) >= float32(0.7) would be True.
+# Image threshold 0.7, pixel threshold 0.9: float32's nearest to each lies below it (0.69999999, 0.89999998), so the
+# graph must round the thresholds up to decide these as Python does in float64 (predict.py, test_draem.py).
+IMAGE_T, PIXEL_T = 0.7, 0.9
+SCORES = [0.8, 0.6, float(np.float32(0.7)), float32_above(0.7)]
+MAP_VALUES = [float(np.float32(0.9)), float32_above(0.9), 0.8, 0.1]
+EXPECTED_IS_ANOMALOUS = [True, False, False, True]  # scores >= 0.7 in float64
+EXPECTED_DEFECT = [False, True, False, False]  # map >= 0.9 in float64
+# On the wrong threshold: scores >= 0.9 are [F, F, F, F], maps >= 0.7 are [T, T, T, F]; a threshold rounded to the
+# nearest float32 (or passed to torch as is, which rounds it so) calls float32(0.7) and float32(0.9) anomalous.
 
 
 def stub_images() -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_python_decisions_at_the_float32_boundaries_are_the_float64_comparisons(
     assert [s >= IMAGE_T for s in SCORES] == EXPECTED_IS_ANOMALOUS
     assert [m >= PIXEL_T for m in MAP_VALUES] == EXPECTED_DEFECT
     csv = predict.scores_csv([f"{i}.png" for i in range(4)], SCORES, [""] * 4, IMAGE_T)
-    assert [line.split(",")[2] for line in csv.splitlines()[1:]] == ["0", "0", "0", "1"]
+    assert [line.split(",")[2] for line in csv.splitlines()[1:]] == [str(int(d)) for d in EXPECTED_IS_ANOMALOUS]
     mask = predict.defect_mask(torch.tensor(MAP_VALUES).view(1, 2, 2), PIXEL_T)
     assert mask.ravel().tolist() == [255 * d for d in EXPECTED_DEFECT]
 
