@@ -1,4 +1,9 @@
-"""The datasets and their DataLoader: synthetic-anomaly training samples and labelled test images.
+"""The datasets, the CPU sample synthesis and the training DataLoader (METHOD.md §2; paper §3.3).
+
+One training sample: a training image (rotated with probability 0.3), and with probability 0.5 an
+anomaly: a Perlin mask (perlin.py) cuts a region out of an augmented anomaly source (augment.py) and
+blends it into the image with a random opacity. The numbers of the method are written here once; the
+device path (device_synthesis.py) imports them.
 
 Training samples are random as in the released program (the dataset index is ignored) yet
 reproducible. Each sample draws everything from its own NumPy Generator, seeded by one draw from
@@ -21,9 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from errors import DraemInputError
-from images import load_images, read_image, read_image_uint8, read_mask, read_nonzero_mask, to_chw
-from layouts import (
+from augment import augment_source, rotate
+from perlin import perlin_mask
+from util.errors import DraemInputError
+from util.images import load_images, read_image, read_image_uint8, read_mask, read_nonzero_mask, to_chw, to_float
+from util.layouts import (
     MVTEC_MASK_SUFFIX,
     ImageRecord,
     evaluation_records,
@@ -31,7 +38,66 @@ from layouts import (
     mvtec_test_records,
     training_folder_images,
 )
-from synthesis import make_training_sample, random_noise_source
+
+ROTATE_IMAGE_PROBABILITY = 0.3  # training images are rotated by [-90, 90] degrees with this probability
+IMAGE_ROTATION_DEGREES = 90.0
+ANOMALY_PROBABILITY = 0.5
+MAX_BETA = 0.8  # anomaly opacity: beta uniform in [0, 0.8)
+
+
+def blend_anomaly(
+    image: np.ndarray | torch.Tensor,
+    source: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    beta: float | np.ndarray | torch.Tensor,
+) -> np.ndarray | torch.Tensor:
+    """Paste the augmented source into the image: (1 - beta) * source + beta * image inside the mask, image outside.
+
+    NumPy arrays or torch tensors; mask is binary and broadcasts against image; beta is a number or
+    broadcasts too (one per sample on a GPU batch).
+    """
+    blended = (1 - beta) * source + beta * image
+    where = torch.where if isinstance(image, torch.Tensor) else np.where
+    return where(mask > 0, blended, image)
+
+
+def random_noise_source(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A uniform-noise uint8 source image (H x W x 3), used when no source folder is given.
+
+    This is anomalib's fallback; a texture set such as DTD gives the model more realistic anomalies.
+    """
+    return rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+
+
+def make_training_sample(
+    rng: np.random.Generator,
+    num_images: int,
+    load_image: Callable[[int], np.ndarray],
+    draw_source: Callable[[np.random.Generator], np.ndarray],
+) -> dict:
+    """One training sample as in METHOD.md §2, every random choice drawn from `rng`.
+
+    load_image(i) returns training image i and draw_source(rng) a random anomaly source, both
+    uint8 H x W x 3 at the training size; neither may be modified here (they can be cached).
+    """
+    idx = int(rng.integers(num_images))
+    image = load_image(idx)
+    if rng.random() < ROTATE_IMAGE_PROBABILITY:
+        image = rotate(image, rng.uniform(-IMAGE_ROTATION_DEGREES, IMAGE_ROTATION_DEGREES))
+    image = to_float(image)
+    augmented, mask = image, np.zeros((*image.shape[:2], 1), dtype=np.float32)
+    if rng.random() < ANOMALY_PROBABILITY:
+        source = to_float(augment_source(draw_source(rng), rng))
+        mask = perlin_mask(image.shape[:2], rng)
+        augmented = blend_anomaly(image, source, mask, rng.uniform(0.0, MAX_BETA))
+    return {
+        "image": to_chw(image),
+        "augmented_image": to_chw(augmented),
+        "anomaly_mask": to_chw(mask),
+        # An anomalous draw whose mask came out empty is a normal sample (its image is unchanged).
+        "has_anomaly": np.array([float(mask.any())], dtype=np.float32),
+        "idx": idx,
+    }
 
 
 class MVTecDRAEMTrainDataset(Dataset):

@@ -14,9 +14,9 @@ without the test set, or --threshold, which replaces the file's image threshold)
 Without a threshold the graph has the first two outputs only.
 The batch axis is dynamic; the image side is fixed at export. Before the file is written, the graph is
 run with onnxruntime (CPU) on seeded random images at batch sizes 1 and 3 and compared with PyTorch;
-the largest differences are printed, and a difference above --tolerance is an error (nothing is written). The decisions
-must be equal, except where ONNX's and PyTorch's float values fall on opposite sides of the threshold
-(float rounding decides those; the float outputs' own check bounds it).
+the largest differences are printed, and a difference above --tolerance is an error (nothing is
+written). The decisions must be equal, except where ONNX's and PyTorch's float values fall on
+opposite sides of the threshold (float rounding decides those; the float outputs' own check bounds it).
 
 Uses torch's TorchScript-based exporter (dynamo=False): the torch.export-based one needs the extra
 `onnxscript` package, and this model (no data-dependent control flow) traces exactly.
@@ -31,13 +31,12 @@ import onnxruntime
 import torch
 from torch import nn
 
-from atomic import atomic_write_bytes
-from calibration import thresholds_in_use
-from checkpoints import model_from_checkpoint
-from cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
-from errors import ParityCheckFailed, one_line_errors
-from evaluation import DraemScorer
-from model_unet import check_image_size
+from engine.evaluation import DraemScorer
+from model_unet import check_image_size, model_from_checkpoint
+from util.atomic import atomic_write_bytes
+from util.cli import ArgumentParser, add_checkpoint_flags, at_least, positive_float
+from util.errors import ParityCheckFailed, one_line_errors
+from util.thresholds import thresholds_in_use
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")

@@ -5,11 +5,14 @@ Every layer name below is load-bearing: `ReconstructiveSubNetwork().state_dict()
 (see tests/data/draem_state_dict_manifest.json). Max-pool layers have no parameters, so
 they may be plain modules without disturbing the keys.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import DraemInputError
+from util.checkpoints import load_checkpoint_pair, read_checkpoint_pair
+from util.errors import DraemInputError
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -230,3 +233,11 @@ class DraemModel(nn.Module):
     def sspcab_io(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(input, output) of the SSPCAB block from the last forward, or None without SSPCAB."""
         return self.reconstructive_subnetwork.encoder.sspcab_io
+
+
+def model_from_checkpoint(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> DraemModel:
+    """A DraemModel with the widths and SSPCAB option read off a category's checkpoint pair, loaded from it."""
+    pair = read_checkpoint_pair(checkpoint_dir, base_name, category)
+    model = DraemModel(**pair.config)
+    load_checkpoint_pair(model, pair)
+    return model

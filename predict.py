@@ -28,16 +28,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from atomic import atomic_write_text
-from calibration import thresholds_in_use
-from checkpoints import model_from_checkpoint
-from cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
-from errors import DraemInputError, one_line_errors
-from evaluation import DraemScorer
-from images import FOLDER_IMAGE_SUFFIXES, read_image, to_chw
-from model_unet import check_image_size
-from runtime import prepare_model, select_device
-from visualize import heatmap_overlay, save_png
+from engine.evaluation import DraemScorer
+from model_unet import check_image_size, model_from_checkpoint
+from util.atomic import atomic_write_text
+from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
+from util.errors import DraemInputError, one_line_errors
+from util.images import FOLDER_IMAGE_SUFFIXES, read_image, to_chw
+from util.pictures import heatmap_overlay, save_png
+from util.runtime import prepare_model, select_device
+from util.thresholds import thresholds_in_use
 
 CSV_NAME = "scores.csv"
 OVERLAY_DIR = "overlays"

@@ -17,13 +17,13 @@ Several seeds of one configuration, reported as mean ± std:
 import argparse
 from pathlib import Path
 
-from checkpoints import run_base_name
-from cli import ArgumentParser, add_dataset_flags, add_device_flags, add_fast_flags, at_least
-from errors import DraemInputError, one_line_errors
-from evaluation import evaluate_checkpoints
-from layouts import LAYOUTS, categories_for
+from engine.evaluation import evaluate_checkpoints
 from model_unet import check_image_size
-from runtime import select_device
+from util.checkpoints import run_base_name
+from util.cli import ArgumentParser, add_dataset_flags, add_device_flags, add_fast_flags, at_least
+from util.errors import DraemInputError, one_line_errors
+from util.layouts import LAYOUTS, categories_for
+from util.runtime import select_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

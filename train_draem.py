@@ -19,23 +19,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import calibration
-import distributed
-import validation
-from atomic import atomic_torch_save, atomic_write_text
-from checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
-from cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, positive_float
 from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything, train_loader
-from errors import DraemInputError, TrainingDiverged, one_line_errors
-from evaluation import DraemScorer, evaluate_checkpoints
-from images import load_images
-from layouts import LAYOUTS, categories_for, train_image_paths
+from device_synthesis import device_generator, synthesize_batch
+from engine import calibration, validation
+from engine.evaluation import DraemScorer, evaluate_checkpoints
 from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map, check_image_size
-from plots import save_training_curves
-from runtime import autocast, prepare_model, to_memory_format
-from synthesis_gpu import device_generator, synthesize_batch
-from visualize import save_png, training_grid
+from util import distributed
+from util.atomic import atomic_torch_save, atomic_write_text
+from util.checkpoints import checkpoint_paths, load_state_dict_checked, run_base_name, save_checkpoint
+from util.cli import ArgumentParser, add_dataset_flags, add_fast_flags, at_least, positive_float
+from util.demo_data import make_demo_dataset
+from util.errors import DraemInputError, TrainingDiverged, one_line_errors
+from util.images import load_images
+from util.layouts import LAYOUTS, categories_for, train_image_paths
+from util.pictures import save_png, save_training_curves, training_grid
+from util.runtime import autocast, prepare_model, to_memory_format
+from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, write_thresholds
 
 DEMO_ROOT = Path("datasets/demo")
 
@@ -121,8 +121,6 @@ def check_validation_args(args: argparse.Namespace, parser: argparse.ArgumentPar
 
 def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Small-and-quick settings for the demo, unless the user gave the flag explicitly."""
-    from make_demo_data import make_demo_dataset
-
     demo = {"dataset": "folder", "data_path": str(DEMO_ROOT / "mvtec"), "anomaly_source_path": str(DEMO_ROOT / "textures"),
             "epochs": 32, "image_size": 128, "base_width": 16, "seg_base_width": 16, "workers": 0, "lr": 5e-4, "bs": 8,
             "checkpoint_path": "checkpoints/demo", "log_path": "logs/demo"}
@@ -277,14 +275,14 @@ def calibrate_thresholds(
     validation set with validation on, else synthetic anomalies on the training images the dataset holds;
     plus --good_dir's images as normals."""
     if val_set is not None:
-        samples, source = val_set, calibration.VALIDATION_SOURCE
+        samples, source = val_set, VALIDATION_SOURCE
     else:
         samples = validation.synthesize(dataset.images, dataset.draw_source, args.calibration_samples, args.seed)
-        source = calibration.TRAINING_SOURCE
+        source = TRAINING_SOURCE
     samples, source = calibration.with_good_images(samples, source, args.good_dir, args.image_size)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     thresholds = calibration.calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.bs, source=source)
-    path = calibration.write_thresholds(args.checkpoint_path, base_name, category, thresholds)
+    path = write_thresholds(args.checkpoint_path, base_name, category, thresholds)
     print(f"{category}: image threshold {thresholds['image_threshold']:.4g}, pixel threshold "
           f"{thresholds['pixel_threshold']:.4g}, from {source} -> {path}")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from make_demo_data import DemoDataset, make_demo_dataset
+from util.demo_data import DemoDataset, make_demo_dataset
 
 
 @pytest.fixture(scope="session")

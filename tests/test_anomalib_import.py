@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import convert_anomalib
-from checkpoints import convert_anomalib_checkpoint, load_anomalib_checkpoint, model_from_checkpoint
-from model_unet import DraemModel
+from model_unet import DraemModel, model_from_checkpoint
+from tools import convert_anomalib
+from util.checkpoints import convert_anomalib_checkpoint, load_anomalib_checkpoint
 
 # Conversion reorders the channel sums of three convolutions. In float32 this random small net amplifies
 # that rounding to ~2e-4 in the map, so the maps are compared in float64 (weights stay float32 values, as

@@ -5,8 +5,8 @@ import stat
 import pytest
 import torch
 
-import atomic
-from atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from util import atomic
+from util.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 
 @pytest.fixture

@@ -10,22 +10,22 @@ import torch
 from test_predict import calibrated_model
 from torch import nn
 
-import calibrate as calibrate_program
 import train_draem
-from calibration import (
+from engine.calibration import calibrate
+from model_unet import anomaly_map, model_from_checkpoint
+from tools import calibrate as calibrate_program
+from util.checkpoints import save_checkpoint
+from util.errors import DraemInputError
+from util.metrics import image_scores
+from util.thresholds import (
     RULE,
     TRAINING_SOURCE,
-    calibrate,
     metrics_at_threshold,
     read_thresholds,
     threshold_path,
     usable_thresholds,
     write_thresholds,
 )
-from checkpoints import model_from_checkpoint, save_checkpoint
-from errors import DraemInputError
-from metrics import image_scores
-from model_unet import anomaly_map
 
 CPU = torch.device("cpu")
 SIZE = 64

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-import checkpoints
 import train_draem
-from checkpoints import checkpoint_paths, run_base_name
+from util import checkpoints
+from util.checkpoints import checkpoint_paths, run_base_name
 
 BASE = run_base_name(1e-4, 2, 4, seed=5)
 

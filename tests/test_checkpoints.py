@@ -6,18 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import (
+from model_unet import DraemModel, model_from_checkpoint
+from util.checkpoints import (
     RELEASED_BASE_NAME,
     checkpoint_paths,
     convert_anomalib_checkpoint,
     load_anomalib_checkpoint,
     load_checkpoint,
-    model_from_checkpoint,
     run_base_name,
     save_checkpoint,
 )
-from errors import DraemInputError
-from model_unet import DraemModel
+from util.errors import DraemInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +127,7 @@ def test_non_anomalib_file_is_rejected(tmp_path):
 
 def test_convert_cli_reports_one_line_on_bad_input(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "convert_anomalib.py"), str(tmp_path / "absent.ckpt"), "--checkpoint_path", str(tmp_path),
+        [sys.executable, "-m", "tools.convert_anomalib", str(tmp_path / "absent.ckpt"), "--checkpoint_path", str(tmp_path),
          "--category", "x"],
         check=False, capture_output=True, text=True, cwd=ROOT,
     )

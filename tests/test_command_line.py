@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench_draem
-import bench_synthesis
-import calibrate
-import convert_anomalib
 import export_onnx
-import make_demo_data
 import predict
 import test_draem
 import train_draem
-from checkpoints import run_base_name, save_checkpoint
 from model_unet import DraemModel
+from tools import bench_draem, bench_synthesis, calibrate, convert_anomalib, make_demo_data
+from util.checkpoints import run_base_name, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"train": train_draem.main, "test": test_draem.main, "predict": predict.main, "export": export_onnx.main,

@@ -8,12 +8,18 @@ import torch
 from released_reference import released_style_sample
 from torch.utils.data import DataLoader
 
-import synthesis
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, seed_everything, worker_init_fn
-from errors import DraemInputError
-from images import read_image, read_image_uint8, read_mask
-from layouts import CATEGORIES, OBJECT_CATEGORIES, TEXTURE_CATEGORIES, find_anomaly_sources, resolve_categories
-from synthesis import blend_anomaly, make_training_sample
+import data_loader
+from data_loader import (
+    MVTecDRAEMTestDataset,
+    MVTecDRAEMTrainDataset,
+    blend_anomaly,
+    make_training_sample,
+    seed_everything,
+    worker_init_fn,
+)
+from util.errors import DraemInputError
+from util.images import read_image, read_image_uint8, read_mask
+from util.layouts import CATEGORIES, OBJECT_CATEGORIES, TEXTURE_CATEGORIES, find_anomaly_sources, resolve_categories
 
 
 def train_dir(demo, category="brick"):
@@ -125,7 +131,7 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
         betas.append(beta)
         return blend_anomaly(image, source, mask, beta)
 
-    monkeypatch.setattr(synthesis, "blend_anomaly", recording_blend)
+    monkeypatch.setattr(data_loader, "blend_anomaly", recording_blend)
     torch.manual_seed(0)
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     assert len(dataset) == 6
@@ -177,7 +183,7 @@ def stand_in_augmentation(image: np.ndarray, rng: np.random.Generator) -> np.nda
 def test_fast_path_gives_the_released_style_samples(tiny_mvtec, monkeypatch):
     """Same seed, same sample as a released-style reference written in the tests (decode per sample, the released
     float64 Perlin, the method's numbers and blend): masks bit for bit, images to float32 rounding."""
-    monkeypatch.setattr(synthesis, "augment_source", stand_in_augmentation)
+    monkeypatch.setattr(data_loader, "augment_source", stand_in_augmentation)
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     anomalous = 0
     for seed in range(40):

@@ -4,18 +4,18 @@ import pytest
 import skimage.data
 
 from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset
-from errors import DraemInputError
-from layouts import find_anomaly_sources, resolve_categories
-from make_demo_data import (
+from tools.make_demo_data import main
+from util.demo_data import (
     CATEGORY_STYLES,
     DEFECT_TYPES,
     DEMO_CATEGORIES,
     draw_defect,
-    main,
     make_demo_dataset,
     texture_image,
     write_sources,
 )
+from util.errors import DraemInputError
+from util.layouts import find_anomaly_sources, resolve_categories
 
 
 def all_files(root):

@@ -1,8 +1,8 @@
 """The device synthesis path's own random draws (`--synthesis gpu`), observed on the CPU from seeded batches.
 
-Each operation of synthesis_gpu is replaced by a recorder that keeps the parameters it was called with, so
+Each operation of device_synthesis is replaced by a recorder that keeps the parameters it was called with, so
 what is checked is what the device path draws, not what the operations do with it (that is compared with
-the CPU path in test_synthesis_gpu.py). Expected values are the method's (METHOD.md §2, the released
+the CPU path in test_device_synthesis.py). Expected values are the method's (METHOD.md §2, the released
 program's imgaug ranges), written here as literals:
 
   gamma U[0.5, 2.0) per sample AND channel; sharpness U[0, 2); hue and saturation shifts integers -50..50,
@@ -21,10 +21,10 @@ import math
 import pytest
 import torch
 
+import device_synthesis
 import perlin
-import synthesis_gpu
+from device_synthesis import DEVICE_AUGMENTATIONS, rotate_some_images, synthesize_batch
 from perlin import perlin_mask_batch
-from synthesis_gpu import DEVICE_AUGMENTATIONS, rotate_some_images, synthesize_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
@@ -52,7 +52,7 @@ def assert_integers(values: torch.Tensor, low: int, high: int, what: str) -> Non
 
 
 def recorded_draws(monkeypatch, operation: str, replaced: str, seed: int = 0) -> tuple:
-    """Run DEVICE_AUGMENTATIONS[operation] on N tiny images with synthesis_gpu.<replaced> recording its arguments
+    """Run DEVICE_AUGMENTATIONS[operation] on N tiny images with device_synthesis.<replaced> recording its arguments
     (and returning the images unchanged); return the parameters it was given (everything after the images)."""
     calls = []
 
@@ -60,7 +60,7 @@ def recorded_draws(monkeypatch, operation: str, replaced: str, seed: int = 0) ->
         calls.append(parameters)
         return images
 
-    monkeypatch.setattr(synthesis_gpu, replaced, recorder)
+    monkeypatch.setattr(device_synthesis, replaced, recorder)
     DEVICE_AUGMENTATIONS[operation](torch.zeros(N, 3, 2, 2, dtype=torch.uint8), torch.Generator().manual_seed(seed))
     (parameters,) = calls
     return parameters
@@ -136,7 +136,7 @@ def test_three_in_ten_training_images_are_rotated_within_90_degrees(monkeypatch)
         angles.append(degrees)
         return torch.ones_like(images)
 
-    monkeypatch.setattr(synthesis_gpu, "rotate", marking_rotate)
+    monkeypatch.setattr(device_synthesis, "rotate", marking_rotate)
     result = rotate_some_images(torch.zeros(N, 3, 2, 2, dtype=torch.uint8), torch.Generator().manual_seed(1))
     (degrees,) = angles
     assert degrees.shape == (N,)
@@ -149,8 +149,8 @@ def test_three_in_ten_training_images_are_rotated_within_90_degrees(monkeypatch)
 
 def test_half_of_the_device_samples_get_an_anomaly(monkeypatch):
     """With a full Perlin mask every anomalous draw shows: has_anomaly is then the 0.5 coin itself."""
-    monkeypatch.setattr(synthesis_gpu, "augment_sources", lambda sources, generator: sources)
-    monkeypatch.setattr(synthesis_gpu, "perlin_mask_batch",
+    monkeypatch.setattr(device_synthesis, "augment_sources", lambda sources, generator: sources)
+    monkeypatch.setattr(device_synthesis, "perlin_mask_batch",
                         lambda shape, n, generator, device: torch.ones(n, 1, *shape, device=device))
     images = torch.zeros(N, 3, 4, 4, dtype=torch.uint8)
     batch = synthesize_batch(images, torch.full_like(images, 200), torch.Generator().manual_seed(2))

@@ -19,15 +19,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import checkpoints
-import distributed
 import test_draem
 import train_draem
-from checkpoints import checkpoint_paths, model_from_checkpoint, run_base_name, save_checkpoint
 from data_loader import MVTecDRAEMTrainDataset
-from errors import DraemInputError
-from metrics import TABLE_METRICS
-from model_unet import DraemModel
+from model_unet import DraemModel, model_from_checkpoint
+from util import checkpoints, distributed
+from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
+from util.errors import DraemInputError
+from util.metrics import TABLE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2

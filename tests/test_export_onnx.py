@@ -7,19 +7,19 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from calibration import write_thresholds
-from checkpoints import save_checkpoint
+from data_loader import make_training_sample
 from loss import DraemLoss
-from metrics import image_scores
 from model_unet import DraemModel, anomaly_map
-from synthesis import make_training_sample
+from util.checkpoints import save_checkpoint
+from util.metrics import image_scores
+from util.thresholds import write_thresholds
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements.txt)")
 
 # Imported after the skips: export_onnx itself imports onnx and onnxruntime.
 import export_onnx
-from evaluation import DraemScorer
+from engine.evaluation import DraemScorer
 from export_onnx import ThresholdedScorer, float32_at_least, main, onnx_bytes, parity
 
 SIZE = 64

@@ -5,13 +5,13 @@ import shutil
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data_loader import train_loader
+from device_synthesis import synthesize_batch
 from loss import DraemLoss
-from model_unet import DraemModel, anomaly_map
-from runtime import autocast, prepare_model, to_memory_format
-from synthesis_gpu import synthesize_batch
+from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from train_draem import train_step
+from util.checkpoints import load_checkpoint, save_checkpoint
+from util.runtime import autocast, prepare_model, to_memory_format
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 

@@ -12,13 +12,14 @@ from test_predict import calibrated_model
 
 import test_draem
 import train_draem
-from checkpoints import model_from_checkpoint, save_checkpoint
 from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset, make_test_dataset
-from errors import DraemInputError
-from images import read_image, read_mask, read_nonzero_mask
-from layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
-from metrics import DraemEvaluator
-from validation import ValidationSet
+from engine.validation import ValidationSet
+from model_unet import model_from_checkpoint
+from util.checkpoints import save_checkpoint
+from util.errors import DraemInputError
+from util.images import read_image, read_mask, read_nonzero_mask
+from util.layouts import CATEGORIES, LAYOUTS, VISA_CATEGORIES, categories_for, evaluation_records, train_image_paths
+from util.metrics import DraemEvaluator
 
 SHAPE = (32, 32)
 

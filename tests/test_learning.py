@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import train_draem
-from checkpoints import checkpoint_paths, run_base_name
 from loss import DraemLoss
 from model_unet import DraemModel
 from train_draem import train_step
+from util.checkpoints import checkpoint_paths, run_base_name
 
 SUBNETWORKS = ("reconstructive_subnetwork", "discriminative_subnetwork")
 

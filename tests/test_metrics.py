@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from metrics import (
+from util.metrics import (
     METRICS,
     PAPER_RESULTS,
     DraemEvaluator,

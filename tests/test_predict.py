@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-import evaluation
-from calibration import threshold_path, write_thresholds
-from checkpoints import model_from_checkpoint, save_checkpoint
 from data_loader import MVTecDRAEMTestDataset
-from evaluation import DraemScorer
-from images import read_image, to_chw
-from metrics import DraemEvaluator, image_scores
-from model_unet import DraemModel, anomaly_map
+from engine import evaluation
+from engine.evaluation import DraemScorer
+from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from predict import defect_mask, main
-from visualize import GAP
+from util.checkpoints import save_checkpoint
+from util.images import read_image, to_chw
+from util.metrics import DraemEvaluator, image_scores
+from util.pictures import GAP
+from util.thresholds import threshold_path, write_thresholds
 
 SIZE = 64
 CATEGORY = "widget"

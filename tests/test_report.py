@@ -10,15 +10,14 @@ import cv2
 import numpy as np
 import torch
 
-import report
 import test_draem
-from calibration import threshold_path
-from checkpoints import save_checkpoint
-from evaluation import CategoryResult
-from metrics import results_rows, write_results
 from model_unet import DraemModel
-from report import thin_curve, write_report
-from visualize import GAP
+from util import report
+from util.checkpoints import save_checkpoint
+from util.metrics import CategoryResult, results_rows, write_results
+from util.pictures import GAP
+from util.report import thin_curve, write_report
+from util.thresholds import threshold_path
 
 BASE = "DRAEM_test_0.0001_2_bs4"
 # Table cells show percent with two decimals: a cell read back is within half a unit of the last digit of the JSON

@@ -11,9 +11,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import test_draem
 import train_draem
-from checkpoints import checkpoint_paths, save_checkpoint
 from data_loader import MVTecDRAEMTestDataset
 from model_unet import DraemModel
+from util.checkpoints import checkpoint_paths, save_checkpoint
 
 EPOCHS, INTERRUPTED_AFTER = 5, 3  # milestones ceil(0.8 * 5) = 4 and ceil(0.9 * 5) = 5: the run is cut before the first
 BASE_NAME = "DRAEM_test_0.0001_5_bs4_seed3"  # the released naming for lr 1e-4, 5 epochs, batch 4; seed 3

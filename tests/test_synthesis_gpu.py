@@ -7,12 +7,11 @@ from imgaug_reference import IMGAUG_BRIGHTNESS_SPACES, imgaug_brightness
 from torch.utils.data import DataLoader, default_collate
 
 import augment
-import synthesis
-import synthesis_gpu
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset
-from images import to_float as cpu_to_float
-from synthesis import blend_anomaly
-from synthesis_gpu import DEVICE_AUGMENTATIONS, augment_sources, draw_augmentation_indices, synthesize_batch, to_float
+import data_loader
+import device_synthesis
+from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, blend_anomaly
+from device_synthesis import DEVICE_AUGMENTATIONS, augment_sources, draw_augmentation_indices, synthesize_batch, to_float
+from util.images import to_float as cpu_to_float
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
@@ -38,20 +37,20 @@ def as_batch(images: np.ndarray) -> torch.Tensor:
 
 # name -> (two parameter sets, CPU call, device call); images alternate between the two sets.
 PARAMETERS = {
-    "gamma_contrast": (torch.tensor([[0.5, 1.3, 2.0], [0.7, 1.0, 1.9]]), augment.gamma_contrast, synthesis_gpu.gamma_contrast),
+    "gamma_contrast": (torch.tensor([[0.5, 1.3, 2.0], [0.7, 1.0, 1.9]]), augment.gamma_contrast, device_synthesis.gamma_contrast),
     # multiply, add, colour space (0 YCrCb, 5 YUV: integer code, exact on any width), add first
     "brightness": (torch.tensor([[0.8, -30.0, 0, 0], [1.17, 12.5, 5, 1]]),
                    lambda im, p: augment.brightness(im, *p[:2], augment.RANGES["brightness_colorspaces"][int(p[2])], bool(p[3])),
-                   lambda x, p: synthesis_gpu.brightness(x, p[:, 0], p[:, 1], p[:, 2].long(), p[:, 3].bool())),
-    "sharpness": (torch.tensor([0.0, 1.73]), augment.sharpness, synthesis_gpu.sharpness),
+                   lambda x, p: device_synthesis.brightness(x, p[:, 0], p[:, 1], p[:, 2].long(), p[:, 3].bool())),
+    "sharpness": (torch.tensor([0.0, 1.73]), augment.sharpness, device_synthesis.sharpness),
     "hue_saturation": (torch.tensor([[-50, 50], [37, -21]]), lambda im, p: augment.hue_saturation(im, *p),
-                       lambda x, p: synthesis_gpu.hue_saturation(x, p[:, 0], p[:, 1])),
-    "solarize": (torch.tensor([32.0, 100.5]), augment.solarize, synthesis_gpu.solarize),
-    "posterize": (torch.tensor([1, 5]), augment.posterize, synthesis_gpu.posterize),
-    "invert": (torch.zeros(2), lambda im, p: augment.invert(im), lambda x, p: synthesis_gpu.invert(x)),
-    "autocontrast": (torch.tensor([0, 17]), augment.autocontrast, synthesis_gpu.autocontrast),
-    "equalize": (torch.zeros(2), lambda im, p: augment.equalize(im), lambda x, p: synthesis_gpu.equalize(x)),
-    "rotate": (torch.tensor([-45.0, 31.7]), augment.rotate, synthesis_gpu.rotate),
+                       lambda x, p: device_synthesis.hue_saturation(x, p[:, 0], p[:, 1])),
+    "solarize": (torch.tensor([32.0, 100.5]), augment.solarize, device_synthesis.solarize),
+    "posterize": (torch.tensor([1, 5]), augment.posterize, device_synthesis.posterize),
+    "invert": (torch.zeros(2), lambda im, p: augment.invert(im), lambda x, p: device_synthesis.invert(x)),
+    "autocontrast": (torch.tensor([0, 17]), augment.autocontrast, device_synthesis.autocontrast),
+    "equalize": (torch.zeros(2), lambda im, p: augment.equalize(im), lambda x, p: device_synthesis.equalize(x)),
+    "rotate": (torch.tensor([-45.0, 31.7]), augment.rotate, device_synthesis.rotate),
 }
 # Float32 grid_sample vs cv2's fixed-point bilinear, and float HSV->RGB rounding: a level on rare pixels.
 TOLERANCE = {"rotate": 1, "hue_saturation": 1}
@@ -87,7 +86,7 @@ def test_three_distinct_operations_per_sample_uniformly_and_applied_in_drawn_ord
         assert (frequencies - 0.1).abs().max() < 0.025
     # Affine maps do not commute: the result tells which operations ran and in which order.
     affine = {name: affine_op(k) for k, name in enumerate(DEVICE_AUGMENTATIONS)}
-    monkeypatch.setattr(synthesis_gpu, "DEVICE_AUGMENTATIONS", affine)
+    monkeypatch.setattr(device_synthesis, "DEVICE_AUGMENTATIONS", affine)
     sources = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     result = augment_sources(sources, torch.Generator().manual_seed(3))
     order = draw_augmentation_indices(64, torch.Generator().manual_seed(3), torch.device("cpu"))
@@ -117,14 +116,14 @@ BRIGHTNESS_MEAN_TOLERANCE = {"YCrCb": 0, "HSV": 0, "HLS": 0, "Lab": 0.35, "Luv":
 
 # The device ports of OpenCV's 8-bit conversions that claim its exact bytes: name -> (port, OpenCV code).
 EXACT_CONVERSIONS = {
-    "RGB2YCrCb": (synthesis_gpu.rgb_to_ycrcb, cv2.COLOR_RGB2YCrCb),
-    "YCrCb2RGB": (synthesis_gpu.ycrcb_to_rgb, cv2.COLOR_YCrCb2RGB),
-    "RGB2YUV": (synthesis_gpu.rgb_to_yuv, cv2.COLOR_RGB2YUV),
-    "YUV2RGB": (synthesis_gpu.yuv_to_rgb, cv2.COLOR_YUV2RGB),
-    "RGB2HSV": (synthesis_gpu.rgb_to_hsv, cv2.COLOR_RGB2HSV),
-    "HSV2RGB": (synthesis_gpu.hsv_to_rgb, cv2.COLOR_HSV2RGB),
-    "RGB2HLS": (synthesis_gpu.rgb_to_hls, cv2.COLOR_RGB2HLS),
-    "HLS2RGB": (synthesis_gpu.hls_to_rgb, cv2.COLOR_HLS2RGB),
+    "RGB2YCrCb": (device_synthesis.rgb_to_ycrcb, cv2.COLOR_RGB2YCrCb),
+    "YCrCb2RGB": (device_synthesis.ycrcb_to_rgb, cv2.COLOR_YCrCb2RGB),
+    "RGB2YUV": (device_synthesis.rgb_to_yuv, cv2.COLOR_RGB2YUV),
+    "YUV2RGB": (device_synthesis.yuv_to_rgb, cv2.COLOR_YUV2RGB),
+    "RGB2HSV": (device_synthesis.rgb_to_hsv, cv2.COLOR_RGB2HSV),
+    "HSV2RGB": (device_synthesis.hsv_to_rgb, cv2.COLOR_HSV2RGB),
+    "RGB2HLS": (device_synthesis.rgb_to_hls, cv2.COLOR_RGB2HLS),
+    "HLS2RGB": (device_synthesis.hls_to_rgb, cv2.COLOR_HLS2RGB),
 }
 
 
@@ -150,13 +149,13 @@ def test_device_lab_and_luv_are_close_to_opencv():
     a fixed grid measures a mean of 2.74 levels, and 3.90 without that clamp."""
     triples = random_triples(11)
     image = np.ascontiguousarray(triples[0].permute(1, 2, 0).numpy())
-    for port, code, tolerance in ((synthesis_gpu.rgb_to_lab, cv2.COLOR_RGB2Lab, 3),
-                                  (synthesis_gpu.rgb_to_luv, cv2.COLOR_RGB2Luv, 1)):
+    for port, code, tolerance in ((device_synthesis.rgb_to_lab, cv2.COLOR_RGB2Lab, 3),
+                                  (device_synthesis.rgb_to_luv, cv2.COLOR_RGB2Luv, 1)):
         difference = port(triples)[0].permute(1, 2, 0).numpy() - cv2.cvtColor(image, code).astype(int)
         assert np.abs(difference).max() <= tolerance
     lightness, u, v = np.meshgrid(np.arange(8), np.arange(80, 120), np.arange(116, 156), indexing="ij")
     dark = np.stack([lightness, u, v], -1).reshape(-1, 64, 3).astype(np.uint8)
-    result = synthesis_gpu.luv_to_rgb(torch.from_numpy(dark).permute(2, 0, 1)[None].int())[0].permute(1, 2, 0).numpy()
+    result = device_synthesis.luv_to_rgb(torch.from_numpy(dark).permute(2, 0, 1)[None].int())[0].permute(1, 2, 0).numpy()
     assert np.abs(result.astype(int) - cv2.cvtColor(dark, cv2.COLOR_Luv2RGB)).mean() < 3.2
 
 
@@ -170,7 +169,7 @@ def test_device_brightness_in_each_colour_space_matches_opencv_and_imgaugs_arith
     index = torch.full((8,), list(IMGAUG_BRIGHTNESS_SPACES).index(space))
     parameters = zip(noise, multiply.tolist(), add.tolist(), add_first.tolist())
     expected = np.stack([imgaug_brightness(im, m, a, space, f) for im, m, a, f in parameters])
-    result = synthesis_gpu.brightness(as_batch(noise), multiply, add, index, add_first)
+    result = device_synthesis.brightness(as_batch(noise), multiply, add, index, add_first)
     difference = np.abs(result.permute(0, 2, 3, 1).numpy().astype(int) - expected.astype(int))
     assert result.dtype == torch.uint8 and (result.permute(0, 2, 3, 1).numpy() != noise).any()
     assert difference.mean() <= BRIGHTNESS_MEAN_TOLERANCE[space]
@@ -180,7 +179,7 @@ def test_device_brightness_in_each_colour_space_matches_opencv_and_imgaugs_arith
 
 def test_device_brightness_draws_each_colour_space_uniformly_and_either_order_half_the_time(monkeypatch):
     draws = []
-    monkeypatch.setattr(synthesis_gpu, "brightness", lambda x, *drawn: draws.append(drawn) or x)
+    monkeypatch.setattr(device_synthesis, "brightness", lambda x, *drawn: draws.append(drawn) or x)
     n = 6000
     DEVICE_AUGMENTATIONS["brightness"](torch.zeros(n, 3, 1, 1, dtype=torch.uint8), torch.Generator().manual_seed(8))
     (multiply, add, spaces, add_first), = draws
@@ -229,7 +228,7 @@ def test_synthesized_batch_follows_the_rules(tiny_mvtec, monkeypatch):
         betas.append(beta.flatten())
         return blend_anomaly(image, source, mask, beta)
 
-    monkeypatch.setattr(synthesis_gpu, "blend_anomaly", recording_blend)
+    monkeypatch.setattr(device_synthesis, "blend_anomaly", recording_blend)
     raw = raw_batch(tiny_mvtec, 512)
     batch = synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0))
     image, augmented, mask, has = batch["image"], batch["augmented_image"], batch["anomaly_mask"], batch["has_anomaly"]
@@ -270,8 +269,8 @@ def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
         sources.append(source)
         return blend_anomaly(image, source, mask, beta)
 
-    monkeypatch.setattr(synthesis_gpu, "blend_anomaly", recording_blend)
-    monkeypatch.setattr(synthesis_gpu, "augment_sources", lambda x, g: x)  # look at the source as drawn
+    monkeypatch.setattr(device_synthesis, "blend_anomaly", recording_blend)
+    monkeypatch.setattr(device_synthesis, "augment_sources", lambda x, g: x)  # look at the source as drawn
     images = torch.full((8, 3, 32, 32), 128, dtype=torch.uint8)
     synthesize_batch(images, None, torch.Generator().manual_seed(0))
     levels = (sources[0] * 255).round()
@@ -308,8 +307,8 @@ def test_device_path_statistics_match_the_cpu_path(tiny_mvtec, monkeypatch):
     """4096 samples per path: the coverage distribution is heavy-tailed, so fewer samples (or the standard
     deviation as spread) would make "within 10 %" a coin flip. Source augmentation cannot change a mask,
     so both paths skip it here to keep the test fast (it is compared operation by operation above)."""
-    monkeypatch.setattr(synthesis, "augment_source", lambda image, rng: image)
-    monkeypatch.setattr(synthesis_gpu, "augment_sources", lambda sources, generator: sources)
+    monkeypatch.setattr(data_loader, "augment_source", lambda image, rng: image)
+    monkeypatch.setattr(device_synthesis, "augment_sources", lambda sources, generator: sources)
     n = 4096
     torch.manual_seed(0)
     cpu_dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import augment
+import data_loader as cpu_synthesis
 import perlin
-import synthesis as cpu_synthesis
+from data_loader import make_training_sample
 from perlin import perlin_mask
-from synthesis import make_training_sample
 
 SHAPE = (64, 64)
 N_SAMPLES = 5000  # training samples, seeds 0 .. N_SAMPLES - 1

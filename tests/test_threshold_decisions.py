@@ -15,14 +15,22 @@ import torch
 from test_predict import calibrated_model
 from torch import nn
 
-import calibration
 import predict
 import test_draem
 import train_draem
-from calibration import ThresholdsInUse, threshold_path, thresholds_in_use, write_thresholds
-from checkpoints import model_from_checkpoint, save_checkpoint
-from evaluation import DraemScorer, evaluate_category
-from validation import ValidationSet
+from engine import calibration
+from engine.evaluation import DraemScorer, evaluate_category
+from engine.validation import ValidationSet
+from model_unet import model_from_checkpoint
+from util.checkpoints import save_checkpoint
+from util.thresholds import (
+    TRAINING_SOURCE,
+    VALIDATION_SOURCE,
+    ThresholdsInUse,
+    threshold_path,
+    thresholds_in_use,
+    write_thresholds,
+)
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
 pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements.txt)")
@@ -197,11 +205,11 @@ def test_training_calibrates_on_the_held_out_set_when_it_validated_else_on_its_t
     val_set = ValidationSet(held_out, masks, labels)
 
     seen, with_validation = run_calibration(monkeypatch, tmp_path / "val", val_set, bright)
-    assert seen["images"] is val_set.images and seen["source"] == calibration.VALIDATION_SOURCE
-    assert with_validation["source"] == calibration.VALIDATION_SOURCE and with_validation["n_normal"] == 6
+    assert seen["images"] is val_set.images and seen["source"] == VALIDATION_SOURCE
+    assert with_validation["source"] == VALIDATION_SOURCE and with_validation["n_normal"] == 6
 
     seen, without = run_calibration(monkeypatch, tmp_path / "train", None, bright)
-    assert len(seen["images"]) == 24 and without["source"] == calibration.TRAINING_SOURCE
+    assert len(seen["images"]) == 24 and without["source"] == TRAINING_SOURCE
     normal = seen["images"][seen["labels"] == 0]
     # Normal training samples are the bright images themselves (some rotated, with black corners).
     assert len(normal) > 0 and ((normal == 0.8) | (normal == 0)).float().mean() > 0.9

@@ -9,8 +9,8 @@ from test_predict import calibrated_model
 
 import test_draem
 import train_draem
-from checkpoints import checkpoint_paths, run_base_name, save_checkpoint
-from metrics import METRICS, TABLE_METRICS
+from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
+from util.metrics import METRICS, TABLE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--image_size", "64", "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0", "--seed", "0"]

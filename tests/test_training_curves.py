@@ -6,8 +6,8 @@ import cv2
 import pytest
 from matplotlib.figure import Figure
 
-import plots
 import train_draem
+from util import pictures
 
 BASE = "DRAEM_test_0.0001_2_bs4"  # run_base_name(1e-4, 2 epochs, bs 4), spelled out as in METHOD.md §5
 SMALL = ["--image_size", "64", "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0", "--seed", "0"]
@@ -38,7 +38,7 @@ def drawn(monkeypatch) -> list[Figure]:
             super().__init__(*args, **kwargs)
             figures.append(self)
 
-    monkeypatch.setattr(plots, "Figure", RecordedFigure)
+    monkeypatch.setattr(pictures, "Figure", RecordedFigure)
     return figures
 
 
@@ -47,7 +47,7 @@ def lines_by_label(ax) -> dict[str, tuple[list, list]]:
 
 
 def test_loss_and_learning_rate_are_drawn_from_every_record(drawn, tmp_path):
-    plots.save_training_curves(TRAINING_ONLY, tmp_path / "curves.png")
+    pictures.save_training_curves(TRAINING_ONLY, tmp_path / "curves.png")
     loss_ax, lr_ax = drawn[0].axes  # two panels: no validation metrics were logged
     # Exact equality: the plotted data are the logged floats themselves, no arithmetic in between.
     assert lines_by_label(loss_ax) == {"total": ([1, 2], [1.9, 1.2]), "L2 (MSE)": ([1, 2], [0.4, 0.2]),
@@ -58,8 +58,8 @@ def test_loss_and_learning_rate_are_drawn_from_every_record(drawn, tmp_path):
 
 
 def test_metrics_panel_only_when_val_metrics_are_logged_and_only_at_their_epochs(drawn, tmp_path):
-    plots.save_training_curves(TRAINING_ONLY, tmp_path / "train.png")
-    plots.save_training_curves(RECORDS, tmp_path / "val.png")
+    pictures.save_training_curves(TRAINING_ONLY, tmp_path / "train.png")
+    pictures.save_training_curves(RECORDS, tmp_path / "val.png")
     assert [len(figure.axes) for figure in drawn] == [2, 3]
     metrics_ax = drawn[1].axes[2]
     # val_seconds is a duration logged beside the metrics, not a fraction: no curve for it.
@@ -69,7 +69,7 @@ def test_metrics_panel_only_when_val_metrics_are_logged_and_only_at_their_epochs
 
 def test_png_is_valid_and_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "curves.png"
-    plots.save_training_curves(RECORDS, path)
+    pictures.save_training_curves(RECORDS, path)
     image = cv2.imread(str(path))
     assert image is not None and image.shape == PNG_SHAPE
     assert image.std() > 10  # drawn on, not a blank canvas (a white page with a few lines already has std ~40)
@@ -81,7 +81,7 @@ def test_png_is_valid_and_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_failure)  # the write fails after the bytes went out, before they are durable
     with pytest.raises(OSError, match="disk full"):
-        plots.save_training_curves(TRAINING_ONLY, path)
+        pictures.save_training_curves(TRAINING_ONLY, path)
     assert path.read_bytes() == before  # the previous picture survives whole
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 import train_draem
-import validation
-from checkpoints import checkpoint_paths, load_checkpoint, model_from_checkpoint, run_base_name
 from data_loader import MVTecDRAEMTrainDataset
-from errors import DraemInputError
-from evaluation import DraemScorer
-from images import load_images, to_chw, to_float
-from model_unet import DraemModel
+from engine import validation
+from engine.evaluation import DraemScorer
+from model_unet import DraemModel, model_from_checkpoint
+from util import checkpoints
+from util.checkpoints import checkpoint_paths, load_checkpoint, run_base_name
+from util.errors import DraemInputError
+from util.images import load_images, to_chw, to_float
 
 SIZE = 64
 SMALL = ["--image_size", str(SIZE), "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from visualize import GAP, heatmap_overlay, save_png, training_grid
+from util.pictures import GAP, heatmap_overlay, save_png, training_grid
 
 SIZE = 16
 

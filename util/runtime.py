@@ -4,7 +4,7 @@ import contextlib
 import torch
 from torch import nn
 
-from errors import DraemInputError
+from util.errors import DraemInputError
 
 
 def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:

@@ -7,7 +7,6 @@ streams scored batches into the released protocol's metrics.
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,25 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from calibration import metrics_at_threshold, usable_thresholds
-from checkpoints import model_from_checkpoint
 from data_loader import make_test_dataset
-from metrics import DraemEvaluator, format_markdown, image_scores, results_rows, write_results
-from model_unet import DraemModel, anomaly_map
-from report import write_report
-from runtime import autocast, prepare_model, to_memory_format
-from visualize import heatmap_overlay, save_png
-
-
-class CategoryResult(NamedTuple):
-    """What evaluating one category found: its metrics and, per test image, what the metrics were computed from."""
-
-    metrics: dict[str, float]
-    scores: np.ndarray  # (N,) float32 image scores
-    labels: np.ndarray  # (N,) uint8, 1 = anomalous
-    maps: np.ndarray  # N×H×W float32 anomaly maps
-    masks: np.ndarray  # N×H×W uint8 ground truth after the released cast (1 = anomalous pixel)
-    paths: list[str]  # the test images, in evaluation order
+from model_unet import DraemModel, anomaly_map, model_from_checkpoint
+from util.metrics import CategoryResult, DraemEvaluator, format_markdown, image_scores, results_rows, write_results
+from util.pictures import heatmap_overlay, save_png
+from util.report import write_report
+from util.runtime import autocast, prepare_model, to_memory_format
+from util.thresholds import metrics_at_threshold, usable_thresholds
 
 
 class DraemScorer(nn.Module):

@@ -8,13 +8,13 @@ pretrained set uses `DRAEM_seg_large_ae_large_0.0001_800_bs8`.
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from atomic import atomic_torch_save
-from errors import DraemInputError
-from model_unet import DraemModel
+from util.atomic import atomic_torch_save
+from util.errors import DraemInputError
 
 RELEASED_BASE_NAME = "DRAEM_seg_large_ae_large_0.0001_800_bs8"
 ANOMALIB_PREFIXES = {
@@ -51,7 +51,7 @@ def checkpoint_paths(checkpoint_dir: str | os.PathLike, base_name: str, category
     return Path(checkpoint_dir) / f"{stem}.pckl", Path(checkpoint_dir) / f"{stem}_seg.pckl"
 
 
-def save_checkpoint(model: DraemModel, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> tuple[Path, Path]:
+def save_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> tuple[Path, Path]:
     """Write both subnetworks' state dicts atomically in the released naming; return the paths."""
     rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
     atomic_torch_save(model.reconstructive_subnetwork.state_dict(), rec_path)
@@ -95,15 +95,23 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
     module.load_state_dict(state)
 
 
-def load_checkpoint(model: DraemModel, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> None:
-    """Load a category's checkpoint pair (ours or the authors' released files) into `model`."""
-    rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
-    load_state_dict_checked(model.reconstructive_subnetwork, read_state_dict(rec_path), str(rec_path))
-    load_state_dict_checked(model.discriminative_subnetwork, read_state_dict(seg_path), str(seg_path))
+def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> None:
+    """Load a category's checkpoint pair (ours or the authors' released files) into a DraemModel."""
+    load_checkpoint_pair(model, read_checkpoint_pair(checkpoint_dir, base_name, category))
 
 
-def model_from_checkpoint(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> DraemModel:
-    """Build a DraemModel whose widths and SSPCAB option are read off the checkpoint pair, then load it.
+class CheckpointPair(NamedTuple):
+    """A checkpoint pair read as tensors, and the network configuration its keys and shapes imply."""
+
+    rec_path: Path
+    rec_state: dict[str, torch.Tensor]
+    seg_path: Path
+    seg_state: dict[str, torch.Tensor]
+    config: dict  # DraemModel keyword arguments: base_width, seg_base_width, sspcab
+
+
+def read_checkpoint_pair(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> CheckpointPair:
+    """Read a category's pair and the widths and SSPCAB option off it.
 
     The released format stores no configuration, but the first conv of each network fixes its width and
     SSPCAB is recognised by its own keys, so test and predict need no width flags.
@@ -114,14 +122,18 @@ def model_from_checkpoint(checkpoint_dir: str | os.PathLike, base_name: str, cat
     for path, state, key in first_convs:
         if key not in state:
             raise DraemInputError(f"{path}: missing key '{key}' (not a DRAEM checkpoint, or the two files are swapped?)")
-    model = DraemModel(
-        base_width=rec_state["encoder.block1.0.weight"].shape[0],
-        seg_base_width=seg_state["encoder_segment.block1.0.weight"].shape[0],
-        sspcab=any(key.startswith("encoder.block5.corners.") for key in rec_state),
-    )
-    load_state_dict_checked(model.reconstructive_subnetwork, rec_state, str(rec_path))
-    load_state_dict_checked(model.discriminative_subnetwork, seg_state, str(seg_path))
-    return model
+    config = {
+        "base_width": rec_state["encoder.block1.0.weight"].shape[0],
+        "seg_base_width": seg_state["encoder_segment.block1.0.weight"].shape[0],
+        "sspcab": any(key.startswith("encoder.block5.corners.") for key in rec_state),
+    }
+    return CheckpointPair(rec_path, rec_state, seg_path, seg_state, config)
+
+
+def load_checkpoint_pair(model: nn.Module, pair: CheckpointPair) -> None:
+    """Load a read pair into a DraemModel's two subnetworks, refusing missing keys and wrong shapes."""
+    load_state_dict_checked(model.reconstructive_subnetwork, pair.rec_state, str(pair.rec_path))
+    load_state_dict_checked(model.discriminative_subnetwork, pair.seg_state, str(pair.seg_path))
 
 
 def split_anomalib_state_dict(state: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -159,7 +171,7 @@ def anomalib_to_released(state: dict, source: str) -> dict[str, dict[str, torch.
     return parts
 
 
-def load_anomalib_checkpoint(model: DraemModel, path: str | os.PathLike, trusted: bool = False) -> None:
+def load_anomalib_checkpoint(model: nn.Module, path: str | os.PathLike, trusted: bool = False) -> None:
     """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`, converted for BGR input."""
     for name, state in anomalib_to_released(read_state_dict(path, trusted), str(path)).items():
         load_state_dict_checked(getattr(model, name), state, f"{path} ({name})")

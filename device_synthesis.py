@@ -28,8 +28,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from augment import AUGMENTATIONS_PER_SOURCE, RANGES, rotate_maps
+from data_loader import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
 from perlin import perlin_mask_batch
-from synthesis import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
 
 YCRCB_SHIFT = 14  # OpenCV's fixed-point RGB <-> YCrCb for uint8: coefficients scaled by 2**14
 HSV_SHIFT = 12  # OpenCV's fixed-point RGB -> HSV for uint8

@@ -15,6 +15,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from skimage.measure import label as label_regions
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from atomic import atomic_write_text
+from util.atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
 # At the image threshold calibrated without the test set (calibration.py); F1-max above is chosen on the test set,
@@ -36,6 +37,17 @@ POOL_SIZE = 21
 
 
 # --- the released protocol -------------------------------------------------------------------
+
+
+class CategoryResult(NamedTuple):
+    """What evaluating one category found: its metrics and, per test image, what the metrics were computed from."""
+
+    metrics: dict[str, float]
+    scores: np.ndarray  # (N,) float32 image scores
+    labels: np.ndarray  # (N,) uint8, 1 = anomalous
+    maps: np.ndarray  # N×H×W float32 anomaly maps
+    masks: np.ndarray  # N×H×W uint8 ground truth after the released cast (1 = anomalous pixel)
+    paths: list[str]  # the test images, in evaluation order
 
 def image_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
     """Image anomaly scores (N,) from pixel maps N×1×H×W: max of the 21×21 average-pooled map."""

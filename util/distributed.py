@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from errors import DraemInputError
-from runtime import select_device
+from util.errors import DraemInputError
+from util.runtime import select_device
 
 
 def launched_by_torchrun() -> bool:

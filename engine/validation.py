@@ -18,9 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from errors import DraemInputError
-from evaluation import DraemScorer, evaluate, evaluate_category
-from synthesis import make_training_sample
+from data_loader import make_training_sample
+from engine.evaluation import DraemScorer, evaluate, evaluate_category
+from util.errors import DraemInputError
 
 # Tags that give the split and the synthesis streams of their own, apart from each other and from training.
 SPLIT_STREAM = 1

@@ -19,23 +19,15 @@ known-good images as normals, to raise the threshold against false alarms on rea
 import argparse
 from pathlib import Path
 
-from calibration import (
-    TRAINING_SOURCE,
-    VALIDATION_SOURCE,
-    calibrate,
-    good_image_paths,
-    synthetic_set,
-    with_good_images,
-    write_thresholds,
-)
-from checkpoints import model_from_checkpoint
-from cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, at_least
-from errors import one_line_errors
-from evaluation import DraemScorer
-from layouts import LAYOUTS, train_image_paths
-from model_unet import check_image_size
-from runtime import select_device
-from validation import split_paths
+from engine.calibration import calibrate, good_image_paths, synthetic_set, with_good_images
+from engine.evaluation import DraemScorer
+from engine.validation import split_paths
+from model_unet import check_image_size, model_from_checkpoint
+from util.cli import ArgumentParser, add_checkpoint_flags, add_dataset_flags, add_device_flags, at_least
+from util.errors import one_line_errors
+from util.layouts import LAYOUTS, train_image_paths
+from util.runtime import select_device
+from util.thresholds import TRAINING_SOURCE, VALIDATION_SOURCE, write_thresholds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

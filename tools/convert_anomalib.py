@@ -5,9 +5,9 @@
 The converted pair loads in test_draem.py, predict.py and export_onnx.py like any other and computes, on our BGR
 images, the anomaly map anomalib computed on RGB ones. anomalib checkpoints trained with SSPCAB are refused.
 """
-from checkpoints import convert_anomalib_checkpoint
-from cli import ArgumentParser
-from errors import one_line_errors
+from util.checkpoints import convert_anomalib_checkpoint
+from util.cli import ArgumentParser
+from util.errors import one_line_errors
 
 
 @one_line_errors

@@ -6,7 +6,7 @@ name is kept and the other spellings are aliases (`--obj_id` / `--category`).
 import argparse
 import sys
 
-from runtime import PRECISIONS
+from util.runtime import PRECISIONS
 
 
 class ArgumentParser(argparse.ArgumentParser):

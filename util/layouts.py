@@ -23,8 +23,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from errors import DraemInputError
-from images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, sorted_images
+from util.errors import DraemInputError
+from util.images import FOLDER_IMAGE_SUFFIXES, IMAGE_SUFFIXES, sorted_images
 
 # The released programs' --obj_id order: id i is CATEGORIES[i]; -1 means all of them.
 CATEGORIES = (

@@ -26,15 +26,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from atomic import atomic_write_text
 from augment import augment_source, rotate
-from cli import ArgumentParser, at_least
-from data_loader import MVTecDRAEMTrainDataset, worker_init_fn
-from errors import DraemInputError, one_line_errors
-from images import read_image_uint8, to_chw, to_float
-from make_demo_data import make_demo_dataset
+from data_loader import (
+    ANOMALY_PROBABILITY,
+    IMAGE_ROTATION_DEGREES,
+    MAX_BETA,
+    ROTATE_IMAGE_PROBABILITY,
+    MVTecDRAEMTrainDataset,
+    blend_anomaly,
+    worker_init_fn,
+)
 from perlin import MASK_ROTATION_DEGREES, MASK_THRESHOLD, PERLIN_SCALE_EXPONENTS
-from synthesis import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
+from util.atomic import atomic_write_text
+from util.cli import ArgumentParser, at_least
+from util.demo_data import make_demo_dataset
+from util.errors import DraemInputError, one_line_errors
+from util.images import read_image_uint8, to_chw, to_float
 
 
 def released_style_perlin(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:

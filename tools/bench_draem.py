@@ -34,17 +34,17 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from atomic import atomic_write_text
-from cli import ArgumentParser, at_least
 from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything
-from errors import one_line_errors
-from evaluation import DraemScorer
+from device_synthesis import device_generator, synthesize_batch
+from engine.evaluation import DraemScorer
 from loss import DraemLoss
-from make_demo_data import make_demo_dataset
 from model_unet import DraemModel, check_image_size
-from runtime import prepare_model, select_device
-from synthesis_gpu import device_generator, synthesize_batch
 from train_draem import train_step
+from util.atomic import atomic_write_text
+from util.cli import ArgumentParser, at_least
+from util.demo_data import make_demo_dataset
+from util.errors import one_line_errors
+from util.runtime import prepare_model, select_device
 
 
 @dataclass(frozen=True)

@@ -11,21 +11,16 @@ import html
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from atomic import atomic_write_bytes, atomic_write_text
-from images import read_image, to_chw
-from metrics import MEAN_ROW, PAPER_METRICS, PAPER_RESULTS, TABLE_METRICS, THRESHOLD_METRICS
-from plots import png_bytes
-from visualize import heatmap_overlay, save_png
-
-if TYPE_CHECKING:  # evaluation imports this module to write the report
-    from evaluation import CategoryResult
+from util.atomic import atomic_write_bytes, atomic_write_text
+from util.images import read_image, to_chw
+from util.metrics import MEAN_ROW, PAPER_METRICS, PAPER_RESULTS, TABLE_METRICS, THRESHOLD_METRICS, CategoryResult
+from util.pictures import heatmap_overlay, png_bytes, save_png
 
 REPORT_NAME = "report.html"
 FILES_DIR = "report_files"
@@ -107,7 +102,7 @@ def _draw_curves(ax_roc, ax_pr, labels: np.ndarray, scores: np.ndarray, level: s
     ax_pr.axhline(labels.mean(), linestyle="--", color="grey", linewidth=0.8)  # chance: the anomalous fraction
 
 
-def curves_png(result: "CategoryResult") -> bytes:
+def curves_png(result: CategoryResult) -> bytes:
     """One PNG with four panels: image ROC, image PR, pixel ROC, pixel PR (pixels: masks after the released cast)."""
     figure = Figure(figsize=(14.0, 3.4), dpi=90, layout="constrained")
     axes = figure.subplots(1, 4)
@@ -220,7 +215,7 @@ def _table_notes(rows: Sequence[dict], stem: str) -> list[str]:
 
 
 def _gallery_html(
-    category: str, result: "CategoryResult", image_size: int, output_dir: Path, files: Path
+    category: str, result: CategoryResult, image_size: int, output_dir: Path, files: Path
 ) -> list[str]:
     """Write the category's overlays under `files` and return the gallery sections' HTML."""
     if len(result.paths) != len(result.scores):
@@ -243,7 +238,7 @@ def _gallery_html(
     return parts
 
 
-def _category_html(category: str, result: "CategoryResult", image_size: int, output_dir: Path) -> str:
+def _category_html(category: str, result: CategoryResult, image_size: int, output_dir: Path) -> str:
     """Write the category's pictures and return its section: counts, curves, galleries."""
     if result.maps.shape[1:] != (image_size, image_size):
         raise ValueError(f"{category}: anomaly maps are {result.maps.shape[1:]}, not the image size {image_size}")
@@ -268,7 +263,7 @@ def _category_html(category: str, result: "CategoryResult", image_size: int, out
 
 
 def write_report(
-    output_dir: str | os.PathLike, stem: str, rows: Sequence[dict], results: Mapping[str, "CategoryResult"],
+    output_dir: str | os.PathLike, stem: str, rows: Sequence[dict], results: Mapping[str, CategoryResult],
     image_size: int, title: str,
 ) -> Path:
     """Write `<output_dir>/report.html` and its pictures in `<output_dir>/report_files/`; return the page's path.

@@ -1,0 +1,1 @@
+"""The loops that run a model over data: scoring and evaluation, validation during training, calibration."""
