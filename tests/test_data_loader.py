@@ -205,6 +205,9 @@ def test_without_a_source_folder_the_sources_are_noise(tiny_mvtec):
     dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(32, 32))
     noise = dataset.draw_source(np.random.default_rng(0))
     assert noise.shape == (32, 32, 3) and noise.dtype == np.uint8 and noise.std() > 60
+    # Uniform over all 256 levels (anomalib's fallback): 12288 draws miss a level with probability 256 e^-48.
+    wide = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64)).draw_source(np.random.default_rng(1))
+    assert np.array_equal(np.unique(wide), np.arange(256)) and abs(wide.mean() - 127.5) < 5 * 73.9 / np.sqrt(wide.size)
     torch.manual_seed(1)
     assert any(dataset[0]["has_anomaly"][0] == 1 for _ in range(40))
 

@@ -76,9 +76,15 @@ def test_existing_dataset_needs_overwrite(tmp_path):
 
 
 def test_command_line_writes_the_dataset_and_rejects_bad_input(tmp_path, capsys):
-    demo = main(["--out", str(tmp_path), "--image_size", "32", "--n_train", "2", "--n_test_good", "1",
-                 "--n_test_per_defect", "1", "--n_sources", "2", "--categories", "gravel"])
+    demo = main(["--out", str(tmp_path), "--image_size", "32", "--n_train", "2", "--n_test_good", "3",
+                 "--n_test_per_defect", "1", "--n_sources", "4", "--categories", "gravel"])
     assert demo.categories == ("gravel",) and (demo.mvtec_root / "gravel" / "test" / "cut").is_dir()
+    # Every count flag where it belongs (distinct values, so two flags swapped would show).
+    counts = {folder: len(list((demo.mvtec_root / "gravel" / folder).glob("*.png")))
+              for folder in ("train/good", "test/good", "test/cut", "test/spot", "ground_truth/cut")}
+    assert counts == {"train/good": 2, "test/good": 3, "test/cut": 1, "test/spot": 1, "ground_truth/cut": 1}
+    assert len(find_anomaly_sources(demo.texture_root)) == 4
+    assert cv2.imread(str(demo.mvtec_root / "gravel" / "train" / "good" / "000.png")).shape == (32, 32, 3)
     assert not (demo.mvtec_root / "brick").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "other"), "--categories", "marble"])
