@@ -12,11 +12,11 @@ without the test set, or --threshold, which replaces the file's image threshold)
   output `is_anomalous` bool batch, image_score >= image threshold
   output `defect_mask`  bool batch×1×H×W, anomaly_map >= pixel threshold (only with the file's pixel threshold)
 Without a threshold the graph has the first two outputs only.
-The batch axis is dynamic; the image height and width are fixed at export. After writing the file, the graph is
+The batch axis is dynamic; the image height and width are fixed at export. Before the file is written, the graph is
 run with onnxruntime (CPU) on seeded random images at batch sizes 1 and 3 and compared with PyTorch;
-the largest differences are printed, and a difference above --tolerance is an error. The decisions
-must be equal, except where ONNX's and PyTorch's float values fall on opposite sides of the threshold
-(float rounding decides those; the float outputs' own check bounds it).
+the largest differences are printed, and a difference above --tolerance is an error (nothing is
+written). The decisions must be equal, except where ONNX's and PyTorch's float values fall on
+opposite sides of the threshold (float rounding decides those; the float outputs' own check bounds it).
 
 Uses torch's TorchScript-based exporter (dynamo=False): the torch.export-based one needs the extra
 `onnxscript` package, and this model (no data-dependent control flow) traces exactly.
@@ -169,13 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scorer, baked_line = thresholded(DraemScorer(model), args)
     check_output_file(args.output, "--output")  # before the export, not after it
     model_bytes = onnx_bytes(scorer, args.image_size, args.opset)
-    atomic_write_bytes(args.output, model_bytes)
-    side = ",".join(str(s) for s in args.image_size)
-    shapes = {OUTPUT_NAMES[0]: f"[batch,1,{side}]", OUTPUT_NAMES[1]: "[batch]", IS_ANOMALOUS: "[batch] bool",
-              DEFECT_MASK: f"[batch,1,{side}] bool"}
-    print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): {INPUT_NAME} [batch,3,{side}] -> "
-          + ", ".join(f"{name} {shapes[name]}" for name in output_names(scorer)))
     print(baked_line)
+    # Checked before anything is written: a graph that fails the check never lies under the requested name.
     worst = parity(scorer, model_bytes, args.image_size, seed=args.seed)
     sizes = ", ".join(str(b) for b in PARITY_BATCH_SIZES)
     print(f"parity with PyTorch (onnxruntime {onnxruntime.__version__}, CPU, random images, batch sizes {sizes}): "
@@ -189,6 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if mismatched:
         raise ParityCheckFailed("ONNX decisions differ from PyTorch's away from the threshold: "
                                 + ", ".join(f"{name} {value:.0f} elements" for name, value in mismatched.items()))
+    atomic_write_bytes(args.output, model_bytes)
+    side = ",".join(str(s) for s in args.image_size)
+    shapes = {OUTPUT_NAMES[0]: f"[batch,1,{side}]", OUTPUT_NAMES[1]: "[batch]", IS_ANOMALOUS: "[batch] bool",
+              DEFECT_MASK: f"[batch,1,{side}] bool"}
+    print(f"wrote {args.output} ({len(model_bytes) / 2**20:.1f} MiB, opset {args.opset}): {INPUT_NAME} [batch,3,{side}] -> "
+          + ", ".join(f"{name} {shapes[name]}" for name in output_names(scorer)))
     return worst
 
 

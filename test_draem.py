@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="test batch size (released: 1; larger is faster, same scores)")
     extra.add_argument("--output_dir", default="results", help="folder for the results tables and the overlays")
     extra.add_argument("--save_images", action="store_true",
-                       help="save a heat-map overlay (image, ground-truth contour, anomaly map) per test image")
+                       help="save a heat-map overlay (image, ground-truth contour, anomaly map) per test image in "
+                            "<output_dir>/overlays/<category>, or overlays/<base>/<category> with several base names")
     add_fast_flags(parser.add_argument_group("fast path (off by default)"))
     return parser.parse_args(argv)
 

@@ -155,6 +155,7 @@ def evaluate_checkpoints(
     threshold file beside a pair (util/thresholds.py), precision, recall and F1 at that threshold are reported too.
     `provenance` (util/provenance.py) goes into the results JSON and the report. Every checkpoint pair, threshold file,
     test image and mask, and the output folder, is checked before the first image is scored.
+    With `save_images`, every run's overlays are saved (see `overlay_folder`).
     Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
     """
     stem = f"results_{base_model_names[0]}" + (f"_{len(base_model_names)}runs" if len(base_model_names) > 1 else "")
@@ -178,7 +179,7 @@ def evaluate_checkpoints(
         runs[base_name] = {}
         for category in categories:
             model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
-            overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
+            overlay_dir = overlay_folder(output_dir, base_name, category, len(base_model_names)) if save_images else None
             stored = thresholds[base_name, category]
             result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
                                        batch_size, layout, mask_suffix, overlay_dir, stored, datasets[category])
@@ -201,3 +202,10 @@ def evaluate_checkpoints(
             mean, std = mean_and_std([run[category][name] for run in per_run])
             merged[category].update({name: mean, f"{name}_std": std} if len(per_run) > 1 else {name: mean})
     return merged
+
+
+def overlay_folder(output_dir: str | os.PathLike, base_name: str, category: str, num_runs: int) -> Path:
+    """Where --save_images puts a category's overlays: `overlays/<category>`, or `overlays/<base>/<category>` when
+    several runs are evaluated (their images have the same names)."""
+    overlays = Path(output_dir) / "overlays"
+    return overlays / category if num_runs == 1 else overlays / base_name / category

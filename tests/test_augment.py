@@ -150,6 +150,17 @@ def test_hue_saturation_moves_hue_and_saturation_by_the_shifts():
     assert np.median(after[..., 1] - before[..., 1]) == pytest.approx(-30, abs=3)
 
 
+def test_hue_wraps_around_the_full_circle():
+    """Hue is a circle of 256 steps: a red just below 360 degrees shifted +10 becomes an orange red (R largest, then G),
+    one just above 0 shifted -10 a magenta red (R largest, then B). Channel 0 is read as R (the released quirk).
+    A hue that wrapped at 180 steps would land at about 114 or 245 degrees: green or blue."""
+    reds = np.array([[[255, 0, 24], [255, 24, 0]]], dtype=np.uint8)  # hue 354 and 6 degrees: full-range 251 and 4
+    for shifted in (hue_saturation(reds[:, :1], 10, 0), hue_saturation(reds[:, 1:], -10, 0)):
+        assert shifted[0, 0].argmax() == 0, shifted
+    assert hue_saturation(reds[:, :1], 10, 0)[0, 0, 1] > hue_saturation(reds[:, :1], 10, 0)[0, 0, 2]
+    assert hue_saturation(reds[:, 1:], -10, 0)[0, 0, 2] > hue_saturation(reds[:, 1:], -10, 0)[0, 0, 1]
+
+
 def test_autocontrast_stretches_each_channel_with_its_cutoff():
     rng = np.random.default_rng(3)
     low, high = np.array([50, 0, 80]), np.array([150, 100, 200])

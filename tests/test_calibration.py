@@ -140,9 +140,10 @@ def test_threshold_file_round_trips(tmp_path):
     assert usable_thresholds(tmp_path / "ckpt", "base", "carpet", 64) == thresholds
     with pytest.raises(DraemInputError, match="image size 64"):
         usable_thresholds(tmp_path / "ckpt", "base", "carpet", 128)
-    path.write_text("{not json")
-    with pytest.raises(DraemInputError, match="calibrate"):
-        read_thresholds(tmp_path / "ckpt", "base", "carpet")
+    for broken in ("{not json", '{"image_threshold": 0.5}', '{"image_threshold": 0.5, "pixel_threshold": "high"}'):
+        path.write_text(broken)  # not JSON, no pixel threshold, not a number: each a one-line error, not a KeyError later
+        with pytest.raises(DraemInputError, match="calibrate"):
+            read_thresholds(tmp_path / "ckpt", "base", "carpet")
 
 
 def test_metrics_at_threshold_literal_cases():

@@ -1,4 +1,5 @@
 """Checkpoint I/O: released naming, bit-exact round trip, clear errors, anomalib conversion."""
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from model_unet import DraemModel, model_from_checkpoint
+from tools import convert_anomalib
 from util.checkpoints import (
     RELEASED_BASE_NAME,
     checkpoint_paths,
@@ -144,3 +146,21 @@ def test_model_from_checkpoint_infers_widths_and_sspcab(tmp_path):
     assert rebuilt.discriminative_subnetwork.encoder_segment.block1[0].out_channels == 4
     assert rebuilt.sspcab_io is None and type(rebuilt.reconstructive_subnetwork.encoder.block5).__name__ == "SSPCAB"
     assert_same_state(model, rebuilt)
+
+
+def test_convert_unpickles_objects_only_with_trust(tmp_path, capsys):
+    """A Lightning checkpoint pickles its hyper-parameters (here a Namespace): refused with the hint unless --trust."""
+    model = small_model(0)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": argparse.Namespace(lr=1e-4)}, tmp_path / "lightning.ckpt")
+    args = [str(tmp_path / "lightning.ckpt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id", "bottle"]
+    with pytest.raises(SystemExit) as exc:
+        convert_anomalib.main(args)
+    assert exc.value.code == 1 and "--trust" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    convert_anomalib.main([*args, "--trust"])
+    converted = small_model(1)
+    load_checkpoint(converted, tmp_path / "out", "DRAEM_anomalib", "bottle")
+    loaded = small_model(2)
+    load_anomalib_checkpoint(loaded, tmp_path / "lightning.ckpt", trusted=True)
+    assert_same_state(converted, loaded)

@@ -26,6 +26,7 @@ from model_unet import DraemModel, model_from_checkpoint
 from util import checkpoints, distributed
 from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
 from util.errors import DraemInputError
+from util.metrics import TABLE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -76,6 +77,14 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
         return sample
 
     TrainDataset.__getitem__ = recorded_draw
+    step = train_draem.train_step
+
+    def recorded_step(*args, **kwargs):  # this rank's own loss and parts, before any reduction over the ranks
+        loss, parts, *rest = step(*args, **kwargs)
+        note(step_loss=loss.item(), step_parts={name: value.item() for name, value in parts.items()})
+        return (loss, parts, *rest)
+
+    train_draem.train_step = recorded_step
     gather = distributed.gather_objects
     calls = {"n": 0}
 
@@ -87,6 +96,7 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
 
     # One process group for the three runs: train_draem uses a group that exists (re-creating one is slow and racy).
     dist.init_process_group("gloo")
+    note(average=distributed.average(torch.tensor([rank + 1.0, 10.0 * (rank + 1)])).tolist())
     run["name"] = "full"
     train_draem.main(training_args(data_root, texture_root, record_dir / "full"))
     run["name"], distributed.gather_objects = "cut", crash_in_epoch_2
@@ -132,7 +142,34 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(ddp_runs, tiny_mvtec, t
 
     results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path", str(ckpt),
                                "--base_model_name", BASE, "--image_size", "64", "--output_dir", str(tmp_path), "--device", "cpu"])
-    assert all(0.0 <= value <= 1.0 for value in results["brick"].values())
+    metrics = results["brick"]
+    assert set(metrics) == set(TABLE_METRICS)  # rank 0 calibrated a threshold file: the _at_t metrics are there
+    # Both classes are in the test set, so every metric is defined except precision at the threshold, which is
+    # NaN exactly when the threshold calls no test image anomalous; then nothing is found either.
+    defined = {name: value for name, value in metrics.items() if name != "image_precision_at_t"}
+    assert all(0.0 <= value <= 1.0 for value in defined.values()), defined
+    precision = metrics["image_precision_at_t"]
+    assert 0.0 <= precision <= 1.0 or (math.isnan(precision) and metrics["image_recall_at_t"] == 0.0), metrics
+
+
+def test_the_reduction_over_ranks_is_a_mean(ddp_runs):
+    for rank in (0, 1):
+        assert records(ddp_runs, rank, "", "average") == [[1.5, 15.0]]  # mean of [1, 10] and [2, 20], on every rank
+
+
+def test_the_logged_losses_are_the_mean_over_the_ranks(ddp_runs):
+    """Each epoch's logged loss and parts are the mean over both ranks of their own per-step values (a sum over
+    the ranks would log about twice as much). Each rank takes 3 of the 5 training images per epoch: one step of 4."""
+    log = [json.loads(line) for line in (ddp_runs / "full" / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()]
+    losses = [records(ddp_runs, rank, "full", "step_loss") for rank in (0, 1)]
+    parts = [records(ddp_runs, rank, "full", "step_parts") for rank in (0, 1)]
+    assert len(losses[0]) == len(losses[1]) == EPOCHS
+    assert losses[0] != losses[1]  # the ranks trained on different samples, so the mean is not either rank's value
+    for epoch, record in enumerate(log):
+        # float32 per step, averaged in float32: 1e-6 relative is far below the factor 2 of a sum.
+        assert record["loss"] == pytest.approx((losses[0][epoch] + losses[1][epoch]) / 2, rel=1e-6)
+        for name in ("l2", "ssim", "focal"):
+            assert record[name] == pytest.approx((parts[0][epoch][name] + parts[1][epoch][name]) / 2, rel=1e-6), name
 
 
 def test_ranks_draw_different_samples_and_share_one_epoch(ddp_runs, tiny_mvtec):

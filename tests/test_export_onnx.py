@@ -198,3 +198,23 @@ def test_parity_counts_decisions_that_differ_and_main_refuses_them(model, tmp_pa
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "is_anomalous 4 elements" in err
+
+
+@pytest.mark.parametrize("failure", ["float outputs", "decisions"])
+def test_a_graph_that_fails_the_parity_check_is_never_written(model, tmp_path, monkeypatch, capsys, failure):
+    """Nothing under the requested name (a file already there stays as it was), and no temporary file beside it."""
+    save_checkpoint(model, tmp_path / "ckpt", "tiny", "widget")
+    bad = {"anomaly_map": 0.0, "image_score": 0.0, "is_anomalous": 0.0}
+    bad.update({"image_score": 1.0} if failure == "float outputs" else {"is_anomalous": 2.0})
+    monkeypatch.setattr(export_onnx, "parity", lambda *args, **kwargs: bad)
+    args = ["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id", "widget",
+            "--image_size", str(SIZE), "--threshold", "0.5"]
+    for output, before in ((tmp_path / "new" / "draem.onnx", None), (tmp_path / "old" / "draem.onnx", b"a good old graph")):
+        if before is not None:
+            output.parent.mkdir()
+            output.write_bytes(before)
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--output", str(output)])
+        assert exc.value.code == 1 and capsys.readouterr().err.startswith("error: ")
+        assert (output.read_bytes() if output.exists() else None) == before
+        assert not output.parent.exists() or [p.name for p in output.parent.iterdir()] == ([output.name] if before else [])

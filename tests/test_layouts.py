@@ -8,8 +8,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_predict import calibrated_model
 
+import test_draem
+import train_draem
 from data_loader import LabelledImageDataset, TrainDataset, make_test_dataset
+from engine.validation import SampleSet
+from model_unet import model_from_checkpoint
+from util.checkpoints import save_checkpoint
 from util.errors import DraemInputError
 from util.images import read_image, read_mask, read_nonzero_mask
 from util.layouts import (
@@ -393,3 +399,43 @@ def test_loco_refuses_a_missing_or_empty_mask_folder_and_a_mask_suffix(loco_root
                                                                       "breakfast_box")
     assert "folder of masks per image" in one_line_error(evaluation_records, "mvtec_loco", loco_root, "breakfast_box",
                                                          mask_suffix="_gt")
+
+
+# --- flags through the programs ------------------------------------------------------------------
+
+@pytest.fixture
+def renamed_masks(tiny_mvtec, tmp_path) -> Path:
+    """brick as a folder-layout category whose masks are named <stem>_gt.png, and a tiny checkpoint pair for it."""
+    shutil.copytree(tiny_mvtec.mvtec_root / "brick", tmp_path / "data" / "brick")
+    for mask in (tmp_path / "data" / "brick" / "ground_truth").glob("*/*_mask.png"):
+        mask.rename(mask.with_name(mask.name.replace("_mask", "_gt")))
+    save_checkpoint(calibrated_model(4, seed=0), tmp_path / "ckpt", "tiny", "brick")
+    return tmp_path
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_test_draem_reads_folder_masks_by_the_mask_suffix_flag(renamed_masks):
+    args = ["--dataset", "folder", "--obj_id", "brick", "--data_path", str(renamed_masks / "data"), "--checkpoint_path",
+            str(renamed_masks / "ckpt"), "--base_model_name", "tiny", "--image_size", "64", "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a mask not found would warn
+        found = test_draem.main([*args, "--mask_suffix", "_gt", "--output_dir", str(renamed_masks / "gt")])["brick"]
+    assert 0 <= found["pixel_auroc"] <= 1 and 0 < found["pixel_ap"] <= 1
+    with pytest.warns(RuntimeWarning) as caught:  # masks not found, then pixel metrics undefined
+        default = test_draem.main([*args, "--output_dir", str(renamed_masks / "default")])["brick"]
+    assert any("4 of 4 defect images" in str(w.message) for w in caught)
+    assert math.isnan(default["pixel_auroc"]) and default["image_auroc"] == found["image_auroc"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_validation_on_the_test_set_reads_folder_masks_by_the_mask_suffix_flag(renamed_masks):
+    args = train_draem.parse_args(["--dataset", "folder", "--mask_suffix", "_gt", "--obj_id", "brick", "--data_path",
+                                   str(renamed_masks / "data"), "--image_size", "64", "--val_every", "1", "--val_test"])
+    val_set = SampleSet(torch.zeros(2, 3, 64, 64), torch.zeros(2, 1, 64, 64), torch.tensor([0.0, 1.0]))
+    model = model_from_checkpoint(renamed_masks / "ckpt", "tiny", "brick")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # validation on one normal and one empty-mask sample warns, so:
+        warnings.filterwarnings("ignore", "pixel masks", RuntimeWarning)
+        warnings.filterwarnings("ignore", "only class", RuntimeWarning)
+        record = train_draem.validate(args, model, val_set, "brick", torch.device("cpu"))
+    assert 0 <= record["test_pixel_auroc"] <= 1 and 0 < record["test_pixel_ap"] <= 1

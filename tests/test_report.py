@@ -12,8 +12,10 @@ import torch
 
 import test_draem
 from model_unet import DraemModel
+from util import report
 from util.checkpoints import save_checkpoint
 from util.metrics import CategoryResult, results_rows, write_results
+from util.pictures import GAP
 from util.report import thin_curve, write_report
 from util.thresholds import threshold_path
 
@@ -142,8 +144,9 @@ def test_test_draem_writes_a_report_with_the_json_numbers_and_prints_its_path_la
     model = DraemModel(4, 4).train()
     model(torch.rand(2, 3, 64, 64))  # one train-mode forward: the BatchNorm running statistics are real ones
     save_checkpoint(model, tmp_path / "ckpt", BASE, "brick")
-    # Every image called anomalous: the "at the calibrated threshold" cells are defined numbers, not empty.
-    threshold_path(tmp_path / "ckpt", BASE, "brick").write_text(json.dumps({"image_threshold": 0.0, "pixel_threshold": 0.5}))
+    # Every image called anomalous at the image threshold (0), none at the pixel one (2): the "at the calibrated
+    # threshold" cells are defined numbers, not empty, and recall 100 shows the image threshold was the one used.
+    threshold_path(tmp_path / "ckpt", BASE, "brick").write_text(json.dumps({"image_threshold": 0.0, "pixel_threshold": 2.0}))
     out = tmp_path / "results"
     test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path",
                      str(tmp_path / "ckpt"), "--base_model_name", BASE, "--image_size", "64", "--device", "cpu",
@@ -260,3 +263,92 @@ def test_pixel_curves_are_thinned_to_at_most_2000_points_keeping_both_ends():
     short = np.linspace(0, 1, 50)
     assert thin_curve(short, short)[0] is short
 
+
+
+# --- what the pictures show --------------------------------------------------------------------
+
+def hand_result() -> CategoryResult:
+    """Four images (normal, normal, anomalous, anomalous) with scores 0.1, 0.35, 0.3, 0.4, and 16 pixels of 2×2 maps:
+    the anomalous ones (image 2's four) at 0.9, 0.8, 0.7, 0.6, one normal at 0.65, the other eleven at 0.1."""
+    maps = np.full((4, 2, 2), 0.1, dtype=np.float32)
+    maps[0, 0, 0] = 0.65
+    maps[2] = [[0.9, 0.8], [0.7, 0.6]]
+    masks = np.zeros((4, 2, 2), dtype=np.uint8)
+    masks[2] = 1
+    scores = np.array([0.1, 0.35, 0.3, 0.4], dtype=np.float32)
+    return CategoryResult(CARPET, scores, np.array([0, 0, 1, 1], dtype=np.uint8), maps, masks, [])
+
+
+def drawn_figure(monkeypatch, result: CategoryResult):
+    figures = []
+    monkeypatch.setattr(report, "png_bytes", lambda figure: figures.append(figure) or b"")
+    report.curves_png(result)
+    (figure,) = figures
+    return figure
+
+
+def points(line) -> set[tuple[float, float]]:
+    return {(round(float(x), 6), round(float(y), 6)) for x, y in line.get_xydata()}
+
+
+def test_curves_plot_roc_and_precision_recall_of_the_images_and_of_the_pixels_on_their_axes(monkeypatch):
+    """By hand: images, thresholds 0.4, 0.35, 0.3, 0.1 give (FPR, TPR) (0, .5), (.5, .5), (.5, 1), (1, 1) and
+    (recall, precision) (.5, 1), (.5, .5), (1, 2/3), (1, .5). Pixels (4 of 16 anomalous), thresholds 0.9 .. 0.6:
+    (FPR, TPR) (0, .25), (0, .75), (1/12, .75), (1/12, 1); (recall, precision) (.25, 1), (.75, 1), (.75, .75),
+    (1, .8), (1, .25). Swapped axes, or the image data in a pixel panel, miss these points."""
+    axes = drawn_figure(monkeypatch, hand_result()).axes
+    assert [ax.get_title().split(",")[0] for ax in axes] == ["image ROC", "image PR", "pixel ROC", "pixel PR"]
+    for ax in axes:
+        assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.02)
+    for ax in axes[0::2]:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("false-positive rate", "true-positive rate")
+    for ax in axes[1::2]:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("recall", "precision")
+    image_roc, image_pr, pixel_roc, pixel_pr = (points(ax.lines[0]) for ax in axes)
+    assert {(0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)} <= image_roc and (0.5, 0.0) not in image_roc
+    assert {(0.5, 1.0), (0.5, 0.5), (1.0, 0.666667), (1.0, 0.5)} <= image_pr and (1.0, 0.0) not in image_pr
+    assert {(0.0, 0.25), (0.0, 0.75), (0.083333, 0.75), (0.083333, 1.0)} <= pixel_roc
+    assert {(0.25, 1.0), (0.75, 1.0), (0.75, 0.75), (1.0, 0.8), (1.0, 0.25)} <= pixel_pr
+    # Chance: the diagonal on ROC panels, the anomalous fraction (images 1/2, pixels 1/4) on PR panels.
+    assert points(axes[0].lines[1]) == {(0.0, 0.0), (1.0, 1.0)}
+    assert [round(float(y), 6) for y in axes[1].lines[1].get_ydata()] == [0.5, 0.5]
+    assert [round(float(y), 6) for y in axes[3].lines[1].get_ydata()] == [0.25, 0.25]
+    assert "AUROC 95.12 %" in axes[0].get_title()  # the metric of the results, not recomputed
+
+
+def test_each_gallery_picture_shows_its_own_image_ground_truth_and_map(tmp_path):
+    """Flat images of distinct colours; normal 000 scores highest with a map of ones (red in JET), normal 001 a map of
+    zeros (blue); the anomalous ones have a defect square. Each picture: image | image with the defect outlined in
+    red | heat map, each panel from the image it names."""
+    colours = {"good/000.png": (40, 90, 140), "good/001.png": (200, 60, 10), "crack/000.png": (90, 200, 90),
+               "crack/001.png": (10, 10, 230)}
+    paths = []
+    for name, colour in colours.items():
+        path = tmp_path / "carpet" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.full((32, 32, 3), colour, dtype=np.uint8))
+        paths.append(str(path))
+    maps = np.zeros((4, 32, 32), dtype=np.float32)
+    maps[0] = 1.0
+    masks = np.zeros((4, 32, 32), dtype=np.uint8)
+    masks[2:, 8:24, 8:24] = 1
+    result = CategoryResult(CARPET, np.array([0.9, 0.2, 0.3, 0.8], dtype=np.float32), np.array([0, 0, 1, 1], dtype=np.uint8),
+                            maps, masks, paths)
+    out = tmp_path / "out"
+    write_report(out, "results_x", results_rows([{"carpet": CARPET}]), {"carpet": result}, 32, "t")
+    galleries = parse_report(out / "report.html").galleries["carpet"]
+    assert galleries == {"false_alarm": ["good/000.png · score 0.900", "good/001.png · score 0.200"],
+                         "miss": ["crack/000.png · score 0.300"], "detection": ["crack/001.png · score 0.800"]}
+    step = 32 + GAP
+    for kind, shown in galleries.items():
+        for rank, caption in enumerate(shown, start=1):
+            name = caption.split(" ")[0]
+            picture = cv2.imread(str(out / "report_files" / "carpet" / f"{kind}_{rank}.png"))
+            image, outlined, heat = (picture[:, i * step : i * step + 32].astype(int) for i in range(3))
+            assert (image == colours[name]).all(), (kind, rank)
+            red_outline = (outlined[..., 2] == 255) & (outlined[..., :2] == 0).all(-1)
+            assert red_outline.any() == name.startswith("crack"), (kind, rank)
+            # The heat panel is half image, half JET colour: a map of 1 is dark red (0, 0, 128), a map of 0 dark blue
+            # (128, 0, 0), so red minus blue, less the image's half, is +64 or -64 (the score's text moves it a little).
+            red_minus_blue = (heat[..., 2] - heat[..., 0]).mean() - (image[..., 2] - image[..., 0]).mean() / 2
+            assert (red_minus_blue > 0) == (name == "good/000.png"), (kind, rank, red_minus_blue)

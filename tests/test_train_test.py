@@ -5,12 +5,14 @@ import signal
 import subprocess
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
+from test_predict import calibrated_model
 
 import test_draem
 import train_draem
-from util.checkpoints import checkpoint_paths, run_base_name
+from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
 from util.metrics import METRICS, TABLE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +151,19 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert [json.loads(line)["epoch"] for line in log] == [1]
     for state in read_states(tmp_path / "ckpt"):
         assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_save_images_writes_every_runs_overlays_when_several_base_names_are_tested(tiny_mvtec, tmp_path):
+    for seed, base in enumerate(("run_a", "run_b")):
+        save_checkpoint(calibrated_model(4, seed=seed), tmp_path / "ckpt", base, "brick")
+    test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path", str(tmp_path / "ckpt"),
+                     "--base_model_name", "run_a", "run_b", "--image_size", "64", "--device", "cpu", "--output_dir",
+                     str(tmp_path / "results"), "--save_images"])
+    names = sorted(f"{p.parent.name}_{p.stem}.png" for p in (tiny_mvtec.mvtec_root / "brick" / "test").glob("*/*.png"))
+    overlays = {base: sorted(p.name for p in (tmp_path / "results" / "overlays" / base / "brick").glob("*.png"))
+                for base in ("run_a", "run_b")}
+    assert overlays == {"run_a": names, "run_b": names}
+    # Each run's own maps: the two models score the images differently, so their pictures differ.
+    first, second = (cv2.imread(str(tmp_path / "results" / "overlays" / base / "brick" / names[0])) for base in overlays)
+    assert first.shape == second.shape and (first != second).any()

@@ -5,9 +5,9 @@ image and the anomaly source from disk, Perlin noise in float64 NumPy with full-
 tiles, all of it even for the half of the samples that end up normal. (imgaug itself no longer
 installs; our augmentation functions stand in for it, so its own cost is left out.) "ours" is
 TrainDataset: images decoded once, a bounded source cache, vectorised Perlin, no work
-for normal samples. For the same seed both give the same samples (masks bit for bit, images to
-float32 rounding); tests/test_data_loader.py checks it. Both run on one core in the main
-process, then in N DataLoader workers.
+for normal samples. Ours gives the released program's samples for the same seed (masks bit for bit,
+images to float32 rounding; tests/test_data_loader.py checks it against a reference written in the
+tests). Both run on one core in the main process, then in N DataLoader workers.
 
     python -m tools.bench_synthesis                       # demo images of MVTec size (1024 px), made in a temp folder
     python -m tools.bench_synthesis --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
