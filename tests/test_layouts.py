@@ -1,6 +1,7 @@
 """Dataset layouts: mvtec through the factories, the generic folder layout and VisA's 1cls.csv, on tiny fixtures."""
 import math
 import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -437,5 +438,8 @@ def test_training_validation_on_the_test_set_reads_folder_masks_by_the_mask_suff
         warnings.simplefilter("error", RuntimeWarning)  # validation on one normal and one empty-mask sample warns, so:
         warnings.filterwarnings("ignore", "pixel masks", RuntimeWarning)
         warnings.filterwarnings("ignore", "only class", RuntimeWarning)
-        record = train_draem.validate(args, model, val_set, "brick", torch.device("cpu"))
+        run = types.SimpleNamespace(args=args, model=model, val_set=val_set, category="brick", device=torch.device("cpu"),
+                                    best=None, base_name="tiny")
+        record = {"epoch": 1}
+        train_draem.validate(run, record)
     assert 0 <= record["test_pixel_auroc"] <= 1 and 0 < record["test_pixel_ap"] <= 1

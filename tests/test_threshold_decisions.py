@@ -185,10 +185,13 @@ def run_calibration(monkeypatch, tmp_path, val_set: SampleSet | None, training_i
 
     monkeypatch.setattr(calibration, "calibrate", recording)
     args = argparse.Namespace(good_dir=None, image_size=32, precision="fp32", channels_last=False, bs=8,
-                              calibration_samples=24, seed=3, checkpoint_path=str(tmp_path))
+                              calibration_samples=24, seed=3, checkpoint_path=str(tmp_path), threshold_rule="f1",
+                              dataset="mvtec")
     dataset = types.SimpleNamespace(images=training_images,
                                     draw_source=lambda rng: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    train_draem.calibrate_thresholds(args, BrightnessModel(), dataset, val_set, BASE, CATEGORY, CPU)
+    run = types.SimpleNamespace(args=args, model=BrightnessModel(), dataset=dataset, val_set=val_set, base_name=BASE,
+                                category=CATEGORY, device=CPU)
+    train_draem.calibrate_thresholds(run)
     return seen, json.loads(threshold_path(tmp_path, BASE, CATEGORY).read_text())
 
 
