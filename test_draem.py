@@ -12,7 +12,8 @@ Results go to --output_dir as Markdown, CSV and JSON, beside the paper's values,
 Several seeds of one configuration, reported as mean ± std:
 
     python test_draem.py --obj_id carpet --data_path datasets/mvtec --checkpoint_path checkpoints \\
-        --base_model_name DRAEM_test_0.0001_700_bs8 DRAEM_test_0.0001_700_bs8_seed1 DRAEM_test_0.0001_700_bs8_seed2
+        --base_model_name DRAEM_test_0.0001_700_bs8 DRAEM_test_0.0001_700_bs8_seed1 \\
+        DRAEM_test_0.0001_700_bs8_seed2
 """
 import argparse
 

@@ -1,7 +1,7 @@
 """Benchmark DRAEM's fast path side by side on whatever device is present; print a table, write JSON.
 
-    python -m tools.bench_draem                                     # paper size: widths 128/64, 256 px, batch 8 (a GPU job)
-    python -m tools.bench_draem --base_width 16 --image_size 128    # a small model: about a minute on a 2-core CPU
+    python -m tools.bench_draem                                   # paper size: widths 128/64, 256 px, batch 8
+    python -m tools.bench_draem --base_width 16 --image_size 128  # a small model: a minute on a 2-core CPU
 
 Measured in one run, every training row from the same initial weights and the same batch:
 - training samples/s of fp32 eager, then bf16 autocast, channels_last, torch.compile each alone, then

@@ -1,6 +1,7 @@
 """Convert an anomalib DRAEM checkpoint to the released two-file format, for BGR input (see util/checkpoints.py).
 
-    python -m tools.convert_anomalib draem.ckpt --checkpoint_path checkpoints --obj_id carpet --base_model_name DRAEM_anomalib
+    python -m tools.convert_anomalib draem.ckpt --checkpoint_path checkpoints --obj_id carpet \\
+        --base_model_name DRAEM_anomalib
 
 The converted pair loads in test_draem.py, predict.py and export_onnx.py like any other and computes, on our BGR
 images, the anomaly map anomalib computed on RGB ones. anomalib checkpoints trained with SSPCAB are refused.
