@@ -3,7 +3,8 @@
     python -m tools.calibrate --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
         --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
     python -m tools.calibrate --rule mean_std --dataset mvtec_ad2 --obj_id can \\
-        --data_path datasets/mvtec_ad2 --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 --image_size 256 512
+        --data_path datasets/mvtec_ad2 --checkpoint_path checkpoints \\
+        --base_model_name DRAEM_test_0.0001_700_bs8 --image_size 256 512
 
 Makes --samples training-style samples from the category's training images (about half with a
 synthetic anomaly, METHOD.md §2), scores them with the test protocol, and picks the image-score
