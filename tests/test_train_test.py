@@ -72,7 +72,7 @@ def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
         assert {"torch", "torchvision", "numpy", "opencv", "scikit-learn"} <= set(record["versions"])
         assert record["versions"]["torch"] == str(torch.__version__)
         assert record["device"].startswith("cpu") and record["threads"] == torch.get_num_threads()
-        assert record["flags"]["image_size"] == 64
+        assert tuple(record["flags"]["image_size"]) == (64, 64)  # --image_size 64: (height, width)
     assert table["provenance"]["flags"]["base_model_name"] == [base]
     assert thresholds["provenance"]["flags"]["epochs"] == 2
     report = (tmp_path / "results" / "report.html").read_text()
