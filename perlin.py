@@ -29,7 +29,8 @@ MASK_THRESHOLD = 0.5
 
 
 def fade(t: float | np.ndarray | torch.Tensor) -> float | np.ndarray | torch.Tensor:
-    """Perlin's quintic fade 6t^5 - 15t^4 + 10t^3: smooth cell-to-cell blending (zero 1st and 2nd derivative at 0 and 1)."""
+    """Perlin's quintic fade 6t^5 - 15t^4 + 10t^3: smooth cell-to-cell blending (zero 1st and 2nd derivative
+    at 0 and 1)."""
     return 6 * t**5 - 15 * t**4 + 10 * t**3
 
 
@@ -90,11 +91,13 @@ def perlin_noise_batch(
     u, v = u[:, :, None], v[:, None, :]  # (B, H, 1) and (B, 1, W): offsets inside the cell along y and x
     # Flat index of each pixel's top-left cell corner in the (B, Gy, Gx) gradient grid: one 1-D
     # `take` per corner and component is the fastest gather in both NumPy and torch.
-    top_left = (_arange(batch, gradients)[:, None, None] * lattice_y + cell_y[:, :, None]) * lattice_x + cell_x[:, None, :]
+    top_left = ((_arange(batch, gradients)[:, None, None] * lattice_y + cell_y[:, :, None]) * lattice_x
+                + cell_x[:, None, :])
     grad_y, grad_x = gradients[..., 0].reshape(-1), gradients[..., 1].reshape(-1)
 
     def corner_dot(dy: int, dx: int):
-        """Gradient at each pixel's cell corner (+dy, +dx), dotted with the pixel's offset from that corner."""
+        """Gradient at each pixel's cell corner (+dy, +dx), dotted with the pixel's offset from that
+        corner."""
         corner = top_left + (dy * lattice_x + dx)
         return grad_y.take(corner) * (u - dy) + grad_x.take(corner) * (v - dx)
 
@@ -107,19 +110,22 @@ def perlin_noise_batch(
 def perlin_noise(
     shape: tuple[int, int], res: tuple[int, int], gradients: np.ndarray | torch.Tensor
 ) -> np.ndarray | torch.Tensor:
-    """One map of Perlin noise (H, W) with res = (cells along y, cells along x) and gradients (ry + 1, rx + 1, 2)."""
+    """One map of Perlin noise (H, W) with res = (cells along y, cells along x) and gradients (ry + 1, rx + 1,
+    2)."""
     return perlin_noise_batch(shape, [tuple(int(r) for r in res)], gradients[None])[0]
 
 
 def noise_canvas(shape: tuple[int, int]) -> tuple[int, float]:
-    """(side, factor): the square canvas the noise of an H x W mask is made on (its longer side) and how many times
-    the shorter side that is; the drawn cell counts are multiplied by `factor` (module docstring). Square: (H, 1.0)."""
+    """(side, factor): the square canvas the noise of an H x W mask is made on (its longer side) and how many
+    times the shorter side that is; the drawn cell counts are multiplied by `factor` (module docstring).
+    Square: (H, 1.0)."""
     side = max(shape)
     return side, side / min(shape)
 
 
 def scaled_cells(res: np.ndarray | torch.Tensor, factor: float) -> np.ndarray | torch.Tensor:
-    """Cell counts drawn for the shorter side, times `factor` and rounded (at least 1): the canvas's counts."""
+    """Cell counts drawn for the shorter side, times `factor` and rounded (at least 1): the canvas's
+    counts."""
     if factor == 1:
         return res
     if isinstance(res, torch.Tensor):
@@ -158,11 +164,13 @@ def perlin_mask_batch(
 ) -> torch.Tensor:
     """`batch_size` random binary masks (B, 1, H, W) float32 on `device`, drawn like `perlin_mask`.
 
-    `generator`, if given, must live on `device`. A non-square shape is cut from a square canvas (module docstring).
+    `generator`, if given, must live on `device`. A non-square shape is cut from a square canvas (module
+    docstring).
     """
     low, high = PERLIN_SCALE_EXPONENTS
     side, factor = noise_canvas(shape)
-    res = scaled_cells(2 ** torch.randint(low, high, (batch_size, 2), generator=generator, device=device), factor)
+    res = scaled_cells(2 ** torch.randint(low, high, (batch_size, 2), generator=generator, device=device),
+                       factor)
     cells = int(scaled_cells(np.array(MAX_PERLIN_CELLS), factor)) + 1
     angles = torch.rand(batch_size, cells, cells, generator=generator, device=device) * (2 * math.pi)
     noise = perlin_noise_batch((side, side), res, gradients_from_angles(angles))

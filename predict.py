@@ -63,11 +63,13 @@ def input_images(input_path: str | Path, skip_dir: str | Path | None = None) -> 
             raise DraemInputError(f"--input {input_path} is not an image file "
                                   f"(expected one of {', '.join(FOLDER_IMAGE_SUFFIXES)})")
         return [input_path]
-    return find_images(input_path, "--input", hint=" (give an image file or a folder of images)", skip=skip_dir)
+    return find_images(input_path, "--input", hint=" (give an image file or a folder of images)",
+                       skip=skip_dir)
 
 
 class ImageFiles(Dataset):
-    """Reads image files with the project's test preprocessing; an unreadable file yields its error instead."""
+    """Reads image files with the project's test preprocessing; an unreadable file yields its error
+    instead."""
 
     def __init__(self, paths: list[Path], image_size: int | tuple[int, int]):
         self.paths = paths
@@ -102,8 +104,9 @@ def defect_mask(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
 
 @torch.no_grad()
 def predict(
-    scorer: DraemScorer, paths: list[Path], image_size: int | tuple[int, int], device: torch.device, batch_size: int = 8,
-    num_workers: int = 0, on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
+    scorer: DraemScorer, paths: list[Path], image_size: int | tuple[int, int], device: torch.device,
+    batch_size: int = 8, num_workers: int = 0,
+    on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
 ) -> tuple[list[float | None], list[str]]:
     """Score `paths` in order; return (score or None, error or '') per path.
 
@@ -111,7 +114,8 @@ def predict(
     """
     scores: list[float | None] = [None] * len(paths)
     errors = [""] * len(paths)
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=list)
     scorer.eval().to(device)
     for batch in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
         for index, _, error in batch:
@@ -128,8 +132,10 @@ def predict(
     return scores, errors
 
 
-def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str], threshold: float | None) -> str:
-    """CSV text: path, image_score, [is_anomalous (score >= threshold)], error; empty cells for unread files."""
+def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str],
+               threshold: float | None) -> str:
+    """CSV text: path, image_score, [is_anomalous (score >= threshold)], error; empty cells for unread
+    files."""
     buffer = io.StringIO()
     columns = ["path", "image_score"] + (["is_anomalous"] if threshold is not None else []) + ["error"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -146,14 +152,17 @@ def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str],
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_checkpoint_flags(parser)
-    parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
+    parser.add_argument("--input", required=True,
+                        help="an image file, or a folder searched recursively for images")
     parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
     parser.add_argument("--threshold", type=finite_float, default=None,
-                        help="image threshold (finite) of the is_anomalous column (1 where image score >= threshold, else 0); "
-                             "default: the image threshold of the checkpoint pair's threshold file, if it has one")
+                        help="image threshold (finite) of the is_anomalous column (1 where image score >= "
+                             "threshold, else 0); default: the image threshold of the checkpoint pair's "
+                             "threshold file, if it has one")
     parser.add_argument("--save_images", action="store_true",
-                        help="save a heat-map overlay per image under <output_dir>/overlays and, when the threshold "
-                             "file gives a pixel threshold, a 0/255 defect mask per image under <output_dir>/masks")
+                        help="save a heat-map overlay per image under <output_dir>/overlays and, when the "
+                             "threshold file gives a pixel threshold, a 0/255 defect mask per image under "
+                             "<output_dir>/masks")
     add_image_size_flag(parser)
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same scores)")
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> Path:
     check_image_size(args.image_size)
     paths = input_images(args.input, skip_dir=args.output_dir)
     device = select_device(args.device, args.gpu_id)
-    model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id).to(device),
+    model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name,
+                                                args.obj_id).to(device),
                           args.channels_last, args.compile)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     output_dir = Path(args.output_dir)
@@ -188,7 +198,8 @@ def main(argv: list[str] | None = None) -> Path:
         save_png(output_image_path(output_dir, OVERLAY_DIR, Path(args.input), paths[index]),
                  heatmap_overlay(image, amap, score=score))
         if pixel_threshold is not None:
-            save_png(output_image_path(output_dir, MASK_DIR, Path(args.input), paths[index]), defect_mask(amap, pixel_threshold))
+            save_png(output_image_path(output_dir, MASK_DIR, Path(args.input), paths[index]),
+                     defect_mask(amap, pixel_threshold))
 
     scores, errors = predict(scorer, paths, args.image_size, device, args.batch_size, args.workers,
                              on_scored=save_images if args.save_images else None)
@@ -202,7 +213,8 @@ def main(argv: list[str] | None = None) -> Path:
         called = sum(1 for s in scores if s is not None and s >= threshold)
         summary += f"; {called} at or above image threshold {threshold:.6g} ({threshold_source})"
     else:
-        summary += f"; no threshold ({threshold_file} not found: run python -m tools.calibrate, or give --threshold)"
+        summary += (f"; no threshold ({threshold_file} not found: run python -m tools.calibrate, or give "
+                    f"--threshold)")
     if args.save_images and pixel_threshold is not None:
         summary += f"; defect masks at pixel threshold {pixel_threshold:.6g} in {output_dir / MASK_DIR}"
     print(f"{summary}; wrote {csv_path}")

@@ -56,7 +56,8 @@ class DraemScorer(nn.Module):
         return amap, image_scores(amap)
 
 
-def tensor_batches(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[dict]:
+def tensor_batches(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int) -> Iterator[dict]:
     """Samples held in memory (N×3×H×W, N×1×H×W, (N,)) as the scoring loop's batches, in order."""
     for start in range(0, len(images), batch_size):
         end = start + batch_size
@@ -65,11 +66,11 @@ def tensor_batches(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tens
 
 @torch.no_grad()
 def score(
-    scorer: nn.Module, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
-    overlay_dir: Path | None = None, desc: str = "test",
+    scorer: nn.Module, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int],
+    device: torch.device, overlay_dir: Path | None = None, desc: str = "test",
 ) -> tuple[DraemEvaluator, list[str]]:
-    """The one scoring loop (test, validation, calibration): `batches` of {"image", "mask", "has_anomaly"} (and "path"
-    for overlays) scored by `scorer` into a DraemEvaluator; returns it and the paths in order.
+    """The one scoring loop (test, validation, calibration): `batches` of {"image", "mask", "has_anomaly"}
+    (and "path" for overlays) scored by `scorer` into a DraemEvaluator; returns it and the paths in order.
 
     With `overlay_dir`, each image's heat-map overlay is saved as `<overlay_dir>/<defect>_<stem>.png`.
     Leaves the model in eval mode.
@@ -90,8 +91,8 @@ def score(
 
 
 def evaluate(
-    scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int], device: torch.device,
-    overlay_dir: Path | None = None, desc: str = "test",
+    scorer: DraemScorer, batches: Iterable[dict], num_images: int, image_shape: tuple[int, int],
+    device: torch.device, overlay_dir: Path | None = None, desc: str = "test",
 ) -> CategoryResult:
     """The protocol's metrics over scored `batches` (see `score`), and what they were computed from."""
     evaluator, paths = score(scorer, batches, num_images, image_shape, device, overlay_dir, desc)
@@ -103,10 +104,11 @@ def evaluate(
 def evaluate_category(
     scorer: DraemScorer, data_path: str | os.PathLike, category: str, image_size: int | tuple[int, int],
     device: torch.device, batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask",
-    overlay_dir: Path | None = None, thresholds: dict | None = None, dataset: LabelledImageDataset | None = None,
+    overlay_dir: Path | None = None, thresholds: dict | None = None,
+    dataset: LabelledImageDataset | None = None,
 ) -> CategoryResult:
-    """The released protocol on one category's test set (see `evaluate`); image_size: a side or (height, width);
-    `dataset`: that test set, already made.
+    """The released protocol on one category's test set (see `evaluate`); image_size: a side or (height,
+    width).
 
     mvtec_ad2: plus AU-PRO@0.05, SegF1 and ClassF1 at full resolution (SegF1 and ClassF1 at `thresholds`, a
     threshold file's contents; NaN without). `dataset`: that test set, already made.
@@ -124,48 +126,55 @@ def evaluate_category(
 def full_resolution_metrics(
     result: CategoryResult, dataset: LabelledImageDataset, thresholds: dict | None
 ) -> dict[str, float]:
-    """MVTec AD 2's leaderboard metrics of an evaluated test set (FullResolutionEvaluator): each working-size map
-    at its image's own size, as the submission writer makes it (util.ad2), against the mask at that size (every
-    non-zero pixel anomalous); the masks and image decisions of `thresholds` when given."""
+    """MVTec AD 2's leaderboard metrics of an evaluated test set (FullResolutionEvaluator): each working-size
+    map at its image's own size, as the submission writer makes it (util.ad2), against the mask at that size
+    (every non-zero pixel anomalous); the masks and image decisions of `thresholds` when given."""
     evaluator = FullResolutionEvaluator()
     for path, amap, image_score, label in zip(result.paths, result.maps, result.scores.tolist(),
                                               result.labels.tolist()):
         mask_path, shape = dataset.mask_path(Path(path)), stored_shape(path)
         truth = np.zeros(shape, dtype=bool) if mask_path is None else nonzero_mask(mask_path)
         if truth.shape != shape:
-            raise DraemInputError(f"ground-truth mask {mask_path} is {truth.shape[0]}x{truth.shape[1]}, its image "
-                                  f"{path} {shape[0]}x{shape[1]}: full-resolution metrics need masks at the "
-                                  "image's size")
+            raise DraemInputError(f"ground-truth mask {mask_path} is {truth.shape[0]}x{truth.shape[1]}, its "
+                                  f"image {path} {shape[0]}x{shape[1]}: full-resolution metrics need masks "
+                                  f"at the image's size")
         full = full_resolution_map(amap, shape)
         if thresholds is None:
             evaluator.update(full, truth, label)
             continue
-        predicted = submission_mask(full, image_score, thresholds["image_threshold"], thresholds["pixel_threshold"])
+        predicted = submission_mask(full, image_score, thresholds["image_threshold"],
+                                    thresholds["pixel_threshold"])
         evaluator.update(full, truth, label, predicted, image_decision(predicted))
     return evaluator.compute()
 
 
 def evaluate_checkpoints(
     *, checkpoint_path: str | os.PathLike, base_model_names: Sequence[str], data_path: str | os.PathLike,
-    categories: Sequence[str], image_size: int | tuple[int, int], device: torch.device, output_dir: str | os.PathLike,
-    batch_size: int = 1, layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
+    categories: Sequence[str], image_size: int | tuple[int, int], device: torch.device,
+    output_dir: str | os.PathLike, batch_size: int = 1,
+    layout: str = "mvtec", mask_suffix: str = "_mask", precision: str = "fp32", channels_last: bool = False,
     compile: bool = False, save_images: bool = False, provenance: dict | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print the table.
+    """Evaluate each category's checkpoint pair of each run, write the results tables and the report, print
+    the table.
 
-    Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With a
-    threshold file beside a pair (util/thresholds.py), precision, recall and F1 at that threshold are reported too.
-    `provenance` (util/provenance.py) goes into the results JSON and the report. Every checkpoint pair, threshold file,
-    test image and mask, and the output folder, is checked before the first image is scored.
-    Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are several.
+    Several base names are runs of one configuration (e.g. seeds): the tables give mean ± std over them. With
+    a threshold file beside a pair (util/thresholds.py), precision, recall and F1 at that threshold are
+    reported too. `provenance` (util/provenance.py) goes into the results JSON and the report. Every
+    checkpoint pair, threshold file, test image and mask, and the output folder, is checked before the first
+    image is scored.
+    With `save_images`, every run's overlays are saved (see `overlay_folder`).
+    Returns per category the metrics (fractions), averaged over the runs, with `<metric>_std` when there are
+    several.
     """
-    stem = f"results_{base_model_names[0]}" + (f"_{len(base_model_names)}runs" if len(base_model_names) > 1 else "")
+    stem = (f"results_{base_model_names[0]}"
+            + (f"_{len(base_model_names)}runs" if len(base_model_names) > 1 else ""))
     check_output_folder(output_dir, "--output_dir")
     check_output_files([Path(output_dir) / f"{stem}.{suffix}" for suffix in ("md", "csv", "json")]
                        + [Path(output_dir) / REPORT_NAME], "a results file")
     if (Path(output_dir) / FILES_DIR).is_file():
-        raise DraemInputError(f"{Path(output_dir) / FILES_DIR} is a file, but the report puts its pictures in a folder of "
-                              "that name: move the file away")
+        raise DraemInputError(f"{Path(output_dir) / FILES_DIR} is a file, but the report puts its pictures "
+                              f"in a folder of that name: move the file away")
     datasets = {category: make_test_dataset(layout, data_path, category, image_shape(image_size), mask_suffix)
                 for category in categories}
     thresholds = {}
@@ -173,26 +182,33 @@ def evaluate_checkpoints(
         for category in categories:
             for path in checkpoint_paths(checkpoint_path, base_name, category):
                 if not path.is_file():
-                    raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
-            thresholds[base_name, category] = usable_thresholds(checkpoint_path, base_name, category, image_size)
+                    raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and "
+                                          f"--base_model_name)")
+            thresholds[base_name, category] = usable_thresholds(checkpoint_path, base_name, category,
+                                                                image_size)
     runs: dict[str, dict[str, CategoryResult]] = {}
     for base_name in base_model_names:
         runs[base_name] = {}
         for category in categories:
-            model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device), channels_last, compile)
-            overlay_dir = Path(output_dir) / "overlays" / category if save_images and len(base_model_names) == 1 else None
+            model = prepare_model(model_from_checkpoint(checkpoint_path, base_name, category).to(device),
+                                  channels_last, compile)
+            overlay_dir = (overlay_folder(output_dir, base_name, category, len(base_model_names))
+                           if save_images else None)
             stored = thresholds[base_name, category]
-            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category, image_size, device,
-                                       batch_size, layout, mask_suffix, overlay_dir, stored, datasets[category])
+            result = evaluate_category(DraemScorer(model, precision, channels_last), data_path, category,
+                                       image_size, device, batch_size, layout, mask_suffix, overlay_dir,
+                                       stored, datasets[category])
             threshold = None if stored is None else stored["image_threshold"]
             result.metrics.update(metrics_at_threshold(result.labels, result.scores, threshold))
             runs[base_name][category] = result
-    per_run = [{category: result.metrics for category, result in results.items()} for results in runs.values()]
+    per_run = [{category: result.metrics for category, result in results.items()}
+               for results in runs.values()]
     rows = results_rows(per_run)
     written = write_results(rows, output_dir, stem, provenance)
     print(format_markdown(rows))
     print(f"results written to {', '.join(str(p) for p in written.values())}")
-    # Curves and pictures need one run's maps: the first; the page says so when the table is over several runs.
+    # Curves and pictures need one run's maps: the first; the page says so when the table is over several
+    # runs.
     title = f"DRAEM results: {', '.join(base_model_names)}"
     report = write_report(output_dir, stem, rows, runs[base_model_names[0]], image_size, title, provenance)
     print(f"report: {report}")  # last line, so a caller or a log reader finds the page
@@ -203,3 +219,10 @@ def evaluate_checkpoints(
             mean, std = mean_and_std([run[category][name] for run in per_run])
             merged[category].update({name: mean, f"{name}_std": std} if len(per_run) > 1 else {name: mean})
     return merged
+
+
+def overlay_folder(output_dir: str | os.PathLike, base_name: str, category: str, num_runs: int) -> Path:
+    """Where --save_images puts a category's overlays: `overlays/<category>`, or `overlays/<base>/<category>`
+    when several runs are evaluated (their images have the same names)."""
+    overlays = Path(output_dir) / "overlays"
+    return overlays / category if num_runs == 1 else overlays / base_name / category

@@ -28,7 +28,8 @@ SYNTHESIS_STREAM = 2
 
 
 class SampleSet(NamedTuple):
-    """Synthetic training-mix samples held in memory: the validation set, and the calibration set of the thresholds."""
+    """Synthetic training-mix samples held in memory: the validation set, and the calibration set of the
+    thresholds."""
 
     images: torch.Tensor  # N×3×H×W synthetic inputs (the augmented images), float32 in [0, 1]
     masks: torch.Tensor  # N×1×H×W binary anomaly masks
@@ -36,7 +37,8 @@ class SampleSet(NamedTuple):
 
 
 def split_paths(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """(kept, held out): a seeded `fraction` of the training image paths held out, at least one, and at least one kept.
+    """(kept, held out): a seeded `fraction` of the training image paths held out, at least one, and at least
+    one kept.
 
     Both lists keep the order of `paths`.
     """
@@ -55,9 +57,11 @@ def split_paths(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list
 def synthesize(
     images: np.ndarray, draw_source: Callable[[np.random.Generator], np.ndarray], num_samples: int, seed: int
 ) -> SampleSet:
-    """`num_samples` training-style samples from `images` (uint8 N×H×W×3), all drawn from one generator seeded by `seed`."""
+    """`num_samples` training-style samples from `images` (uint8 N×H×W×3), all drawn from one generator seeded
+    by `seed`."""
     rng = np.random.default_rng([SYNTHESIS_STREAM, seed])
-    samples = [make_training_sample(rng, len(images), images.__getitem__, draw_source) for _ in range(num_samples)]
+    samples = [make_training_sample(rng, len(images), images.__getitem__, draw_source)
+               for _ in range(num_samples)]
     return SampleSet(
         images=torch.from_numpy(np.stack([s["augmented_image"] for s in samples])),
         masks=torch.from_numpy(np.stack([s["anomaly_mask"] for s in samples])),
@@ -69,7 +73,8 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in metrics.items()}
 
 
-def evaluate_synthetic(scorer: DraemScorer, val_set: SampleSet, device: torch.device, batch_size: int) -> dict[str, float]:
+def evaluate_synthetic(scorer: DraemScorer, val_set: SampleSet, device: torch.device,
+                       batch_size: int) -> dict[str, float]:
     """The test protocol's metrics on the validation set, keys `val_*`; leaves the model in eval mode."""
     n, _, height, width = val_set.images.shape
     batches = tensor_batches(val_set.images, val_set.masks, val_set.labels, batch_size)
@@ -77,16 +82,18 @@ def evaluate_synthetic(scorer: DraemScorer, val_set: SampleSet, device: torch.de
 
 
 def evaluate_test_set(
-    scorer: DraemScorer, data_path: str | Path, category: str, image_size: int | tuple[int, int], device: torch.device,
-    batch_size: int,
+    scorer: DraemScorer, data_path: str | Path, category: str, image_size: int | tuple[int, int],
+    device: torch.device, batch_size: int,
     layout: str = "mvtec", mask_suffix: str = "_mask",
 ) -> dict[str, float]:
-    """The released test protocol on the category's test set, keys `test_*`; {} when the layout has no test folder for it.
+    """The released test protocol on the category's test set, keys `test_*`; {} when the layout has no test
+    folder for it.
 
     VisA always has a test split (its CSV lists it); the other layouts need `<data_path>/<category>/test`
     (mvtec_ad2: `test_public`).
     """
     if not has_test_set(layout, data_path, category):
         return {}
-    result = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout, mask_suffix)
+    result = evaluate_category(scorer, data_path, category, image_size, device, batch_size, layout,
+                               mask_suffix)
     return prefixed(result.metrics, "test_")

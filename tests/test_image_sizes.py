@@ -52,6 +52,7 @@ def test_a_non_square_mask_is_cut_from_a_square_canvas_with_cells_of_one_size():
 def test_both_syntheses_make_samples_of_height_and_width():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+
     def noise(r: np.random.Generator) -> np.ndarray:
         return r.integers(0, 256, (32, 64, 3), dtype=np.uint8)
 

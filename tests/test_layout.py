@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("util", "engine", "tools")
 ROOT_PROGRAMS = {"train_draem", "test_draem", "predict", "export_onnx"}
 METHOD = {"model_unet", "loss", "data_loader", "perlin", "augment", "device_synthesis"}
-MEASURES = {("tools.bench_draem", "train_draem")}  # the training benchmark times train_draem.train_step itself
+# the training benchmark times train_draem.train_step itself
+MEASURES = {("tools.bench_draem", "train_draem")}
 
 
 def project_sources() -> dict[str, str]:
@@ -36,7 +37,8 @@ def is_program(module: str) -> bool:
 
 
 def imported_modules(node: ast.AST, modules: set[str]) -> list[str]:
-    """The project modules an import statement names (`from util import x` names util.x when that is a module)."""
+    """The project modules an import statement names (`from util import x` names util.x when that is a
+    module)."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -94,7 +96,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_repository_keeps_its_shape():
     sources = project_sources()
-    assert {"train_draem", "model_unet", "util.errors", "engine.evaluation", "tools.calibrate"} <= set(sources)
+    assert ({"train_draem", "model_unet", "util.errors", "engine.evaluation", "tools.calibrate"}
+            <= set(sources))
     assert violations(sources) == []
 
 
@@ -121,11 +124,13 @@ def test_the_check_catches_a_program_importing_a_program():
 def test_the_check_catches_a_cycle_and_an_import_hidden_to_dodge_it():
     sources = project_sources()
     assert any(line.startswith("import cycle: ") and "engine.evaluation" in line
-               for line in violations(with_line(sources, "engine.evaluation", "from engine import calibration")))
+               for line in violations(with_line(sources, "engine.evaluation",
+                                                "from engine import calibration")))
     hidden = sources["engine.evaluation"] + "\n\ndef late():\n    from engine import calibration\n"
     assert "engine.evaluation: imports engine.calibration inside a function, class or if" in violations(
         {**sources, "engine.evaluation": hidden})
-    guarded = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from engine.validation import SampleSet\n"
+    guarded = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from engine.validation import "
+               "SampleSet\n")
     assert "engine.evaluation: imports engine.validation inside a function, class or if" in violations(
         with_line(sources, "engine.evaluation", guarded))
 
@@ -144,7 +149,8 @@ def readme_programs() -> set[tuple[str, ...]]:
 
 
 def test_every_program_the_readme_shows_answers_help_from_the_repository_root(capsys):
-    # In process (the root is on sys.path, as for `python -m` from the root): importing torch once, not per program.
+    # In process (the root is on sys.path, as for `python -m` from the root): importing torch once, not per
+    # program.
     programs = readme_programs()
     assert {("train_draem.py",), ("test_draem.py",), ("-m", "tools.calibrate")} <= programs
     for program in sorted(programs):

@@ -28,7 +28,8 @@ SIZE = 32
 
 
 def blurred_defect_masks(rng: np.random.Generator, n: int) -> np.ndarray:
-    """N×SIZE×SIZE float masks like the loader's: a coarse 0/1 mask bilinearly upsampled, so borders are fractional."""
+    """N×SIZE×SIZE float masks like the loader's: a coarse 0/1 mask bilinearly upsampled, so borders are
+    fractional."""
     coarse = (rng.random((n, 8, 8)) < 0.3).astype(np.float32)
     coarse[0] = 0  # one good image
     return np.stack([cv2.resize(m, (SIZE, SIZE)) for m in coarse])
@@ -40,7 +41,8 @@ def fake_batch(seed: int, n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch
     masks = blurred_defect_masks(rng, n)
     maps = np.clip(0.6 * rng.random(masks.shape) + 0.5 * (masks > 0), 0, 1).astype(np.float32)
     labels = (masks.reshape(n, -1).max(axis=1) > 0).astype(np.int64)
-    return torch.from_numpy(maps)[:, None], torch.from_numpy(masks)[:, None], torch.from_numpy(labels)[:, None]
+    return (torch.from_numpy(maps)[:, None], torch.from_numpy(masks)[:, None],
+            torch.from_numpy(labels)[:, None])
 
 
 def box_mean_max(image: np.ndarray) -> float:
@@ -137,8 +139,8 @@ def test_aupro_perfect_is_one_and_constant_is_fpr_limit_over_two():
 
 
 def reference_aupro(maps, masks, structure: np.ndarray, limit: float = 0.3) -> float:
-    """Straightforward AUPRO: loop over thresholds, scipy regions, trapezoids cut at `limit`. maps and masks: N×H×W
-    arrays, or lists of images of any sizes."""
+    """Straightforward AUPRO: loop over thresholds, scipy regions, trapezoids cut at `limit`. maps and masks:
+    N×H×W arrays, or lists of images of any sizes."""
     regions = []
     for m, g in zip(maps, masks):
         ids, n = ndimage.label(g, structure=structure)
@@ -182,8 +184,8 @@ def test_full_resolution_aupro_005_equals_the_threshold_loop_on_images_of_differ
         # float16 maps with ties: 64 levels, higher inside the defects
         amap = (np.round((rng.random(shape) * 0.7 + 0.3 * truth) * 64) / 64).astype(np.float16)
         images.append((amap, truth, int(truth.any()), None, None))
-    expected = reference_aupro([m.astype(np.float64) for m, *_ in images], [t for _, t, *_ in images], np.ones((3, 3)),
-                               limit=0.05)
+    expected = reference_aupro([m.astype(np.float64) for m, *_ in images], [t for _, t, *_ in images],
+                               np.ones((3, 3)), limit=0.05)
     # Sums of the same region weights in another order: equal to rounding (1e-12 of a value near 1).
     assert full_resolution(images, thresholded=False)["aupro_005"] == pytest.approx(expected, abs=1e-12)
     assert 0 < expected < 1
@@ -204,13 +206,15 @@ def test_seg_f1_pools_all_pixels_of_all_images_and_class_f1_counts_images():
     # A (2×3, anomalous): truth [[1,1,0],[0,0,0]], mask [[1,0,1],[0,0,0]]: TP 1, FP 1, FN 1; called (label 1).
     # B (3×2, normal): mask with one pixel: FP 1; called (label 0).
     # C (2×2, anomalous): truth one pixel, empty mask: FN 1; not called (label 1).
-    # SegF1 pooled: TP 1, FP 2, FN 2 -> 2·1 / (2·1 + 2 + 2) = 1/3 (the mean of per-image F1s would be (0.5 + 0 + 0) / 3).
+    # SegF1 pooled: TP 1, FP 2, FN 2 -> 2·1 / (2·1 + 2 + 2) = 1/3 (the mean of per-image F1s would be (0.5 + 0
+    # + 0) / 3).
     # ClassF1: TP 1 (A), FP 1 (B), FN 1 (C) -> 2 / (2 + 1 + 1) = 0.5.
     a_truth, a_mask = np.array([[1, 1, 0], [0, 0, 0]], bool), np.array([[1, 0, 1], [0, 0, 0]], bool)
     b_truth, b_mask = np.zeros((3, 2), bool), np.array([[0, 0], [1, 0], [0, 0]], bool)
     c_truth, c_mask = np.array([[1, 0], [0, 0]], bool), np.zeros((2, 2), bool)
     images = [(m.astype(np.float16), t, label, m, called)
-              for t, m, label, called in ((a_truth, a_mask, 1, True), (b_truth, b_mask, 0, True), (c_truth, c_mask, 1, False))]
+              for t, m, label, called in ((a_truth, a_mask, 1, True), (b_truth, b_mask, 0, True),
+                                          (c_truth, c_mask, 1, False))]
     got = full_resolution(images)
     assert got["seg_f1"] == pytest.approx(1 / 3, abs=1e-15) and got["class_f1"] == 0.5
     untresholded = full_resolution(images, thresholded=False)
@@ -297,7 +301,8 @@ def test_write_results_writes_complete_md_csv_json(tmp_path):
 
 
 def test_several_runs_give_mean_and_sample_std_per_category_and_for_the_mean_row():
-    runs = [{"carpet": metrics_of(0.90), "grid": metrics_of(0.80)}, {"carpet": metrics_of(0.94), "grid": metrics_of(0.84)}]
+    runs = [{"carpet": metrics_of(0.90), "grid": metrics_of(0.80)},
+            {"carpet": metrics_of(0.94), "grid": metrics_of(0.84)}]
     carpet, grid, mean = results_rows(runs)
     # carpet: runs 90 and 94 -> mean 92, sample std sqrt(((90-92)^2 + (94-92)^2) / (2-1)) = 2.83
     assert (carpet["image_auroc"], carpet["image_auroc_std"]) == (92.0, 2.83)

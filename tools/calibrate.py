@@ -2,8 +2,9 @@
 
     python -m tools.calibrate --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 \\
         --obj_id carpet --data_path datasets/mvtec --anomaly_source_path datasets/dtd
-    python -m tools.calibrate --rule mean_std --dataset mvtec_ad2 --obj_id can --data_path datasets/mvtec_ad2 \\
-        --checkpoint_path checkpoints --base_model_name DRAEM_test_0.0001_700_bs8 --image_size 256 512
+    python -m tools.calibrate --rule mean_std --dataset mvtec_ad2 --obj_id can \\
+        --data_path datasets/mvtec_ad2 --checkpoint_path checkpoints \\
+        --base_model_name DRAEM_test_0.0001_700_bs8 --image_size 256 512
 
 Makes --samples training-style samples from the category's training images (about half with a
 synthetic anomaly, METHOD.md §2), scores them with the test protocol, and picks the image-score
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_checkpoint_flags(parser)
     parser.add_argument("--data_path", required=True,
-                        help="dataset root: for mvtec, the folder holding <category>/train/good (the test folder is not read)")
+                        help="dataset root: for mvtec, the folder holding <category>/train/good (the test "
+                             "folder is not read)")
     add_dataset_flags(parser, LAYOUTS)
     parser.add_argument("--anomaly_source_path",
                         help="texture folder (DTD) the model was trained with, searched recursively; "
@@ -77,17 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=at_least(1), default=64,
                         help="synthetic samples to calibrate on, the training mix (about half anomalous)")
     parser.add_argument("--seed", type=at_least(0), default=0,
-                        help="seed of the synthesis and of the --val_fraction split (give the training run's seed)")
+                        help="seed of the synthesis and of the --val_fraction split (give the training run's "
+                             "seed)")
     parser.add_argument("--val_fraction", type=fraction, default=None,
-                        help="calibrate on the training images a run with --val_every and this --val_fraction held out "
-                             "(never trained on); omitted: on all training images")
+                        help="calibrate on the training images a run with --val_every and this "
+                             "--val_fraction held out (never trained on); omitted: on all training images")
     parser.add_argument("--good_dir",
-                        help="folder of extra known-good images (searched recursively), added as normal samples")
+                        help="folder of extra known-good images (searched recursively), added as normal "
+                             "samples")
     parser.add_argument("--rule", choices=tuple(RULES), default="f1",
-                        help="f1: F1-max on synthetic anomalies and normal images; mean_std: mean + k·std of the "
-                             "scores on normal images only (validation/good, or --val_fraction held-out images, "
-                             "+ --good_dir)")
-    parser.add_argument("--k", type=at_least(0, float), default=DEFAULT_K, help="k of the mean_std rule (default 3)")
+                        help="f1: F1-max on synthetic anomalies and normal images; mean_std: mean + k·std of "
+                             "the scores on normal images only (validation/good, or --val_fraction held-out "
+                             "images, + --good_dir)")
+    parser.add_argument("--k", type=at_least(0, float), default=DEFAULT_K,
+                        help="k of the mean_std rule (default 3)")
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same thresholds)")
     add_device_flags(parser)
@@ -101,9 +106,11 @@ def main(argv: list[str] | None = None) -> Path:
     category = args.obj_id
     # Everything checked before the samples are made: the pair, the threshold file's place, the images.
     scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
-    check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category), "the threshold file")
+    check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category),
+                      "the threshold file")
     if args.good_dir is not None:
-        find_images(args.good_dir, "--good_dir", check="--good_dir image")  # now, not after the samples are made
+        # now, not after the samples are made
+        find_images(args.good_dir, "--good_dir", check="--good_dir image")
     device = select_device(args.device, args.gpu_id)
     if args.rule == "mean_std":
         paths, source = normal_set(args.dataset, args.data_path, category, args.val_fraction, args.seed)
@@ -111,14 +118,15 @@ def main(argv: list[str] | None = None) -> Path:
         thresholds = calibrate_normal_only(scorer, images, device, args.batch_size, k=args.k, source=source)
         path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
                                 provenance("tools/calibrate.py", args, device))
-        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean {thresholds['image_mean']:.4g} + "
-              f"{args.k:g}·std {thresholds['image_std']:.4g}), pixel threshold {thresholds['pixel_threshold']:.6g} "
-              f"(mean {thresholds['pixel_mean']:.4g} + {args.k:g}·std {thresholds['pixel_std']:.4g}) on "
-              f"{thresholds['n_normal']} {source}; wrote {path}")
+        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean "
+              f"{thresholds['image_mean']:.4g} + {args.k:g}·std {thresholds['image_std']:.4g}), pixel "
+              f"threshold {thresholds['pixel_threshold']:.6g} (mean {thresholds['pixel_mean']:.4g} + "
+              f"{args.k:g}·std {thresholds['pixel_std']:.4g}) on {thresholds['n_normal']} {source}; wrote "
+              f"{path}")
         return path
     if args.dataset in VALIDATION_LAYOUTS:
-        paths = validation_image_paths(args.dataset, args.data_path, category)
-        source = VALIDATION_GOOD_SYNTHETIC_SOURCE
+        paths, source = (validation_image_paths(args.dataset, args.data_path, category),
+                         VALIDATION_GOOD_SYNTHETIC_SOURCE)
     else:
         paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
         if args.val_fraction is not None:
@@ -126,13 +134,14 @@ def main(argv: list[str] | None = None) -> Path:
             source = VALIDATION_SOURCE
     samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
     samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
-    thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size, source=source)
+    thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size,
+                           source=source)
     path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
                             provenance("tools/calibrate.py", args, device))
-    print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 {thresholds['image_f1']:.3f}), "
-          f"pixel threshold {thresholds['pixel_threshold']:.6g} (F1 {thresholds['pixel_f1']:.3f}) on "
-          f"{thresholds['n_normal']} normal and {thresholds['n_anomalous']} anomalous samples from {len(paths)} {source}; "
-          f"wrote {path}")
+    print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 "
+          f"{thresholds['image_f1']:.3f}), pixel threshold {thresholds['pixel_threshold']:.6g} (F1 "
+          f"{thresholds['pixel_f1']:.3f}) on {thresholds['n_normal']} normal and {thresholds['n_anomalous']} "
+          f"anomalous samples from {len(paths)} {source}; wrote {path}")
     return path
 
 

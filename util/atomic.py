@@ -1,4 +1,5 @@
-"""The one way this project writes a file: to a temporary file beside it, fsync, rename over it, fsync the folder.
+"""The one way this project writes a file: to a temporary file beside it, fsync, rename over it, fsync the
+folder.
 
 A run killed at any moment (or a machine that loses power) leaves either the old file or the new
 one, never a truncated one. Checkpoints, resume files, logs, results tables and pictures all go
@@ -79,10 +80,11 @@ class _FullWrites:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then fsync it and rename it over `path`, creating folders.
+    """Call `write(file)` on a temporary file beside `path`, then fsync it and rename it over `path`, creating
+    folders.
 
-    An OSError on the way (disk full, read-only, no permission, a folder in the way) removes the temporary file and
-    is a one-line WriteFailed naming `path`.
+    An OSError on the way (disk full, read-only, no permission, a folder in the way) removes the temporary
+    file and is a one-line WriteFailed naming `path`.
     """
     path = Path(path)
     tmp = None
@@ -127,10 +129,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def check_output_folder(folder: str | os.PathLike, flag: str) -> Path:
-    """Make sure files can be written in `folder` (created if absent) before any slow work; a one-line error if not.
+    """Make sure files can be written in `folder` (created if absent) before any slow work; a one-line error
+    if not.
 
-    Probed by creating and removing a temporary file there, which also answers for read-only file systems and for
-    permissions that `os.access` would misjudge (root, ACLs).
+    Probed by creating and removing a temporary file there, which also answers for read-only file systems and
+    for permissions that `os.access` would misjudge (root, ACLs).
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -149,7 +152,8 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """Make sure `path` can be written as a file (not a folder; its folder writable) before any slow work."""
     path = Path(path)
     if path.is_dir():
-        raise DraemInputError(f"{flag} {path} is a folder, not a file: give a file name (or move the folder away)")
+        raise DraemInputError(f"{flag} {path} is a folder, not a file: give a file name (or move the folder "
+                              f"away)")
     check_output_folder(path.parent, f"the folder of {flag}")
     return path
 
@@ -181,7 +185,8 @@ def _lock_owner(lock: Path) -> tuple[str, int] | None:
 
 
 def _take_lock(lock: Path, what: str) -> None:
-    """Create `lock` exclusively, holding this host and pid; a stale lock (its process has ended) is taken over."""
+    """Create `lock` exclusively, holding this host and pid; a stale lock (its process has ended) is taken
+    over."""
     me = f"{socket.gethostname()} pid {os.getpid()}\n"
     for _ in range(2):  # the second try after removing a stale lock
         try:
@@ -190,8 +195,8 @@ def _take_lock(lock: Path, what: str) -> None:
             owner = _lock_owner(lock)
             if owner is not None and (owner[0] != socket.gethostname() or _pid_alive(owner[1])):
                 raise DraemInputError(
-                    f"another run (pid {owner[1]} on {owner[0]}) is writing {what}: wait for it, or choose another "
-                    f"folder; if no such run is going on, delete {lock}") from None
+                    f"another run (pid {owner[1]} on {owner[0]}) is writing {what}: wait for it, or choose "
+                    f"another folder; if no such run is going on, delete {lock}") from None
             lock.unlink(missing_ok=True)  # its process is gone (killed, or the machine restarted)
             continue
         except OSError as exc:
@@ -199,15 +204,17 @@ def _take_lock(lock: Path, what: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(me)
         return
-    raise DraemInputError(f"cannot take lock file {lock}: another run keeps creating it; wait for it to finish")
+    raise DraemInputError(f"cannot take lock file {lock}: another run keeps creating it; wait for it to "
+                          f"finish")
 
 
 @contextlib.contextmanager
 def exclusive_lock(locks: Sequence[tuple[Path, str]]) -> Iterator[None]:
-    """Hold lock files (path, what it protects) for the duration: a second run asking for one of them is refused.
+    """Hold lock files (path, what it protects) for the duration: a second run asking for one of them is
+    refused.
 
-    Each holds `<host> pid <pid>`. A run killed with SIGKILL leaves its lock behind; the next run sees that the pid is
-    no longer alive on this host and takes the lock over, so a killed run never blocks the folder.
+    Each holds `<host> pid <pid>`. A run killed with SIGKILL leaves its lock behind; the next run sees that
+    the pid is no longer alive on this host and takes the lock over, so a killed run never blocks the folder.
     """
     taken: list[Path] = []
     try:

@@ -22,7 +22,8 @@ class DraemStop(Exception):
 
 
 class DraemInputError(DraemStop):
-    """Something the user gave (a flag, a path, a category, a file, a checkpoint) is wrong; the message says how to fix it."""
+    """Something the user gave (a flag, a path, a category, a file, a checkpoint) is wrong; the message says
+    how to fix it."""
 
 
 class TrainingDiverged(DraemStop):
@@ -34,11 +35,13 @@ class ParityCheckFailed(DraemStop):
 
 
 class WriteFailed(DraemStop):
-    """A file could not be written (disk full, read-only, no permission); the message names it. Nothing half-written stays."""
+    """A file could not be written (disk full, read-only, no permission); the message names it. Nothing
+    half-written stays."""
 
 
 class Terminated(BaseException):
-    """Raised in the main process on SIGTERM, so that cleanup runs as for Ctrl-C (a BaseException, like KeyboardInterrupt)."""
+    """Raised in the main process on SIGTERM, so that cleanup runs as for Ctrl-C (a BaseException, like
+    KeyboardInterrupt)."""
 
 
 class Interrupted(DraemStop):
@@ -77,8 +80,9 @@ def _sigterm_raises(owner: int) -> Callable:
 
 
 def one_line_errors(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a program's main: a DraemStop prints `error: <message>` on stderr and exits with its code (1), Ctrl-C and
-    SIGTERM print `error: interrupted` and exit 130 and 143, all without a traceback; temporary files are cleaned up."""
+    """Wrap a program's main: a DraemStop prints `error: <message>` on stderr and exits with its code (1),
+    Ctrl-C and SIGTERM print `error: interrupted` and exit 130 and 143, all without a traceback; temporary
+    files are cleaned up."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

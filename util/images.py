@@ -20,7 +20,8 @@ FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first 8 bytes; its IHDR chunk (width, height) follows
 
 # The first bytes of each image format we accept; a file without one of them is not an image.
-SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF",
+              b"MM\x00*": "TIFF"}
 LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF")
 
 # Unreadable files are reported as one DraemInputError line; OpenCV's own warnings would only add noise.
@@ -36,7 +37,8 @@ def image_shape(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def shape_record(shape: int | Sequence[int]) -> int | list[int]:
-    """A working size as threshold files store it: the side when square (as before non-square sizes), else [H, W]."""
+    """A working size as threshold files store it: the side when square (as before non-square sizes), else [H,
+    W]."""
     height, width = image_shape(shape)
     return height if height == width else [height, width]
 
@@ -55,13 +57,15 @@ def _decode(path: str | os.PathLike, flags: int) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8)
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
-        raise DraemInputError(f"cannot read image {path}: not an image OpenCV can decode (corrupt or truncated?)")
+        raise DraemInputError(f"cannot read image {path}: not an image OpenCV can decode (corrupt or "
+                              f"truncated?)")
     return image
 
 
 def image_format(path: str | os.PathLike, what: str = "image") -> str:
-    """The format a file's first bytes say it holds (PNG, JPEG, BMP, TIFF); a missing, empty, unreadable or non-image
-    file is a one-line error naming it. Cheap (a few bytes), so whole folders are checked before the slow work."""
+    """The format a file's first bytes say it holds (PNG, JPEG, BMP, TIFF); a missing, empty, unreadable or
+    non-image file is a one-line error naming it. Cheap (a few bytes), so whole folders are checked before the
+    slow work."""
     try:
         with open(path, "rb") as file:
             head = file.read(8)
@@ -72,12 +76,13 @@ def image_format(path: str | os.PathLike, what: str = "image") -> str:
     for signature, name in SIGNATURES.items():
         if head.startswith(signature):
             return name
-    raise DraemInputError(f"{what} {path} is not a PNG, JPEG, BMP or TIFF image (its first bytes are {head[:4]!r})")
+    raise DraemInputError(f"{what} {path} is not a PNG, JPEG, BMP or TIFF image (its first bytes are "
+                          f"{head[:4]!r})")
 
 
 def mask_files(path: str | os.PathLike) -> list[Path]:
-    """The mask files of a ground truth: the file itself, or every .png of a folder (MVTec LOCO AD: several masks
-    per image, 000.png, 001.png, ...); a folder without one is a one-line error."""
+    """The mask files of a ground truth: the file itself, or every .png of a folder (MVTec LOCO AD: several
+    masks per image, 000.png, 001.png, ...); a folder without one is a one-line error."""
     path = Path(path)
     if not path.is_dir():
         return [path]
@@ -88,16 +93,16 @@ def mask_files(path: str | os.PathLike) -> list[Path]:
 
 
 def check_mask_file(path: str | os.PathLike) -> None:
-    """A ground-truth mask must hold lossless data: JPEG noise would mark stray pixels, whatever the file is called.
-    A folder of masks: each of them."""
+    """A ground-truth mask must hold lossless data: JPEG noise would mark stray pixels, whatever the file is
+    called. A folder of masks: each of them."""
     if Path(path).is_dir():
         for file in mask_files(path):
             check_mask_file(file)
         return
     found = image_format(path, "ground-truth mask")
     if found not in LOSSLESS_FORMATS:
-        raise DraemInputError(f"ground-truth mask {path} holds {found} data (whatever its name says), whose compression "
-                              "noise would mark stray pixels: save it as PNG")
+        raise DraemInputError(f"ground-truth mask {path} holds {found} data (whatever its name says), whose "
+                              f"compression noise would mark stray pixels: save it as PNG")
 
 
 def _resize(image: np.ndarray, resize_shape: tuple[int, int]) -> np.ndarray:
@@ -106,7 +111,8 @@ def _resize(image: np.ndarray, resize_shape: tuple[int, int]) -> np.ndarray:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """A colour image at its own resolution, as OpenCV decodes it (BGR; grayscale as 3 equal channels): uint8 H x W x 3."""
+    """A colour image at its own resolution, as OpenCV decodes it (BGR; grayscale as 3 equal channels): uint8
+    H x W x 3."""
     return _decode(path, cv2.IMREAD_COLOR)
 
 
@@ -122,7 +128,8 @@ def stored_shape(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def read_image_uint8(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
-    """Colour image as OpenCV reads it (BGR; grayscale files become 3 equal channels), resized: uint8 H x W x 3."""
+    """Colour image as OpenCV reads it (BGR; grayscale files become 3 equal channels), resized: uint8 H x W x
+    3."""
     return _resize(_decode(path, cv2.IMREAD_COLOR), resize_shape)
 
 
@@ -137,13 +144,15 @@ def read_image(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.nda
 
 
 def read_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
-    """Ground-truth mask read in grayscale, resized like the images: float32 H x W x 1 in [0, 1] (METHOD.md §6)."""
+    """Ground-truth mask read in grayscale, resized like the images: float32 H x W x 1 in [0, 1] (METHOD.md
+    §6)."""
     check_mask_file(path)
     return to_float(_resize(_decode(path, cv2.IMREAD_GRAYSCALE), resize_shape))[..., None]
 
 
 def nonzero_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask at its own resolution, True where any channel is non-zero (any bit depth, palette or colour): bool H x W.
+    """A mask at its own resolution, True where any channel is non-zero (any bit depth, palette or colour):
+    bool H x W.
 
     A folder (MVTec LOCO AD: several masks per image, 000.png, 001.png, ...) is the union of every mask in it.
     """
@@ -151,7 +160,8 @@ def nonzero_mask(path: str | os.PathLike) -> np.ndarray:
     if path.is_dir():
         masks = [nonzero_mask(file) for file in mask_files(path)]
         if any(mask.shape != masks[0].shape for mask in masks):
-            raise DraemInputError(f"the masks in {path} have different sizes: {sorted({m.shape for m in masks})}")
+            raise DraemInputError(f"the masks in {path} have different sizes: "
+                                  f"{sorted({m.shape for m in masks})}")
         return np.logical_or.reduce(masks)
     check_mask_file(path)
     mask = _decode(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
@@ -159,8 +169,8 @@ def nonzero_mask(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_nonzero_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
-    """A mask whose every non-zero pixel is anomalous (VisA's 0/1, any bit depth, palette or colour; a LOCO folder
-    of masks merged: `nonzero_mask`), as `read_mask` reads it.
+    """A mask whose every non-zero pixel is anomalous (VisA's 0/1, any bit depth, palette or colour; a LOCO
+    folder of masks merged: `nonzero_mask`), as `read_mask` reads it.
 
     Binarised to 0/255 at its own size, then resized and scaled exactly like an MVTec AD mask.
     """
@@ -170,7 +180,6 @@ def read_nonzero_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) ->
 def to_chw(image: np.ndarray) -> np.ndarray:
     """H x W x C to a contiguous C x H x W array."""
     return np.ascontiguousarray(image.transpose(2, 0, 1))
-
 
 
 def sorted_images(paths, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
@@ -184,7 +193,8 @@ def find_images(
 ) -> list[Path]:
     """Every image under `folder`, recursively, in `sorted_images` order, leaving out what lies under `skip`.
 
-    A missing folder or one without images is a one-line error naming it as `what` (e.g. "--good_dir"), with `hint`.
+    A missing folder or one without images is a one-line error naming it as `what` (e.g. "--good_dir"), with
+    `hint`.
     With `check` (what one file is called, e.g. "anomaly source"), each file's first bytes are checked too
     (`image_format`): a broken file is one line now, not a failure after the slow work.
     """
@@ -192,14 +202,14 @@ def find_images(
     if not folder.is_dir():
         raise DraemInputError(f"{what} {folder} does not exist{hint}")
     skip = None if skip is None else Path(skip).resolve()
-    paths = [p for p in sorted_images(folder.rglob("*"), suffixes) if skip is None or skip not in p.resolve().parents]
+    paths = [p for p in sorted_images(folder.rglob("*"), suffixes)
+             if skip is None or skip not in p.resolve().parents]
     if not paths:
         raise DraemInputError(f"no images ({', '.join(suffixes)}) found under {what} {folder}")
     if check is not None:
         for path in paths:
             image_format(path, check)
     return paths
-
 
 
 def load_images(paths: Sequence[Path], resize_shape: tuple[int, int]) -> np.ndarray:

@@ -26,10 +26,11 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from util.atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
-# MVTec AD 2's leaderboard metrics at each image's own resolution (FullResolutionEvaluator), in its layout's tables only.
+# MVTec AD 2's leaderboard metrics at each image's own resolution (FullResolutionEvaluator), in its layout's
+# tables only.
 AD2_METRICS = ("aupro_005", "seg_f1", "class_f1")
-# At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the test set,
-# an upper bound. Empty where a checkpoint has no threshold file.
+# At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the
+# test set, an upper bound. Empty where a checkpoint has no threshold file.
 THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
 TABLE_METRICS = (*METRICS, *THRESHOLD_METRICS)
 PAPER_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
@@ -42,7 +43,8 @@ POOL_SIZE = 21
 
 
 class CategoryResult(NamedTuple):
-    """What evaluating one category found: its metrics and, per test image, what the metrics were computed from."""
+    """What evaluating one category found: its metrics and, per test image, what the metrics were computed
+    from."""
 
     metrics: dict[str, float]
     scores: np.ndarray  # (N,) float32 image scores
@@ -50,6 +52,7 @@ class CategoryResult(NamedTuple):
     maps: np.ndarray  # N×H×W float32 anomaly maps
     masks: np.ndarray  # N×H×W uint8 ground truth after the released cast (1 = anomalous pixel)
     paths: list[str]  # the test images, in evaluation order
+
 
 def image_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
     """Image anomaly scores (N,) from pixel maps N×1×H×W: max of the 21×21 average-pooled map."""
@@ -88,7 +91,8 @@ class DraemEvaluator:
 
     def __init__(self, num_images: int, height: int, width: int):
         if num_images < 1 or height < 1 or width < 1:
-            raise ValueError(f"evaluator needs at least one image of positive size, got {num_images}×{height}×{width}")
+            raise ValueError(f"evaluator needs at least one image of positive size, got "
+                             f"{num_images}×{height}×{width}")
         self.maps = np.zeros((num_images, height, width), dtype=np.float32)
         self.masks = np.zeros((num_images, height, width), dtype=np.uint8)
         self.scores = np.zeros(num_images, dtype=np.float32)
@@ -96,7 +100,8 @@ class DraemEvaluator:
         self.count = 0
 
     def update(
-        self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, scores: torch.Tensor | None = None
+        self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor,
+        scores: torch.Tensor | None = None
     ) -> None:
         """Add a batch: maps N×1×H×W, float masks N×1×H×W in [0, 1], labels (N,) or (N, 1) of 0/1.
 
@@ -106,7 +111,8 @@ class DraemEvaluator:
         expected = (n, 1, *self.maps.shape[1:])
         if tuple(anomaly_map.shape) != expected or tuple(mask.shape) != expected:
             raise ValueError(
-                f"expected anomaly map and mask of shape {expected}, got {tuple(anomaly_map.shape)} and {tuple(mask.shape)}"
+                f"expected anomaly map and mask of shape {expected}, got {tuple(anomaly_map.shape)} and "
+                f"{tuple(mask.shape)}"
             )
         labels = label.detach().cpu().reshape(-1)
         if labels.numel() != n or not bool(((labels == 0) | (labels == 1)).all()):
@@ -150,7 +156,8 @@ class DraemEvaluator:
 # --- metrics beyond the released program -----------------------------------------------------
 
 def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on ties.
+    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on
+    ties.
 
     Candidates are the thresholds of sklearn's precision_recall_curve (the distinct scores, down to the
     first that reaches full recall). F1 = 2·TP / (called + positives) is computed from integer counts,
@@ -235,16 +242,18 @@ def f1_from_counts(true_positives: int, false_positives: int, false_negatives: i
 
 
 class FullResolutionEvaluator:
-    """AU-PRO@0.05, SegF1 and ClassF1 (MVTec AD 2's leaderboard) over float16 maps at each image's own resolution,
-    one image at a time in fixed memory.
+    """AU-PRO@0.05, SegF1 and ClassF1 (MVTec AD 2's leaderboard) over float16 maps at each image's own
+    resolution, one image at a time in fixed memory.
 
-    AU-PRO@0.05: the per-region-overlap curve of `aupro`, integrated up to FPR 0.05 and divided by 0.05. A float16
-    map takes at most 2**15 non-negative values whose bit patterns sort like the values, so per-value counts of
-    normal pixels and per-value sums of region weights (1 / region size; 8-connected regions of each image) give
-    the curve at every distinct value: exactly what `aupro` computes on all pixels at once, without holding them.
-    SegF1: F1 of the submitted binary masks against the ground truth, pooled over all pixels of all images (one
-    TP, FP and FN count for the whole test set). ClassF1: F1 of the image decisions (`util.ad2.image_decision`)
-    against the image labels. Without masks and decisions (no thresholds) both are NaN.
+    AU-PRO@0.05: the per-region-overlap curve of `aupro`, integrated up to FPR 0.05 and divided by 0.05. A
+    float16 map takes at most 2**15 non-negative values whose bit patterns sort like the values, so per-value
+    counts of normal pixels and per-value sums of region weights (1 / region size; 8-connected regions of each
+    image) give the curve at every distinct value: exactly what `aupro` computes on all pixels at once,
+    without holding them.
+    SegF1: F1 of the submitted binary masks against the ground truth, pooled over all pixels of all images
+    (one TP, FP and FN count for the whole test set). ClassF1: F1 of the image decisions
+    (`util.ad2.image_decision`) against the image labels. Without masks and decisions (no thresholds) both are
+    NaN.
     """
 
     FPR_LIMIT = 0.05
@@ -252,7 +261,8 @@ class FullResolutionEvaluator:
 
     def __init__(self):
         self.normal = np.zeros(self.BINS, dtype=np.int64)  # normal pixels per float16 value
-        self.overlap = np.zeros(self.BINS, dtype=np.float64)  # sum over anomalous pixels of 1 / their region's size
+        # sum over anomalous pixels of 1 / their region's size
+        self.overlap = np.zeros(self.BINS, dtype=np.float64)
         self.regions = 0
         self.pixels = np.zeros(3, dtype=np.int64)  # TP, FP, FN of the submitted masks
         self.images = np.zeros(3, dtype=np.int64)  # TP, FP, FN of the image decisions
@@ -260,10 +270,11 @@ class FullResolutionEvaluator:
 
     def update(self, amap: np.ndarray, truth: np.ndarray, label: int, predicted: np.ndarray | None = None,
                called: bool | None = None) -> None:
-        """One image: its float16 map and bool ground truth (H×W, its own size), label 1 = anomalous, and the submitted
-        bool mask and image decision (None without thresholds)."""
+        """One image: its float16 map and bool ground truth (H×W, its own size), label 1 = anomalous, and the
+        submitted bool mask and image decision (None without thresholds)."""
         if amap.dtype != np.float16 or amap.shape != truth.shape or amap.ndim != 2:
-            raise ValueError(f"expected an H×W float16 map and an H×W mask, got {amap.dtype} {amap.shape}, {truth.shape}")
+            raise ValueError(f"expected an H×W float16 map and an H×W mask, got {amap.dtype} {amap.shape}, "
+                             f"{truth.shape}")
         if (amap < 0).any() or not np.isfinite(amap).all():
             raise ValueError("anomaly maps must be finite and non-negative")
         truth = truth.astype(bool)
@@ -316,7 +327,8 @@ def _paper_value(categories: list[str], metric: str) -> float | None:
 
 
 def _row(
-    category: str, ours: dict[str, float | None], paper_categories: list[str], spread: dict[str, float | None] | None
+    category: str, ours: dict[str, float | None], paper_categories: list[str],
+    spread: dict[str, float | None] | None
 ) -> dict:
     """One table row: our metrics in percent (with their standard deviation over runs when `spread` is given),
     plus paper value and delta for the paper's metrics."""
@@ -405,8 +417,8 @@ def _cell(key: str, value: float | str | None) -> str:
 
 
 def format_markdown(rows: list[dict]) -> str:
-    """A Markdown table of results rows (percent; 'mean ± std' over runs when there are several; 'paper' and 'Δ'
-    beside the paper's metrics; `_at_t` columns: at the calibrated threshold)."""
+    """A Markdown table of results rows (percent; 'mean ± std' over runs when there are several; 'paper' and
+    'Δ' beside the paper's metrics; `_at_t` columns: at the calibrated threshold)."""
     columns = [c for c in _columns(rows) if not c.endswith("_std")]
     header = [c.replace("_paper", " paper").replace("_delta", " Δ") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
@@ -430,10 +442,12 @@ def _format_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_results(rows: list[dict], output_dir: str | Path, stem: str, provenance: dict | None = None) -> dict[str, Path]:
+def write_results(rows: list[dict], output_dir: str | Path, stem: str,
+                  provenance: dict | None = None) -> dict[str, Path]:
     """Write the rows as <stem>.md, <stem>.csv and <stem>.json atomically.
 
-    The JSON is {"rows": the rows (missing values null), "provenance": what produced them (provenance.py) or null}.
+    The JSON is {"rows": the rows (missing values null), "provenance": what produced them (provenance.py) or
+    null}.
     """
     output_dir = Path(output_dir)
     texts = {

@@ -23,12 +23,14 @@ PACKAGES = (("torchvision", ("torchvision",)), ("scikit-learn", ("scikit-learn",
 
 @functools.cache
 def commit() -> str:
-    """`git rev-parse HEAD` of the checkout this code runs from, `+dirty` when it has uncommitted changes; else unknown."""
+    """`git rev-parse HEAD` of the checkout this code runs from, `+dirty` when it has uncommitted changes;
+    else unknown."""
     root = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
@@ -38,7 +40,8 @@ def commit() -> str:
 def versions() -> dict[str, str]:
     """Versions of Python and of the packages whose arithmetic the results depend on."""
     found = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
-             "opencv": cv2.__version__}  # plain str: the resume file holds plain values only (torch's is a subclass)
+             # plain str: the resume file holds plain values only (torch's is a subclass)
+             "opencv": cv2.__version__}
     for name, distributions in PACKAGES:
         for distribution in distributions:
             try:
@@ -59,9 +62,10 @@ def _plain(value):
     return str(value)
 
 
-def provenance(program: str, flags: argparse.Namespace | dict | None, device: torch.device | str | None) -> dict:
-    """The record of what produced a file: `program` (e.g. train_draem.py) and its flags, commit, versions, device,
-    thread count, platform."""
+def provenance(program: str, flags: argparse.Namespace | dict | None,
+               device: torch.device | str | None) -> dict:
+    """The record of what produced a file: `program` (e.g. train_draem.py) and its flags, commit, versions,
+    device, thread count, platform."""
     flags = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags or {})
     device = torch.device(device) if device is not None else None
     if device is None:
@@ -70,6 +74,6 @@ def provenance(program: str, flags: argparse.Namespace | dict | None, device: to
         device_name = f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
     else:
         device_name = f"cpu ({platform.processor() or platform.machine()})"
-    return {"commit": commit(), "versions": versions(), "device": device_name, "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "program": program,
+    return {"commit": commit(), "versions": versions(), "device": device_name,
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "program": program,
             "flags": {name: _plain(value) for name, value in sorted(flags.items())}}

@@ -53,7 +53,8 @@ def threshold_path(checkpoint_dir: str | os.PathLike, base_name: str, category: 
 
 
 def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> dict | None:
-    """The stored thresholds of a checkpoint pair, or None when it has none; an unreadable file is a one-line error."""
+    """The stored thresholds of a checkpoint pair, or None when it has none; an unreadable file is a one-line
+    error."""
     path = threshold_path(checkpoint_dir, base_name, category)
     if not path.is_file():
         return None
@@ -62,24 +63,28 @@ def read_thresholds(checkpoint_dir: str | os.PathLike, base_name: str, category:
         thresholds = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {reason}): {fix}") from None
+        raise DraemInputError(f"cannot read threshold file {path} ({type(exc).__name__}: {reason}): "
+                              f"{fix}") from None
     if not isinstance(thresholds, dict):
-        raise DraemInputError(f"threshold file {path} holds a JSON {type(thresholds).__name__}, not an object: {fix}")
+        raise DraemInputError(f"threshold file {path} holds a JSON {type(thresholds).__name__}, not an "
+                              f"object: {fix}")
     for key in ("image_threshold", "pixel_threshold"):
         value = thresholds.get(key)
         # bool is an int to Python, and json reads NaN and Infinity: none of them is a threshold
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise DraemInputError(f"threshold file {path}: {key} is {value!r}, not a finite number: {fix}")
-    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded; [height, width] if not square
+    size = thresholds.get("image_size", 1)  # absent in files written before it was recorded; [height, width]
+                                            # if not square
     sides = size if isinstance(size, list) and len(size) == 2 else [size]
     if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in sides):
-        raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number or "
-                              f"[height, width]: {fix}")
+        raise DraemInputError(f"threshold file {path}: image_size is {size!r}, not a positive whole number "
+                              f"or [height, width]: {fix}")
     return thresholds
 
 
 def metrics_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
-    """Image precision, recall and F1 when images scoring >= `threshold` are called anomalous (NaN without a threshold).
+    """Image precision, recall and F1 when images scoring >= `threshold` are called anomalous (NaN without a
+    threshold).
 
     Precision is NaN when nothing is called anomalous; recall and F1 when there is no anomalous image.
     """
@@ -90,19 +95,24 @@ def metrics_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: floa
     hits = int((called & truth).sum())
     precision = hits / called.sum() if called.any() else math.nan
     recall = hits / truth.sum() if truth.any() else math.nan
-    f1 = math.nan if math.isnan(recall) else (0.0 if hits == 0 else 2 * precision * recall / (precision + recall))
-    return {"image_precision_at_t": float(precision), "image_recall_at_t": float(recall), "image_f1_at_t": float(f1)}
+    f1 = (math.nan if math.isnan(recall)
+          else (0.0 if hits == 0 else 2 * precision * recall / (precision + recall)))
+    return {"image_precision_at_t": float(precision), "image_recall_at_t": float(recall),
+            "image_f1_at_t": float(f1)}
 
 
 def usable_thresholds(
     checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int | tuple[int, int]
 ) -> dict | None:
-    """`read_thresholds`, refusing a file calibrated at another image size (scores and maps depend on the size)."""
+    """`read_thresholds`, refusing a file calibrated at another image size (scores and maps depend on the
+    size)."""
     thresholds = read_thresholds(checkpoint_dir, base_name, category)
-    if thresholds is not None and image_shape(thresholds.get("image_size", image_size)) != image_shape(image_size):
-        raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was calibrated at "
-                              f"image size {shape_text(thresholds['image_size'])}, not {shape_text(image_size)}: calibrate "
-                              "again at this size (python -m tools.calibrate --image_size) or use the size it was made for")
+    if (thresholds is not None
+        and image_shape(thresholds.get("image_size", image_size)) != image_shape(image_size)):
+        raise DraemInputError(f"threshold file {threshold_path(checkpoint_dir, base_name, category)} was "
+                              f"calibrated at image size {shape_text(thresholds['image_size'])}, not "
+                              f"{shape_text(image_size)}: calibrate again at this size (python -m "
+                              f"tools.calibrate --image_size) or use the size it was made for")
     return thresholds
 
 
@@ -119,7 +129,8 @@ def thresholds_in_use(
     checkpoint_dir: str | os.PathLike, base_name: str, category: str, image_size: int | tuple[int, int],
     override: float | None,
 ) -> ThresholdsInUse:
-    """--threshold (`override`) if given, else the threshold file's image threshold; the file's pixel threshold."""
+    """--threshold (`override`) if given, else the threshold file's image threshold; the file's pixel
+    threshold."""
     thresholds = usable_thresholds(checkpoint_dir, base_name, category, image_size)
     file = threshold_path(checkpoint_dir, base_name, category)
     image, source = override, "--threshold"
@@ -129,10 +140,11 @@ def thresholds_in_use(
 
 
 def write_thresholds(
-    checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict, provenance: dict | None = None
+    checkpoint_dir: str | os.PathLike, base_name: str, category: str, thresholds: dict,
+    provenance: dict | None = None
 ) -> Path:
-    """Store a checkpoint pair's thresholds (the dict `calibrate` returns), with the provenance of the run that
-    calibrated them (provenance.py) when given, as JSON, atomically; returns the file."""
+    """Store a checkpoint pair's thresholds (the dict `calibrate` returns), with the provenance of the run
+    that calibrated them (provenance.py) when given, as JSON, atomically; returns the file."""
     path = threshold_path(checkpoint_dir, base_name, category)
     record = thresholds if provenance is None else {**thresholds, "provenance": provenance}
     atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
@@ -140,7 +152,8 @@ def write_thresholds(
 
 
 class MeanStd:
-    """Mean and population standard deviation of values given in chunks (every pixel of many maps), in float64.
+    """Mean and population standard deviation of values given in chunks (every pixel of many maps), in
+    float64.
 
     Chunks are combined by Chan et al.'s pairwise update, which keeps the precision of a two-pass computation.
     """
