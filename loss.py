@@ -27,9 +27,9 @@ def _cached_window(device: torch.device, window_size: int, sigma: float) -> torc
 
 
 def _window_on(device: torch.device, window_size: int, sigma: float) -> torch.Tensor:
-    """`gaussian_window` on `device`, made once per device: a host-to-device copy waits for the device, so it stays
-    out of the per-step path. Read-only (the convolution never writes it). Inside torch.compile the window is
-    built in the graph instead (a constant there; dynamo would trace past the cache anyway)."""
+    """`gaussian_window` on `device`, made once per device: a host-to-device copy waits for the device, so it
+    stays out of the per-step path. Read-only (the convolution never writes it). Inside torch.compile the
+    window is built in the graph instead (a constant there; dynamo would trace past the cache anyway)."""
     if torch.compiler.is_compiling():
         return gaussian_window(window_size, sigma).to(device)
     return _cached_window(device, window_size, sigma)
@@ -50,7 +50,8 @@ def released_data_range(reconstruction: torch.Tensor) -> torch.Tensor:
 
 
 def ssim_map(
-    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float | None = None
+    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5,
+    data_range: float | None = None
 ) -> torch.Tensor:
     """Per-pixel, per-channel SSIM (N×C×H×W) with a Gaussian window and zero padding, as released.
 
@@ -119,7 +120,8 @@ def sspcab_loss(io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 class DraemLoss(nn.Module):
     """Total DRAEM loss `L2 + SSIM + focal` (+ `lambda · SSPCAB` when given); returns it and its parts.
 
-    The SSIM term uses the released data-range rule, evaluated on the reconstruction at every call (see `SSIM`).
+    The SSIM term uses the released data-range rule, evaluated on the reconstruction at every call (see
+    `SSIM`).
     """
 
     def __init__(self, sspcab_lambda: float = 0.1):

@@ -39,8 +39,10 @@ def four_gpus(monkeypatch):
 def test_a_cuda_device_becomes_current_before_anything_uses_cuda(four_gpus):
     """--gpu_id 2 must not leave GPU 0 as the current device: pinned memory, cuBLAS handles and device-less
     torch.cuda calls would open a context there."""
-    assert runtime.select_device("cuda", 2) == torch.device("cuda", 2) and four_gpus == [torch.device("cuda", 2)]
-    assert runtime.select_device("cuda:3") == torch.device("cuda", 3) and four_gpus[-1] == torch.device("cuda", 3)
+    assert runtime.select_device("cuda", 2) == torch.device("cuda", 2)
+    assert four_gpus == [torch.device("cuda", 2)]
+    assert runtime.select_device("cuda:3") == torch.device("cuda", 3)
+    assert four_gpus[-1] == torch.device("cuda", 3)
     assert runtime.select_device("cpu") == torch.device("cpu") and len(four_gpus) == 2
     with pytest.raises(DraemInputError, match="this machine has 4"):
         runtime.select_device("cuda:4")
@@ -48,9 +50,11 @@ def test_a_cuda_device_becomes_current_before_anything_uses_cuda(four_gpus):
 
 def test_under_torchrun_process_i_trains_on_gpu_i_and_a_fixed_index_is_refused(four_gpus):
     for name in ("cuda", "auto"):
-        assert [runtime.torchrun_device(name, 0, rank, 4) for rank in range(4)] == [torch.device("cuda", i) for i in range(4)]
+        devices = [runtime.torchrun_device(name, 0, rank, 4) for rank in range(4)]
+        assert devices == [torch.device("cuda", i) for i in range(4)]
     for name, gpu_id, flag in (("cuda:1", 0, "--device cuda:1"), ("cuda", 2, "--gpu_id 2")):
-        with pytest.raises(DraemInputError, match=f"{flag} under torchrun with 4 processes.*CUDA_VISIBLE_DEVICES"):
+        with pytest.raises(DraemInputError,
+                           match=f"{flag} under torchrun with 4 processes.*CUDA_VISIBLE_DEVICES"):
             runtime.torchrun_device(name, gpu_id, 0, 4)
         # One process on the machine: nothing to collide with, so the index is used as given.
         assert runtime.torchrun_device(name, gpu_id, 0, 1) == torch.device("cuda", int(flag[-1]))
@@ -91,7 +95,8 @@ def test_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypa
     try:
         runtime.set_deterministic(True)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # one of the two settings cuBLAS documents as deterministic
+        # one of the two settings cuBLAS documents as deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         runtime.set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
@@ -99,9 +104,9 @@ def test_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypa
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 1, 1), (2, 4, 8, 8)])
 def test_matrix_upsampling_is_nn_upsample_forward_and_backward(shape):
-    """Same weights (1 - t, t) as nn.Upsample's bilinear align_corners=True, summed in another order: each output
-    is 2 products per axis, each input gradient at most 3 x 3 of them, so both agree to a few float32 roundings
-    of their size (16 eps relative to the largest value)."""
+    """Same weights (1 - t, t) as nn.Upsample's bilinear align_corners=True, summed in another order: each
+    output is 2 products per axis, each input gradient at most 3 x 3 of them, so both agree to a few float32
+    roundings of their size (16 eps relative to the largest value)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
     y = x.detach().clone().requires_grad_()
     expected = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)(x)
@@ -112,13 +117,14 @@ def test_matrix_upsampling_is_nn_upsample_forward_and_backward(shape):
     expected.backward(upstream)
     got.backward(upstream)
     torch.testing.assert_close(y.grad, x.grad, rtol=0, atol=16 * EPS32 * x.grad.abs().max().item())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32 and handed back in the input's dtype
+    # computed in float32 and handed back in the input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         assert MatrixUpsample(2)(x.detach().bfloat16()).dtype == torch.bfloat16
 
 
 def test_deterministic_upsampling_keeps_the_checkpoint_and_the_forward():
-    """9 upsamplings (4 reconstructive, 5 discriminative) swapped; keys and values unchanged; forward equal to float
-    rounding through the network (1e-5 relative: a small untrained model in eval mode)."""
+    """9 upsamplings (4 reconstructive, 5 discriminative) swapped; keys and values unchanged; forward equal to
+    float rounding through the network (1e-5 relative: a small untrained model in eval mode)."""
     torch.manual_seed(0)
     model = DraemModel(4, 4).eval()
     state = {key: value.clone() for key, value in model.state_dict().items()}
@@ -129,15 +135,16 @@ def test_deterministic_upsampling_keeps_the_checkpoint_and_the_forward():
         got = model(image)
     assert sum(isinstance(m, MatrixUpsample) for m in model.modules()) == 9
     assert not any(isinstance(m, nn.Upsample) for m in model.modules())
-    assert list(model.state_dict()) == list(state) and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     for g, e in zip(got, expected):
         assert ((g - e).norm() / e.norm()).item() < 1e-5
 
 
 def test_device_float_table_is_the_cpu_division_for_all_256_levels():
-    """The device path looks every uint8 level up in a table; it must hold the correctly rounded float32 k/255,
-    which float64 division rounded once gives (float64 has more than 2·24 + 2 bits, so the double rounding is
-    harmless). Multiplying by a float32 1/255, as CUDA does for `x / 255`, misses 126 of the levels."""
+    """The device path looks every uint8 level up in a table; it must hold the correctly rounded float32
+    k/255, which float64 division rounded once gives (float64 has more than 2·24 + 2 bits, so the double
+    rounding is harmless). Multiplying by a float32 1/255, as CUDA does for `x / 255`, misses 126 levels."""
     levels = np.arange(256)
     correctly_rounded = (levels / 255.0).astype(np.float32)
     table = device_synthesis.to_float(torch.arange(256, dtype=torch.uint8)).numpy()
@@ -150,21 +157,23 @@ def test_device_float_table_is_the_cpu_division_for_all_256_levels():
 
 
 def tiny_training(data, out: Path, *extra: str) -> list[str]:
-    return ["--obj_id", "brick", "--data_path", str(data.mvtec_root), "--anomaly_source_path", str(data.texture_root),
-            "--image_size", "64", "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0",
-            "--device", "cpu", "--calibration_samples", "16", "--checkpoint_path", str(out / "ckpt"),
-            "--log_path", str(out / "logs"), *extra]
+    return ["--obj_id", "brick", "--data_path", str(data.mvtec_root), "--anomaly_source_path",
+            str(data.texture_root), "--image_size", "64", "--base_width", "4", "--seg_base_width", "4",
+            "--bs", "4", "--workers", "0", "--device", "cpu", "--calibration_samples", "16",
+            "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"), *extra]
 
 
 def test_resuming_a_device_synthesis_run_on_the_other_device_type_is_one_line(tiny_mvtec, tmp_path, capsys):
-    """A CUDA generator's state is 16 bytes (seed and offset), a CPU one's 5056 (Mersenne Twister): a --synthesis gpu
-    run written on a GPU cannot continue its stream on the CPU. One line naming the fix, and nothing written."""
+    """A CUDA generator's state is 16 bytes (seed and offset), a CPU one's 5056 (Mersenne Twister): a
+    --synthesis gpu run written on a GPU cannot continue its stream on the CPU. One line naming the fix, and
+    nothing written."""
     argv = tiny_training(tiny_mvtec, tmp_path, "--synthesis", "gpu", "--epochs", "1")
     train_draem.main(argv)
     resume_file = train_draem.resume_path(tmp_path / "ckpt", run_base_name(1e-4, 1, 4), "brick")
     state = torch.load(resume_file, weights_only=False)
     assert state["rng"][0]["synthesis"].numel() == torch.Generator().get_state().numel() == 5056
-    state["rng"][0]["synthesis"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() holds
+    # what a CUDA generator's get_state() holds
+    state["rng"][0]["synthesis"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(state, resume_file)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     capsys.readouterr()
@@ -172,17 +181,21 @@ def test_resuming_a_device_synthesis_run_on_the_other_device_type_is_one_line(ti
         train_draem.main([*argv, "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 1 and len(err) == 1, err
-    assert "drawn on cuda" in err[0] and "resume it with --device cuda" in err[0] and str(resume_file) in err[0]
+    assert "drawn on cuda" in err[0] and "resume it with --device cuda" in err[0]
+    assert str(resume_file) in err[0]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
 
 
 def test_deterministic_seeds_train_one_run_each_and_one_summary_lists_them(tiny_mvtec, tmp_path, monkeypatch):
-    """--seed 0 1 trains two runs (names <base> and <base>_seed1); --deterministic swaps the model's upsampling
-    during training and keeps the released checkpoint keys; the summary records the precision policy."""
+    """--seed 0 1 trains two runs (names <base> and <base>_seed1); --deterministic swaps the model's
+    upsampling during training and keeps the released checkpoint keys; the summary's provenance records
+    the precision policy and determinism."""
     swapped = []
-    monkeypatch.setattr(train_draem, "deterministic_upsampling", lambda model: swapped.append(deterministic_upsampling(model)))
+    monkeypatch.setattr(train_draem, "deterministic_upsampling",
+                        lambda model: swapped.append(deterministic_upsampling(model)))
     try:
-        train_draem.main(tiny_training(tiny_mvtec, tmp_path, "--epochs", "1", "--seed", "0", "1", "--deterministic"))
+        train_draem.main(tiny_training(tiny_mvtec, tmp_path, "--epochs", "1", "--seed", "0", "1",
+                                       "--deterministic"))
     finally:
         runtime.set_deterministic(False)
     assert len(swapped) == 2
@@ -192,12 +205,15 @@ def test_deterministic_seeds_train_one_run_each_and_one_summary_lists_them(tiny_
         assert list(torch.load(rec, weights_only=True)) == keys and seg.is_file()
     summary = json.loads((tmp_path / "logs" / f"{run_base_name(1e-4, 1, 4)}_2seeds_summary.json").read_text())
     assert [(run["seed"], run["epochs"]) for run in summary["runs"]] == [(0, 1), (1, 1)]
-    assert summary["deterministic"] is True and summary["fp32_precision"] == "ieee (cpu)" and summary["processes"] == 1
+    made_with = summary["provenance"]
+    assert made_with["deterministic"] is True and made_with["fp32_precision"] == "ieee (cpu)"
+    assert summary["processes"] == 1 and made_with["program"] == "train_draem.py"
 
 
 def count_compiled_graphs(make_model, train_sizes, eval_sizes, image_size: int) -> tuple[int, int, int]:
-    """(graphs compiled, forwards run through a compiled graph, forwards) over two models (two categories) trained
-    on batches of `train_sizes` and evaluated on `eval_sizes`; the backend runs the captured graph eagerly."""
+    """(graphs compiled, forwards run through a compiled graph, forwards) over two models (two categories)
+    trained on batches of `train_sizes` and evaluated on `eval_sizes`; the backend runs the captured graph
+    eagerly."""
     graphs, compiled_runs, calls = [], [0], 0
 
     def backend(gm, example_inputs):
@@ -234,10 +250,11 @@ def count_compiled_graphs(make_model, train_sizes, eval_sizes, image_size: int) 
 
 
 def test_a_compiled_model_needs_one_graph_per_mode_for_every_batch_size():
-    """Batch sizes 4, 3, 4 (a last partial batch) in training and 4, 3, 2 in evaluation, on two models: dynamic
-    shapes give one graph per mode, and every forward runs compiled, none falls back to eager. (Compiled static,
-    as before, the training graph is compiled twice: for size 4, then again, dynamic, at the first other size.)
-    A conv-BN-upsampling stack, quick to trace; the full model's run is opt-in below (~15 s more on 2 cores)."""
+    """Batch sizes 4, 3, 4 (a last partial batch) in training and 4, 3, 2 in evaluation, on two models: a
+    dynamic batch dimension gives one graph per mode, and every forward runs compiled, none falls back to
+    eager. (Compiled static, as before, the training graph is compiled twice: for size 4, then again,
+    dynamic, at the first other size.) A conv-BN-upsampling stack, quick to trace; the full model's run is
+    opt-in below (~15 s more on 2 cores)."""
     def small():
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
@@ -246,7 +263,8 @@ def test_a_compiled_model_needs_one_graph_per_mode_for_every_batch_size():
     assert (graphs, compiled_runs) == (2, calls)
 
 
-@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"), reason="tracing DRAEM twice takes ~30 s; set DRAEM_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"),
+                    reason="tracing DRAEM twice takes ~30 s; set DRAEM_SLOW_TESTS=1")
 def test_a_compiled_draem_needs_one_graph_per_mode_for_every_batch_size():
     graphs, compiled_runs, calls = count_compiled_graphs(lambda: DraemModel(4, 4), (4, 3, 4), (4, 3, 2), 32)
     assert (graphs, compiled_runs) == (2, calls)
@@ -258,25 +276,30 @@ def test_category_jobs_go_longest_first_to_the_least_loaded_process():
     assert distributed.assign_jobs([1, 2], 1) == [0, 0]
     assert distributed.assign_jobs([2, 1], 4) == [0, 1]  # more processes than jobs: the others stay idle
     # MVTec's 15 categories on 4 GPUs, by hand: 391 | 320 | 280 | 267, then 264 -> p3, 247 -> p2, 245 -> p1,
-    # 240 -> p0, 230 -> p2, 224 -> p3, 220 -> p1, 219 -> p0, 213 -> p3, 209 -> p2, 60 -> p1: 850, 845, 966, 968.
+    # 240 -> p0, 230 -> p2, 224 -> p3, 220 -> p1, 219 -> p0, 213 -> p3, 209 -> p2, 60 -> p1:
+    # 850, 845, 966, 968.
     counts = list(bench_draem.MVTEC_TRAIN_IMAGES.values())
     loads = np.bincount(distributed.assign_jobs(counts, 4), weights=counts, minlength=4)
     assert sum(counts) == 3629 and loads.tolist() == [850, 845, 966, 968]
 
 
 def test_the_table_estimate_is_700_epochs_of_mvtec_at_the_rate():
-    """28.5 samples/s (the public fp32 L40S figure) -> 700 x 3629 / 28.5 s = 24.76 h; 4 GPUs: 700 x 968 / 28.5 s."""
-    assert bench_draem.table_hours(28.5) == pytest.approx(700 * 3629 / 28.5 / 3600) == pytest.approx(24.76, abs=0.01)
+    """28.5 samples/s (the public fp32 L40S figure) -> 700 x 3629 / 28.5 s = 24.76 h; 4 GPUs: 700 x 968 /
+    28.5 s."""
+    assert bench_draem.table_hours(28.5) == pytest.approx(700 * 3629 / 28.5 / 3600)
+    assert bench_draem.table_hours(28.5) == pytest.approx(24.76, abs=0.01)
     assert bench_draem.table_hours(28.5, 4) == pytest.approx(700 * 968 / 28.5 / 3600)
 
 
 def fake_bench() -> dict:
     rows = [{"config": config, "samples_per_s": rate, "fraction_of_bf16_matmul": fraction}
-            for config, rate, fraction in (("fp32 eager", 100.0, 0.1), ("bf16 + channels_last + compile", 400.0, 0.4))]
+            for config, rate, fraction in (("fp32 eager", 100.0, 0.1),
+                                           ("bf16 + channels_last + compile", 400.0, 0.4))]
     return {"device": "NVIDIA H200", "train": rows, "matmul_tflops": {"bf16": 700.0, "fp32": 50.0},
             "synthesis": {"cpu_path_samples_per_s": 90.0, "device_path_samples_per_s": 900.0,
                           "device_synthesis_only_samples_per_s": 5000.0},
-            "table_estimate": bench_draem.table_estimates(rows, 8), "skipped": {"CPU bf16": "the CPU has no AMX-BF16"}}
+            "table_estimate": bench_draem.table_estimates(rows, 8),
+            "skipped": {"CPU bf16": "the CPU has no AMX-BF16"}}
 
 
 def test_the_device_check_summary_names_failures_speeds_and_the_table_time(tmp_path):
@@ -284,9 +307,11 @@ def test_the_device_check_summary_names_failures_speeds_and_the_table_time(tmp_p
     case = '<testcase classname="tests.test_cuda" name="{}">{}</testcase>'
     report.write_text("<testsuites><testsuite>" + case.format("test_a", "")
                       + case.format("test_b", '<failure message="assert 3 == 2">x</failure>')
-                      + case.format("test_c", '<skipped message="needs 2 GPUs"/>') + "</testsuite></testsuites>")
+                      + case.format("test_c", '<skipped message="needs 2 GPUs"/>')
+                      + "</testsuite></testsuites>")
     tests = {**device_check.read_junit(report), "seconds": 12.0}  # as run_cuda_tests adds
-    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1) and tests["failures"] == {"test_b": "assert 3 == 2"}
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
+    assert tests["failures"] == {"test_b": "assert 3 == 2"}
     text = "\n".join(device_check.summary_lines(tests, fake_bench(), 400.0))
     assert "FAILED test_b: assert 3 == 2" in text and "NVIDIA H200" in text
     hours = 700 * 3629 / 100 / 3600  # fp32 eager, the paper's configuration, one GPU
@@ -294,7 +319,8 @@ def test_the_device_check_summary_names_failures_speeds_and_the_table_time(tmp_p
     assert "4.00x" in text  # the fastest row against fp32 eager
 
 
-@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"), reason="a tiny benchmark end to end, ~30 s; set DRAEM_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"),
+                    reason="a tiny benchmark end to end, ~30 s; set DRAEM_SLOW_TESTS=1")
 def test_the_device_check_runs_end_to_end_in_quick_mode(tmp_path):
     summary = device_check.main(["--quick", "--skip_tests", "--output_dir", str(tmp_path)])
     assert summary["bench"]["train"] and (tmp_path / "device_check.json").is_file()

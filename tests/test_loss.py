@@ -59,20 +59,28 @@ def test_focal_gradients_are_finite_even_for_saturated_probabilities():
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
-def test_draem_loss_is_the_sum_of_its_parts():
+def test_sspcab_adds_lambda_times_the_blocks_mse_to_the_total():
+    """SSPCAB block input 0 and output 0.5 everywhere: MSE 0.25, so the part is 0.25 * lambda (0.125 at 0.5,
+    0.025 at the default 0.1, METHOD.md §4) and the total grows by exactly that over the same loss without
+    SSPCAB."""
     torch.manual_seed(0)
     rec, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     logits, mask = torch.randn(2, 2, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
-    io = (torch.rand(2, 4, 2, 2), torch.rand(2, 4, 2, 2))
+    io = (torch.zeros(2, 4, 2, 2), torch.full((2, 4, 2, 2), 0.5))
+    without, plain_parts = DraemLoss(sspcab_lambda=0.5)(rec, target, logits, mask)
     total, parts = DraemLoss(sspcab_lambda=0.5)(rec, target, logits, mask, io)
-    assert set(parts) == {"l2", "ssim", "focal", "sspcab"}
-    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
-    assert parts["sspcab"].item() == pytest.approx(0.5 * torch.mean((io[0] - io[1]) ** 2).item(), rel=1e-6)
-    assert parts["l2"].item() == pytest.approx(torch.mean((rec - target) ** 2).item(), rel=1e-6)
+    assert set(plain_parts) == {"l2", "ssim", "focal"} and set(parts) == {"l2", "ssim", "focal", "sspcab"}
+    assert parts["sspcab"].item() == 0.125  # 0.5 * 0.25, exact in float32
+    assert (total - without).item() == pytest.approx(0.125, abs=1e-6)  # float32 sums of terms near 1: ~1e-7
+    _, default_parts = DraemLoss()(rec, target, logits, mask, io)
+    assert default_parts["sspcab"].item() == pytest.approx(0.025, rel=1e-6)
+    for name in ("l2", "ssim", "focal"):  # SSPCAB changes no other part
+        assert parts[name].item() == plain_parts[name].item(), name
 
 
 def overshooting_pair() -> tuple[np.ndarray, np.ndarray]:
-    """(reconstruction, target), 3x40x48: the reconstruction overshoots to -0.83 and 1.83, as early in training (rule: L = 2)."""
+    """(reconstruction, target), 3x40x48: the reconstruction overshoots to -0.83 and 1.83, as early in
+    training (rule: L = 2)."""
     rng = np.random.default_rng(1)
     target = rng.random((3, 40, 48)).astype(np.float32)
     return target + 0.25 * rng.standard_normal(target.shape).astype(np.float32), target
@@ -80,20 +88,23 @@ def overshooting_pair() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("data_range, skimage_range", [(None, 2.0), (1.0, 1.0), (2.0, 2.0), (255.0, 255.0)])
 def test_ssim_map_applies_the_released_range_rule_unless_a_range_is_given(data_range, skimage_range):
-    """Default (None): the released rule, L = 2 for this reconstruction; a number fixes L whatever the values."""
+    """Default (None): the released rule, L = 2 for this reconstruction; a number fixes L whatever the
+    values."""
     a, b = overshooting_pair()
     ours = ssim_map(torch.from_numpy(a)[None], torch.from_numpy(b)[None], data_range=data_range)[0].numpy()
     for c in range(3):
         _, reference = structural_similarity(
-            a[c], b[c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=skimage_range, full=True
+            a[c], b[c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            data_range=skimage_range, full=True
         )
-        # Measured <= 3.8e-6 (float32 cancellation); the wrong range (1 vs 2) is off by 9e-3, 255 vs 256 by 3.5e-5.
+        # Measured <= 3.8e-6 (float32 cancellation); the wrong range (1 vs 2) is off by 9e-3, 255 vs 256 by
+        # 3.5e-5.
         np.testing.assert_allclose(ours[c, 5:-5, 5:-5], reference[5:-5, 5:-5], atol=1e-5)
 
 
 def test_ssim_range_rule_stays_on_the_device_and_in_autograd():
-    """The rule traces into one graph (fullgraph fails on `.item()` or a Python `if` on a tensor, i.e. a host sync on
-    GPU), and the loss still back-propagates to the reconstruction."""
+    """The rule traces into one graph (fullgraph fails on `.item()` or a Python `if` on a tensor, i.e. a host
+    sync on GPU), and the loss still back-propagates to the reconstruction."""
     a, b = (torch.from_numpy(x)[None] for x in overshooting_pair())
     compiled = torch.compile(SSIM(), fullgraph=True, backend="eager")
     assert compiled(a, b).item() == pytest.approx(SSIM()(a, b).item(), abs=1e-6)

@@ -1,7 +1,7 @@
 """Benchmark DRAEM's fast path side by side on whatever device is present; print a table, write JSON.
 
-    python -m tools.bench_draem                                     # paper size: widths 128/64, 256 px, batch 8 (GPU)
-    python -m tools.bench_draem --base_width 16 --image_size 128    # a small model: minutes on a 2-core CPU
+    python -m tools.bench_draem                                   # paper size: widths 128/64, 256 px, batch 8
+    python -m tools.bench_draem --base_width 16 --image_size 128  # a small model: a minute on a 2-core CPU
 
 Measured in one run, every training row from the same initial weights and the same batch:
 - training samples/s of fp32 eager (TF32 convolutions on GPUs, torch's default), then strict fp32 (no
@@ -9,14 +9,14 @@ Measured in one run, every training row from the same initial weights and the sa
   channels_last, torch.compile each alone, then the last three together, and those fed by the device
   synthesis (a uint8 batch -> samples on the device, every step). Each row also gives the loss after its
   steps (the options should change it only by rounding), the achieved FLOP rate (FLOPs of one step counted
-  by torch.utils.flop_counter) as a fraction of the device's measured bf16 (and fp32) matmul rate, and peak
-  memory (CUDA: allocated by torch; CPU: the process's peak resident set so far, so it only grows down the
-  table);
+  by torch.utils.flop_counter) as a fraction of the device's measured bf16 (and fp32) matmul rate, and
+  peak memory (CUDA: allocated by torch; CPU: the process's peak resident set so far, so it only grows
+  down the table);
 - on a GPU machine whose CPU has AMX-BF16, the CPU's own fp32 and bf16 training rows (`--cpu_bf16`);
-- the estimated wall time of the paper's table (15 MVTec categories x 700 epochs) at each row's rate, on one
-  device and with --parallel categories over the machine's GPUs;
-- synthesis samples/s: the CPU path (MVTecDRAEMTrainDataset, one process) next to the device path
-  (RawTrainDataset in one process + synthesize_batch, and synthesize_batch alone);
+- the estimated wall time of the paper's table (15 MVTec categories x 700 epochs) at each row's rate, on
+  one device and with --parallel categories over the machine's GPUs;
+- synthesis samples/s: the CPU path (TrainDataset, one process) next to the device path
+  (TrainImageDataset in one process + synthesize_batch, and synthesize_batch alone);
 - inference latency at batch 1 and batch 8, fp32 eager and with the fast options.
 Compilation happens in the untimed warm-up steps. Two options are left out where they cannot pay off,
 unless asked for: torch.compile on CPU (`--compile auto`: inductor's C++ build takes minutes there)
@@ -40,24 +40,31 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, seed_everything
+from data_loader import TrainDataset, TrainImageDataset, seed_everything
 from device_synthesis import device_generator, synthesize_batch
 from engine.evaluation import DraemScorer
 from loss import DraemLoss
 from model_unet import DraemModel, check_image_size, deterministic_upsampling
 from train_draem import train_step
 from util.atomic import atomic_write_text
-from util.cli import ArgumentParser, at_least
+from util.cli import ArgumentParser, add_device_flags, add_image_size_flag, add_width_flags, at_least
 from util.demo_data import make_demo_dataset
 from util.distributed import assign_jobs
 from util.errors import one_line_errors
-from util.runtime import CUBLAS_DETERMINISTIC_WORKSPACE, prepare_model, select_device, set_deterministic, set_fp32_precision
+from util.images import shape_record
+from util.runtime import (
+    CUBLAS_DETERMINISTIC_WORKSPACE,
+    prepare_model,
+    select_device,
+    set_deterministic,
+    set_fp32_precision,
+)
 
-# MVTec AD's training split, images per category (Bergmann et al., CVPR 2019, Table 1): one epoch draws this many
-# samples, so the paper's table is 700 epochs over 3629 images.
-MVTEC_TRAIN_IMAGES = {"bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264, "hazelnut": 391,
-                      "leather": 245, "metal_nut": 220, "pill": 267, "screw": 320, "tile": 230, "toothbrush": 60,
-                      "transistor": 213, "wood": 247, "zipper": 240}
+# MVTec AD's training split, images per category (Bergmann et al., CVPR 2019, Table 1): one epoch draws this
+# many samples, so the paper's table is 700 epochs over 3629 images.
+MVTEC_TRAIN_IMAGES = {"bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264,
+                      "hazelnut": 391, "leather": 245, "metal_nut": 220, "pill": 267, "screw": 320,
+                      "tile": 230, "toothbrush": 60, "transistor": 213, "wood": 247, "zipper": 240}
 PAPER_EPOCHS = 700
 
 
@@ -83,7 +90,8 @@ class Options:
 
 FAST = Options("bf16", channels_last=True, compile=True)
 TRAIN_CONFIGS = (Options(), Options(fp32_precision="strict"), Options(deterministic=True), Options("bf16"),
-                 Options(channels_last=True), Options(compile=True), FAST, replace(FAST, device_synthesis=True))
+                 Options(channels_last=True), Options(compile=True), FAST,
+                 replace(FAST, device_synthesis=True))
 INFERENCE_CONFIGS = (Options(), FAST)
 # Per device type: batch size, timed steps, warm-up steps, latency repeats, synthesis samples, matmul side.
 DEFAULTS = {"cuda": (8, 20, 3, 20, 512, 8192), "cpu": (2, 3, 1, 2, 32, 512)}
@@ -91,34 +99,41 @@ DEFAULTS = {"cuda": (8, 20, 3, 20, 512, 8192), "cpu": (2, 3, 1, 2, 32, 512)}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--base_width", type=at_least(1), default=128, help="reconstructive network width (paper: 128)")
-    parser.add_argument("--seg_base_width", type=at_least(1), default=64, help="discriminative network width (paper: 64)")
-    parser.add_argument("--image_size", type=int, default=256, help="side of the square images; a multiple of 32 (paper: 256)")
-    parser.add_argument("--batch_size", type=at_least(1), help="training batch size (default: 8 on CUDA, 2 on CPU)")
+    add_width_flags(parser)
+    add_image_size_flag(parser)
+    parser.add_argument("--batch_size", type=at_least(1),
+                        help="training batch size (default: 8 on CUDA, 2 on CPU)")
     parser.add_argument("--steps", type=at_least(1),
                         help="timed training steps per configuration (default: 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=at_least(0),
                         help="untimed steps first, compilation included (default: 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or cuda")
-    parser.add_argument("--gpu_id", type=at_least(0), default=0, help="CUDA device index")
+    add_device_flags(parser)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="include torch.compile: auto = on CUDA only (on CPU the C++ build takes minutes)")
+                        help="include torch.compile: auto = on CUDA only (on CPU the C++ build takes "
+                             "minutes)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="include bf16 autocast: auto = where the measured bf16 matmul rate is at least half the fp32 one "
-                             "(native bf16; CPUs without it emulate bf16 tens of times slower)")
+                        help="include bf16 autocast: auto = where the measured bf16 matmul rate is at least "
+                             "half the fp32 one (native bf16; CPUs without it emulate bf16 tens of times "
+                             "slower)")
     parser.add_argument("--data_path",
-                        help="a train/good folder for the synthesis rows (default: demo images made in a temp folder)")
-    parser.add_argument("--anomaly_source_path", help="texture folder for the synthesis rows (default: the demo textures)")
+                        help="a train/good folder for the synthesis rows (default: demo images made in a "
+                             "temp folder)")
+    parser.add_argument("--anomaly_source_path",
+                        help="texture folder for the synthesis rows (default: the demo textures)")
     parser.add_argument("--cpu_bf16", choices=("auto", "on", "off"), default="auto",
-                        help="also time training on the CPU in fp32 and bf16: auto = on a CUDA run whose CPU has AMX-BF16 "
-                             "(/proc/cpuinfo flag amx_bf16), where CPU bf16 is fast")
+                        help="also time training on the CPU in fp32 and bf16: auto = on a CUDA run whose CPU "
+                             "has AMX-BF16 (/proc/cpuinfo flag amx_bf16), where CPU bf16 is fast")
     parser.add_argument("--gpus", type=at_least(1),
-                        help="GPUs for the --parallel categories estimate of the paper's table (default: this machine's)")
+                        help="GPUs for the --parallel categories estimate of the paper's table (default: "
+                             "this machine's)")
     parser.add_argument("--threads", type=at_least(1),
-                        help="CPU threads for torch (default: torch's choice); on a CPU shared with other jobs, "
-                             "1 (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning against each other")
-    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the weights, the batch and the synthesis")
-    parser.add_argument("--output", default="results/bench_draem.json", help="JSON file for the results (written atomically)")
+                        help="CPU threads for torch (default: torch's choice); on a CPU shared with other "
+                             "jobs, 1 (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning against "
+                             "each other")
+    parser.add_argument("--seed", type=at_least(0), default=0,
+                        help="seed of the weights, the batch and the synthesis")
+    parser.add_argument("--output", default="results/bench_draem.json",
+                        help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
     check_image_size(args.image_size)
     for name in ("base_width", "seg_base_width", "batch_size", "steps", "threads"):
@@ -148,7 +163,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """CUDA: peak memory allocated by torch since the last reset. CPU: peak resident set of this process so far."""
+    """CUDA: peak memory allocated by torch since the last reset. CPU: peak resident set of this process so
+    far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -167,15 +183,17 @@ def matmul_tflops(device: torch.device, side: int, dtype: torch.dtype) -> float:
 
 
 def benchmark_data(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path]:
-    """The train/good folder and texture folder the synthesis reads: the flags', else demo data made in `scratch`."""
+    """The train/good folder and texture folder the synthesis reads: the flags', else demo data made in
+    `scratch`."""
     if args.data_path is not None and args.anomaly_source_path is not None:
         return Path(args.data_path), Path(args.anomaly_source_path)
-    demo = make_demo_dataset(scratch, image_size=args.image_size, n_train=16, n_test_good=1, n_test_per_defect=1, n_sources=8)
+    demo = make_demo_dataset(scratch, image_size=max(args.image_size), n_train=16, n_test_good=1,
+                             n_test_per_defect=1, n_sources=8)
     train_dir = demo.mvtec_root / demo.categories[0] / "train" / "good"
     return Path(args.data_path or train_dir), Path(args.anomaly_source_path or demo.texture_root)
 
 
-def raw_batch(dataset: RawTrainDataset, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+def raw_batch(dataset: TrainImageDataset, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     """One collated uint8 batch from the raw dataset, on `device`."""
     batch = next(iter(DataLoader(dataset, batch_size=batch_size)))
     return {key: value.to(device) for key, value in batch.items()}
@@ -195,7 +213,8 @@ def count_train_flops(args: argparse.Namespace, device: torch.device, batch: dic
     model = make_model(args, device, False, False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     with FlopCounterMode(display=False) as counter:
-        train_step(model, model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"], batch["anomaly_mask"])
+        train_step(model, model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"],
+                   batch["anomaly_mask"])
     return counter.get_total_flops()
 
 
@@ -223,9 +242,11 @@ def _bench_training(
     losses = []
 
     def step() -> None:
-        samples = synthesize_batch(raw["image"], raw.get("source"), generator) if options.device_synthesis else batch
-        loss, *_ = train_step(model, model, criterion, optimizer, samples["image"], samples["augmented_image"],
-                              samples["anomaly_mask"], options.precision, options.channels_last)
+        samples = (synthesize_batch(raw["image"], raw.get("source"), generator) if options.device_synthesis
+                   else batch)
+        loss, *_ = train_step(model, model, criterion, optimizer, samples["image"],
+                              samples["augmented_image"], samples["anomaly_mask"], options.precision,
+                              options.channels_last)
         losses.append(loss)
 
     reset_peak_memory(device)
@@ -237,8 +258,8 @@ def _bench_training(
     return {
         "config": options.label(), "samples_per_s": args.batch_size / seconds, "step_ms": 1000 * seconds,
         "warmup_s": warmup_seconds, "loss_after": losses[-1].item(), "achieved_tflops": achieved,
-        "fraction_of_bf16_matmul": achieved / matmul["bf16"], "fraction_of_fp32_matmul": achieved / matmul["fp32"],
-        "peak_memory_mib": peak_memory_mib(device),
+        "fraction_of_bf16_matmul": achieved / matmul["bf16"],
+        "fraction_of_fp32_matmul": achieved / matmul["fp32"], "peak_memory_mib": peak_memory_mib(device),
     }
 
 
@@ -250,7 +271,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, options: Opt
     scorer.eval()
     row = {"config": options.label()}
     for batch_size in (1, 8):
-        image = torch.rand(batch_size, 3, args.image_size, args.image_size, device=device)
+        image = torch.rand(batch_size, 3, *args.image_size, device=device)
         forward = functools.partial(scorer, image)
         seconds_per_call(forward, 1, device)  # warm-up (and compilation for this shape)
         row[f"batch{batch_size}_ms"] = 1000 * seconds_per_call(forward, repeats, device)
@@ -258,13 +279,15 @@ def bench_inference(args: argparse.Namespace, device: torch.device, options: Opt
 
 
 def bench_synthesis(
-    args: argparse.Namespace, device: torch.device, cpu_dataset: MVTecDRAEMTrainDataset, raw_dataset: RawTrainDataset,
+    args: argparse.Namespace, device: torch.device, cpu_dataset: TrainDataset, raw_dataset: TrainImageDataset,
     samples: int
 ) -> dict:
-    """Samples/s of the CPU path and of the device path, at the training image size, with warm source caches."""
+    """Samples/s of the CPU path and of the device path, at the training image size, with warm source
+    caches."""
     for dataset in (cpu_dataset, raw_dataset):
         seconds_per_call(functools.partial(dataset.__getitem__, 0), samples, torch.device("cpu"))
-    cpu_seconds = seconds_per_call(functools.partial(cpu_dataset.__getitem__, 0), samples, torch.device("cpu"))
+    cpu_seconds = seconds_per_call(functools.partial(cpu_dataset.__getitem__, 0), samples,
+                                   torch.device("cpu"))
     generator = device_generator(device, args.seed)
     loader = DataLoader(raw_dataset, batch_size=args.batch_size)
     synchronize(device)
@@ -288,8 +311,9 @@ def bench_synthesis(
 
 # (heading, key, format) of the training table's columns after the configuration name.
 TRAIN_COLUMNS = (
-    ("samples/s", "samples_per_s", "{:.2f}"), ("vs fp32", "speedup", "{:.2f}x"), ("step ms", "step_ms", "{:.1f}"),
-    ("warm-up s", "warmup_s", "{:.1f}"), ("loss after", "loss_after", "{:.4f}"), ("TFLOP/s", "achieved_tflops", "{:.3f}"),
+    ("samples/s", "samples_per_s", "{:.2f}"), ("vs fp32", "speedup", "{:.2f}x"),
+    ("step ms", "step_ms", "{:.1f}"), ("warm-up s", "warmup_s", "{:.1f}"),
+    ("loss after", "loss_after", "{:.4f}"), ("TFLOP/s", "achieved_tflops", "{:.3f}"),
     ("% bf16 mm", "percent_of_bf16_matmul", "{:.1f}%"), ("% fp32 mm", "percent_of_fp32_matmul", "{:.1f}%"),
     ("peak MiB", "peak_memory_mib", "{:.0f}"),
 )
@@ -312,7 +336,8 @@ def format_table(results: dict) -> str:
     ]
     base = results["train"][0]["samples_per_s"]
     for row in results["train"]:
-        values = {**row, "speedup": row["samples_per_s"] / base, "percent_of_bf16_matmul": 100 * row["fraction_of_bf16_matmul"],
+        values = {**row, "speedup": row["samples_per_s"] / base,
+                  "percent_of_bf16_matmul": 100 * row["fraction_of_bf16_matmul"],
                   "percent_of_fp32_matmul": 100 * row["fraction_of_fp32_matmul"]}
         lines.append(table_row(row["config"], [fmt.format(values[key]) for _, key, fmt in TRAIN_COLUMNS]))
     lines += [f"{name:52s}skipped: {reason}" for name, reason in results["skipped"].items()]
@@ -326,12 +351,15 @@ def format_table(results: dict) -> str:
         "",
         table_row("inference (eval mode)", ["batch 1 ms", "batch 8 ms"]),
     ]
-    lines += [table_row(row["config"], [f"{row['batch1_ms']:.1f}", f"{row['batch8_ms']:.1f}"]) for row in results["inference"]]
+    lines += [table_row(row["config"], [f"{row['batch1_ms']:.1f}", f"{row['batch8_ms']:.1f}"])
+              for row in results["inference"]]
     if "cpu_bf16" in results:
         cpu = results["cpu_bf16"]
         amx = "AMX-BF16" if cpu["amx_bf16"] else "no AMX"
-        lines += ["", table_row(f"CPU training ({cpu['threads']} threads, {amx})", ["samples/s", "% bf16 mm"])]
-        lines += [table_row(row["config"], [f"{row['samples_per_s']:.2f}", f"{100 * row['fraction_of_bf16_matmul']:.1f}%"])
+        lines += ["", table_row(f"CPU training ({cpu['threads']} threads, {amx})",
+                                ["samples/s", "% bf16 mm"])]
+        lines += [table_row(row["config"], [f"{row['samples_per_s']:.2f}",
+                                            f"{100 * row['fraction_of_bf16_matmul']:.1f}%"])
                   for row in cpu["train"]]
         lines.append(f"CPU bf16 is {cpu['bf16_speedup']:.2f}x its fp32")
     estimate = results.get("table_estimate")
@@ -340,24 +368,28 @@ def format_table(results: dict) -> str:
         columns = ["1"] if gpus == "1" else ["1", gpus]
         lines += ["", table_row(f"paper's table ({estimate['samples']} samples) at this width",
                                 [f"{n} device{'s' if n != '1' else ''} h" for n in columns])]
-        lines += [table_row(config, [f"{hours[n]:.1f}" for n in columns]) for config, hours in estimate["hours"].items()]
+        lines += [table_row(config, [f"{hours[n]:.1f}" for n in columns])
+                  for config, hours in estimate["hours"].items()]
     return "\n".join(lines)
 
 
 def without_unavailable(options: Options, compile_on: bool, bf16_on: bool, cuda: bool = True) -> Options:
-    """`options` less the switches this run leaves out (TF32 exists only on CUDA GPUs: on a CPU fp32 is strict)."""
-    return replace(options, compile=options.compile and compile_on, precision=options.precision if bf16_on else "fp32",
+    """`options` less the switches this run leaves out (TF32 exists only on CUDA GPUs: on a CPU fp32 is
+    strict)."""
+    return replace(options, compile=options.compile and compile_on,
+                   precision=options.precision if bf16_on else "fp32",
                    fp32_precision=options.fp32_precision if cuda else "tf32")
 
 
-def skip_reasons(options: Options, args: argparse.Namespace, compile_on: bool, bf16_on: bool, matmul: dict[str, float],
-                 cuda: bool = True) -> list[str]:
+def skip_reasons(options: Options, args: argparse.Namespace, compile_on: bool, bf16_on: bool,
+                 matmul: dict[str, float], cuda: bool = True) -> list[str]:
     reasons = []
     if options.fp32_precision == "strict" and not cuda:
         reasons.append("there is no TF32 on a CPU: its fp32 is always strict")
     if options.compile and not compile_on:
         reasons.append("--compile off" if args.compile == "off" else
-                       "torch.compile is off (--compile auto leaves it out on CPU, where inductor's C++ build takes minutes)")
+                       "torch.compile is off (--compile auto leaves it out on CPU, where inductor's C++ "
+                       "build takes minutes)")
     if options.precision == "bf16" and not bf16_on:
         reasons.append("--bf16 off" if args.bf16 == "off" else
                        f"bf16 is emulated here (bf16 matmul {1e3 * matmul['bf16']:.1f} GFLOP/s "
@@ -371,26 +403,30 @@ def cpu_flags() -> set[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    flags = (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    return set(next(flags, []))
 
 
 def bench_cpu_bf16(args: argparse.Namespace, batch: dict[str, torch.Tensor]) -> dict:
-    """fp32 and bf16 training rows on the CPU at the benchmark's widths (batch 2, a few steps): AMX makes bf16 fast."""
+    """fp32 and bf16 training rows on the CPU at the benchmark's widths (batch 2, a few steps): AMX makes bf16
+    fast."""
     cpu = torch.device("cpu")
     small = argparse.Namespace(**{**vars(args), "batch_size": 2, "steps": 2, "warmup": 1})
     cpu_batch = {key: value[:2].to(cpu) for key, value in batch.items()}
-    matmul = {"bf16": matmul_tflops(cpu, 1024, torch.bfloat16), "fp32": matmul_tflops(cpu, 1024, torch.float32)}
+    matmul = {"bf16": matmul_tflops(cpu, 1024, torch.bfloat16),
+              "fp32": matmul_tflops(cpu, 1024, torch.float32)}
     step_flops = count_train_flops(small, cpu, cpu_batch)
     rows = [bench_training(small, cpu, options, cpu_batch, cpu_batch, step_flops, matmul)
             for options in (Options(), Options("bf16"))]
     flags = cpu_flags()
-    return {"threads": torch.get_num_threads(), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "matmul_tflops": matmul, "train": rows, "bf16_speedup": rows[1]["samples_per_s"] / rows[0]["samples_per_s"]}
+    return {"threads": torch.get_num_threads(), "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "matmul_tflops": matmul, "train": rows,
+            "bf16_speedup": rows[1]["samples_per_s"] / rows[0]["samples_per_s"]}
 
 
 def table_hours(samples_per_s: float, processes: int = 1) -> float:
-    """Hours to train the paper's table (15 MVTec categories x 700 epochs) at `samples_per_s` per process, the
-    categories spread over `processes` as train_draem --parallel categories spreads them."""
+    """Hours to train the paper's table (15 MVTec categories x 700 epochs) at `samples_per_s` per process,
+    the categories spread over `processes` as train_draem --parallel categories spreads them."""
     counts = list(MVTEC_TRAIN_IMAGES.values())
     loads = [0] * processes
     for count, owner in zip(counts, assign_jobs(counts, processes)):
@@ -401,8 +437,8 @@ def table_hours(samples_per_s: float, processes: int = 1) -> float:
 def table_estimates(rows: list[dict], gpus: int) -> dict:
     """Per training row: the paper's table in hours on one device and over `gpus` GPUs (category-parallel)."""
     return {"gpus": gpus, "samples": PAPER_EPOCHS * sum(MVTEC_TRAIN_IMAGES.values()),
-            "hours": {row["config"]: {"1": table_hours(row["samples_per_s"]), str(gpus): table_hours(row["samples_per_s"], gpus)}
-                      for row in rows}}
+            "hours": {row["config"]: {"1": table_hours(row["samples_per_s"]),
+                                      str(gpus): table_hours(row["samples_per_s"], gpus)} for row in rows}}
 
 
 @one_line_errors
@@ -414,7 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch_size, steps, warmup, repeats, synthesis_samples, matmul_side = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    batch_size, steps, warmup, repeats, synthesis_samples, matmul_side = DEFAULTS[
+        "cuda" if device.type == "cuda" else "cpu"]
     args.batch_size = args.batch_size or batch_size
     args.steps = args.steps or steps
     args.warmup = warmup if args.warmup is None else args.warmup
@@ -422,17 +459,20 @@ def main(argv: list[str] | None = None) -> dict:
     matmul = {"bf16": matmul_tflops(device, matmul_side, torch.bfloat16),
               "fp32": matmul_tflops(device, matmul_side, torch.float32)}
     compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    # Native bf16 doubles the fp32 rate or better; emulated bf16 (CPUs without AVX512-BF16/AMX) is many times slower.
+    # Native bf16 doubles the fp32 rate or better; emulated bf16 (CPUs without AVX512-BF16/AMX) is many times
+    # slower.
     bf16_on = args.bf16 == "on" or (args.bf16 == "auto" and matmul["bf16"] >= 0.5 * matmul["fp32"])
     results = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                           else f"cpu ({torch.get_num_threads()} threads)"),
-               "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width], "image_size": args.image_size,
-               "batch_size": args.batch_size, "args": vars(args), "matmul_tflops": matmul, "skipped": {}, "train": [],
-               "inference": []}
+               "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width],
+               "image_size": shape_record(args.image_size),
+               "batch_size": args.batch_size, "args": vars(args), "matmul_tflops": matmul, "skipped": {},
+               "train": [], "inference": []}
     with tempfile.TemporaryDirectory() as scratch:
         train_dir, sources = benchmark_data(args, Path(scratch))
-        size = (args.image_size, args.image_size)
-        cpu_dataset, raw_dataset = MVTecDRAEMTrainDataset(train_dir, sources, size), RawTrainDataset(train_dir, sources, size)
+        size = args.image_size
+        cpu_dataset, raw_dataset = (TrainDataset(train_dir, sources, size),
+                                    TrainImageDataset(train_dir, sources, size))
         raw = raw_batch(raw_dataset, args.batch_size, device)
         batch = synthesize_batch(raw["image"], raw.get("source"), device_generator(device, args.seed))
         step_flops = count_train_flops(args, device, batch)
@@ -440,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         for options in TRAIN_CONFIGS:
             effective = without_unavailable(options, compile_on, bf16_on, cuda)
             if effective != options and effective.label() in {row["config"] for row in results["train"]}:
-                results["skipped"][options.label()] = "; ".join(skip_reasons(options, args, compile_on, bf16_on, matmul, cuda))
+                results["skipped"][options.label()] = "; ".join(
+                    skip_reasons(options, args, compile_on, bf16_on, matmul, cuda))
                 continue
             print(f"training: {effective.label()} ...", flush=True)
             results["train"].append(bench_training(args, device, effective, batch, raw, step_flops, matmul))

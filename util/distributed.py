@@ -24,8 +24,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from util.errors import DraemInputError
 from util.runtime import select_device, torchrun_device
 
-# Category-parallel processes wait for each other only at the end, up to a category's training time apart (hours);
-# the group's default timeout (minutes) would end the run there.
+# Category-parallel processes wait for each other only at the end, up to a category's training time apart
+# (hours); the group's default timeout (minutes) would end the run there.
 COORDINATION_TIMEOUT = datetime.timedelta(days=7)
 _solo = False  # inside `solo()`: this process trains on its own although a process group exists
 
@@ -36,7 +36,8 @@ def launched_by_torchrun() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(device_name: str = "auto", gpu_id: int = 0, coordination_only: bool = False) -> Iterator[torch.device]:
+def process_group(device_name: str = "auto", gpu_id: int = 0,
+                  coordination_only: bool = False) -> Iterator[torch.device]:
     """Yield this process's device; under torchrun, join the process group for the duration.
 
     Under torchrun the device is cuda:LOCAL_RANK (an explicit index is refused when the machine runs several
@@ -66,8 +67,9 @@ def process_group(device_name: str = "auto", gpu_id: int = 0, coordination_only:
 
 @contextlib.contextmanager
 def solo() -> Iterator[None]:
-    """Within: the helpers below act as in a single process (rank 0 of 1, no sampler, no communication) although
-    a process group exists, so a category-parallel process trains a category exactly as a lone process would."""
+    """Within: the helpers below act as in a single process (rank 0 of 1, no sampler, no communication)
+    although a process group exists, so a category-parallel process trains a category exactly as a lone
+    process would."""
     global _solo
     previous, _solo = _solo, True
     try:
@@ -89,8 +91,8 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """True in the process that writes checkpoints, logs and images (rank 0; the only process without torchrun;
-    every process inside `solo`)."""
+    """True in the process that writes checkpoints, logs and images (rank 0; the only process without
+    torchrun; every process inside `solo`)."""
     return rank() == 0
 
 
@@ -116,18 +118,20 @@ def assign_jobs(costs: Sequence[float], processes: int) -> list[int]:
 def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
     """The module to call in the training loop: `model` itself in a single process, else DDP around it.
 
-    `model` stays the unwrapped module (DDP keeps it as `.module`): save it, read its `sspcab_io`, evaluate it.
+    `model` stays the unwrapped module (DDP keeps it as `.module`): save it, read its `sspcab_io`, evaluate
+    it.
     SyncBatchNorm replaces the BatchNorm layers in place and shares their parameters and buffers, so the
     checkpoint keys do not change.
     """
     if not _grouped():
         if sync_bn:
-            print("note: --sync_bn has no effect in a single process (there are no other batches to sync with)")
+            print("note: --sync_bn has no effect in a single process (there are no other batches to sync "
+                  "with)")
         return model
     if sync_bn:
         if device.type != "cuda":
-            raise DraemInputError("--sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU implementation "
-                                  "(leave it out on the CPU)")
+            raise DraemInputError("--sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU "
+                                  "implementation (leave it out on the CPU)")
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -136,7 +140,8 @@ def rank_sampler(dataset: Dataset) -> DistributedSampler | None:
     """None in a single process; else a sampler giving this rank ceil(len / world_size) of each epoch's items.
 
     The training dataset ignores the index (every item is a fresh random draw from the rank's own seeded
-    stream), so the sampler only fixes how many items each rank draws: together, one epoch as in a single process.
+    stream), so the sampler only fixes how many items each rank draws: together, one epoch as in a single
+    process.
     """
     if not _grouped():
         return None
@@ -144,7 +149,8 @@ def rank_sampler(dataset: Dataset) -> DistributedSampler | None:
 
 
 def average(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean of `values` (on this rank's device) over all ranks; `values` itself in a single process."""
+    """Element-wise mean of `values` (on this rank's device) over all ranks; `values` itself in a single
+    process."""
     if not _grouped():
         return values
     values = values.detach().clone()  # all_reduce works in place

@@ -17,7 +17,8 @@ def _device_name(name: str) -> str:
     if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         raise DraemInputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:<index>")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
+        raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device "
+                              f"cpu)")
     return name
 
 
@@ -29,15 +30,17 @@ def _use_cuda_device(index: int) -> torch.device:
     """
     count = torch.cuda.device_count()
     if index >= count:
-        raise DraemInputError(f"CUDA device {index} asked for, but this machine has {count} (cuda:0 .. cuda:{count - 1}); "
-                              f"use another --device / --gpu_id, or check CUDA_VISIBLE_DEVICES")
+        raise DraemInputError(f"CUDA device {index} asked for, but this machine has {count} (cuda:0 .. "
+                              f"cuda:{count - 1}); use another --device / --gpu_id, or check "
+                              f"CUDA_VISIBLE_DEVICES")
     device = torch.device("cuda", index)
     torch.cuda.set_device(device)
     return device
 
 
 def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear error.
+    """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear
+    error.
 
     A CUDA device becomes the current one (see `_use_cuda_device`), so nothing opens a context on GPU 0.
     """
@@ -48,7 +51,8 @@ def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:
 
 
 def torchrun_device(name: str, gpu_id: int, local_rank: int, local_world_size: int) -> torch.device:
-    """The device of process `local_rank` of `local_world_size` on this machine under torchrun: cuda:<local_rank>.
+    """The device of process `local_rank` of `local_world_size` on this machine under torchrun:
+    cuda:<local_rank>.
 
     All processes get the same flags, so an explicit index (`--device cuda:N`, `--gpu_id N` other than 0)
     would put every process on GPU N: refused when the machine runs more than one process, used as given
@@ -57,13 +61,16 @@ def torchrun_device(name: str, gpu_id: int, local_rank: int, local_world_size: i
     name = _device_name(name)
     if name == "cpu":
         return torch.device("cpu")
-    flag, index = (f"--device {name}", int(name[5:])) if name != "cuda" else (f"--gpu_id {gpu_id}", gpu_id or None)
+    if name == "cuda":
+        flag, index = f"--gpu_id {gpu_id}", gpu_id or None  # --gpu_id 0 is the default: no index asked for
+    else:
+        flag, index = f"--device {name}", int(name[5:])
     if index is None:
         return _use_cuda_device(local_rank)
     if local_world_size > 1:
-        raise DraemInputError(f"{flag} under torchrun with {local_world_size} processes on this machine would put every "
-                              f"process on GPU {index}: use --device cuda (process i trains on cuda:i) and choose the "
-                              f"GPUs with CUDA_VISIBLE_DEVICES")
+        raise DraemInputError(f"{flag} under torchrun with {local_world_size} processes on this machine "
+                              f"would put every process on GPU {index}: use --device cuda (process i trains "
+                              f"on cuda:i) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     return _use_cuda_device(index)
 
 
@@ -89,10 +96,12 @@ CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 
 
 def set_deterministic(on: bool) -> None:
-    """--deterministic: deterministic algorithms only (cuDNN's deterministic kernels, cuBLAS with a fixed workspace),
-    so a CUDA run repeats bit for bit; a model also needs its upsampling swapped (model_unet.deterministic_upsampling).
+    """--deterministic: deterministic algorithms only (cuDNN's deterministic kernels, cuBLAS with a fixed
+    workspace), so a CUDA run repeats bit for bit; a model also needs its upsampling swapped
+    (model_unet.deterministic_upsampling).
 
-    Set both ways on every run (torch's defaults when off), so an earlier run in the same process never leaks in.
+    Set both ways on every run (torch's defaults when off), so an earlier run in the same process never leaks
+    in.
     Call before the first CUDA operation: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts.
     """
     if on:
@@ -102,15 +111,11 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def math_settings(device: torch.device) -> dict:
-    """What decides the float results on `device`, for the results files: TF32, determinism, device and torch."""
-    cuda = device.type == "cuda"
-    return {
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-        "fp32_precision": ("tf32" if torch.backends.cudnn.allow_tf32 else "strict") if cuda else "ieee (cpu)",
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-    }
+def precision_policy(device: torch.device | str | None) -> dict:
+    """The fp32 precision policy and determinism in effect on `device`, for provenance records."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    policy = ("tf32" if torch.backends.cudnn.allow_tf32 else "strict") if cuda else "ieee (cpu)"
+    return {"fp32_precision": policy, "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -130,7 +135,8 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """An N×C×H×W batch in channels-last layout when asked (what cuDNN's fastest kernels want); else unchanged."""
+    """An N×C×H×W batch in channels-last layout when asked (what cuDNN's fastest kernels want); else
+    unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -138,8 +144,9 @@ _DYNAMIC_BATCH = "_draem_dynamic_batch"  # set by prepare_model on a model it co
 
 
 def model_input(model: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """The batch `x` as `model` takes it: channels-last when asked and, when prepare_model compiled the model, its
-    batch dimension marked dynamic, so one compiled graph serves every batch size from 2 up (see prepare_model)."""
+    """The batch `x` as `model` takes it: channels-last when asked and, when prepare_model compiled the model,
+    its batch dimension marked dynamic, so one compiled graph serves every batch size from 2 up (see
+    prepare_model)."""
     x = to_memory_format(x, channels_last)
     if getattr(model, _DYNAMIC_BATCH, False):
         torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -147,7 +154,8 @@ def model_input(model: nn.Module, x: torch.Tensor, channels_last: bool) -> torch
 
 
 def prepare_model(
-    model: nn.Module, channels_last: bool = False, compile: bool = False, compile_backend: str | Callable = "inductor"
+    model: nn.Module, channels_last: bool = False, compile: bool = False,
+    compile_backend: str | Callable = "inductor",
 ) -> nn.Module:
     """Apply the fast-path options to `model` in place and return it.
 
