@@ -42,9 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tiny benchmark settings (width 4, 32 px, 1 step, no compile): checks the "
                              "program, measures nothing")
     parser.add_argument("--skip_tests", action="store_true", help="leave out the CUDA tests")
-    parser.add_argument("--tests_timeout", type=at_least(1), default=300,
+    # 225 + 255 s: the whole check stays within 8 minutes even when both run to their limits.
+    parser.add_argument("--tests_timeout", type=at_least(1), default=225,
                         help="seconds the CUDA tests may take")
-    parser.add_argument("--bench_timeout", type=at_least(1), default=300,
+    parser.add_argument("--bench_timeout", type=at_least(1), default=255,
                         help="seconds the benchmark may take")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda if available, else cpu), cpu, or cuda[:N]")
