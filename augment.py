@@ -1,4 +1,5 @@
-"""The 10 operations DRAEM applies to an anomaly source image, and the "3 distinct, in drawn order" sampler (METHOD.md §2).
+"""The 10 operations DRAEM applies to an anomaly source image, and the "3 distinct, in drawn order" sampler
+(METHOD.md §2).
 
 Every operation takes and returns a uint8 H x W x 3 array in OpenCV layout and never modifies its
 input (the data loader caches sources). They use torchvision.transforms.v2.functional where it
@@ -10,7 +11,8 @@ The released program passed OpenCV's BGR arrays to imgaug, which assumes RGB; th
 operations here keep that quirk (they convert "RGB" to HSV/YCrCb/...) so that hues and luma weights
 move as they did when the published models were trained.
 
-Deliberate differences from the released program's imgaug 0.4.0 augmentation (the one list; the README copies it):
+Deliberate differences from the released program's imgaug 0.4.0 augmentation (the one list; the README copies
+it):
 - imgaug itself is not used (it does not install with NumPy 2). The ten operations are re-implemented
   with torchvision, OpenCV and NumPy, using imgaug's ranges. A solarize that skips its coin flip still
   takes one of the three slots, as in imgaug.
@@ -21,11 +23,11 @@ Deliberate differences from the released program's imgaug 0.4.0 augmentation (th
   therefore end up a few degrees apart (at most about 4).
 - Conversions come from the installed OpenCV (5.0 when measured). Its 8-bit rounding (SIMD code, Lab/Luv
   tables) may differ by a level from the OpenCV the released program ran with.
-- `--synthesis gpu` (synthesis_gpu.py) draws the same distributions with torch. Its brightness matches
+- `--synthesis gpu` (device_synthesis.py) draws the same distributions with torch. Its brightness matches
   OpenCV's bytes in YCrCb, YUV, HSV and HLS, on rows of whole SIMD blocks such as 256 pixels. In a
   partial block, OpenCV's scalar code differs by one level. Lab and Luv are float equivalents: on random
   noise they differ by 0.3 and 0.8 levels on average, more on far out-of-gamut colours (measured in
-  synthesis_gpu.py). Its rotations and hue/saturation round trip may differ by one level on rare pixels.
+  device_synthesis.py). Its rotations and hue/saturation round trip may differ by one level on rare pixels.
 
 Brightness itself has no difference left. It is imgaug's MultiplyAndAddToBrightness: per image, one of
 YCrCb, HSV, HLS, Lab, Luv, YUV, with the multiply and the add in random order, and imgaug's uint8
@@ -67,7 +69,8 @@ BRIGHTNESS_CONVERSIONS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def brightness(image: np.ndarray, multiply: float, add: float, colorspace: str, add_first: bool) -> np.ndarray:
+def brightness(image: np.ndarray, multiply: float, add: float, colorspace: str,
+               add_first: bool) -> np.ndarray:
     """imgaug's MultiplyAndAddToBrightness (METHOD.md §2) in one colour space: its brightness channel times
     `multiply` and plus `add` (0..255 scale), in the given order; the other channels are kept.
 
@@ -90,7 +93,8 @@ def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def hue_saturation(image: np.ndarray, hue_shift: int, saturation_shift: int) -> np.ndarray:
-    """Add `hue_shift` to the hue (0..255 full circle, wrapping) and `saturation_shift` to the saturation (clipped)."""
+    """Add `hue_shift` to the hue (0..255 full circle, wrapping) and `saturation_shift` to the saturation
+    (clipped)."""
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.int16)
     hsv[..., 0] = (hsv[..., 0] + hue_shift) % 256
     hsv[..., 1] = np.clip(hsv[..., 1] + saturation_shift, 0, 255)
@@ -166,22 +170,25 @@ def rotate_maps(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     affine[:, 1, 0] = sin * width / height
     affine[:, 1, 1] = cos
     grid = F.affine_grid(affine, [maps.shape[0], 1, height, width], align_corners=False)
-    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[:, 0]
 
 
 # The released program's parameter ranges (imgaug), METHOD.md §2: one table for the CPU path below
-# and the device path (synthesis_gpu.py). Float ranges are [low, high); integer ranges are [low, high)
+# and the device path (device_synthesis.py). Float ranges are [low, high); integer ranges are [low, high)
 # as NumPy's and torch's integer draws take them (so (-50, 51) is -50..50).
 RANGES = {
     "gamma": (0.5, 2.0),  # gamma_contrast, one gamma per channel
     "brightness_multiply": (0.8, 1.2),
     "brightness_add": (-30.0, 30.0),  # on the 0..255 scale
-    "brightness_colorspaces": tuple(BRIGHTNESS_CONVERSIONS),  # one drawn uniformly per image, as imgaug's to_colorspace
+    # one drawn uniformly per image, as imgaug's to_colorspace
+    "brightness_colorspaces": tuple(BRIGHTNESS_CONVERSIONS),
     "brightness_add_first_probability": 0.5,  # imgaug's random_order=True over (Multiply, Add)
     "sharpness": (0.0, 2.0),
     "hue_shift": (-50, 51),  # integers on OpenCV's 0..255 full hue circle
     "saturation_shift": (-50, 51),  # integers
-    "solarize_probability": 0.5,  # imgaug's Solarize(0.5, ...): a skipped coin flip still counts as one of the three
+    "solarize_probability": 0.5,  # imgaug's Solarize(0.5, ...): a skipped coin flip still counts as one of
+                                  # the three
     "solarize_threshold": (32.0, 128.0),
     "posterize_bits": (1, 9),  # integers: 1..8 bits kept
     "autocontrast_cutoff": (0, 21),  # integer percent
@@ -203,7 +210,8 @@ AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]
         img, int(rng.integers(*RANGES["hue_shift"])), int(rng.integers(*RANGES["saturation_shift"]))
     ),
     "solarize": lambda img, rng: (
-        solarize(img, rng.uniform(*RANGES["solarize_threshold"])) if rng.random() < RANGES["solarize_probability"] else img
+        solarize(img, rng.uniform(*RANGES["solarize_threshold"]))
+        if rng.random() < RANGES["solarize_probability"] else img
     ),
     "posterize": lambda img, rng: posterize(img, int(rng.integers(*RANGES["posterize_bits"]))),
     "invert": lambda img, rng: invert(img),

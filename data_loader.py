@@ -9,8 +9,8 @@ Training samples are random as in the released program (the dataset index is ign
 reproducible. Each sample draws everything from its own NumPy Generator, seeded by one draw from
 torch's random stream. torch seeds that stream per DataLoader worker (from the DataLoader's
 generator), so a run is reproducible for any number of workers when the training script calls
-`seed_everything(seed)` and builds its loader with `train_loader(..., generator=torch.Generator().manual_seed(seed))`;
-no two workers share a stream.
+`seed_everything(seed)` and builds its loader with `train_loader(...,
+generator=torch.Generator().manual_seed(seed))`; no two workers share a stream.
 
 Speed without changing a sample: training images are decoded and resized once (uint8, kept in
 memory); resized anomaly sources go to a bounded cache; the Perlin noise is vectorised; each
@@ -29,7 +29,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from augment import augment_source, rotate
 from perlin import perlin_mask
 from util.errors import DraemInputError
-from util.images import load_images, read_image, read_image_uint8, read_mask, read_nonzero_mask, to_chw, to_float
+from util.images import (
+    check_mask_file,
+    image_format,
+    load_images,
+    read_image,
+    read_image_uint8,
+    read_mask,
+    read_nonzero_mask,
+    to_chw,
+    to_float,
+)
 from util.layouts import (
     MVTEC_MASK_SUFFIX,
     ImageRecord,
@@ -51,7 +61,8 @@ def blend_anomaly(
     mask: np.ndarray | torch.Tensor,
     beta: float | np.ndarray | torch.Tensor,
 ) -> np.ndarray | torch.Tensor:
-    """Paste the augmented source into the image: (1 - beta) * source + beta * image inside the mask, image outside.
+    """Paste the augmented source into the image: (1 - beta) * source + beta * image inside the mask, image
+    outside.
 
     NumPy arrays or torch tensors; mask is binary and broadcasts against image; beta is a number or
     broadcasts too (one per sample on a GPU batch).
@@ -100,10 +111,11 @@ def make_training_sample(
     }
 
 
-class MVTecDRAEMTrainDataset(Dataset):
-    """Synthetic-anomaly training samples from `<category>/train/good`, or from a list of images of any layout (METHOD.md §2).
+class TrainDataset(Dataset):
+    """Synthetic-anomaly training samples (METHOD.md §2): the released MVTecDRAEMTrainDataset, for any layout.
 
-    Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (of any layout: `layouts.train_image_paths`).
+    Give `root_dir` (an MVTec AD `train/good` folder) or `image_paths` (of any layout:
+    `layouts.train_image_paths`).
     Each item is a dict: image, augmented_image (float32 3 x H x W, BGR, [0, 1]), anomaly_mask
     (float32 1 x H x W, binary), has_anomaly (float32 (1,)), idx (the training image used).
     Without `anomaly_source_path` the anomaly sources are uniform noise (weaker than DTD).
@@ -140,10 +152,12 @@ class MVTecDRAEMTrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         # The index is ignored, as in the released program: every item is an independent random draw.
         seed = int(torch.randint(2**62, ()).item())
-        return make_training_sample(np.random.default_rng(seed), len(self.images), self.images.__getitem__, self.draw_source)
+        return make_training_sample(np.random.default_rng(seed), len(self.images), self.images.__getitem__,
+                                    self.draw_source)
 
     def draw_source(self, rng: np.random.Generator) -> np.ndarray:
-        """A uniformly drawn anomaly source, resized (uint8 H x W x 3); random noise when there is no source folder."""
+        """A uniformly drawn anomaly source, resized (uint8 H x W x 3); random noise when there is no source
+        folder."""
         if not self.source_paths:
             return random_noise_source(self.resize_shape, rng)
         index = int(rng.integers(len(self.source_paths)))
@@ -155,7 +169,7 @@ class MVTecDRAEMTrainDataset(Dataset):
         return self._source_cache[index]
 
 
-class RawTrainDataset(MVTecDRAEMTrainDataset):
+class TrainImageDataset(TrainDataset):
     """What the DataLoader hands to `synthesize_batch`: decoded, resized uint8 images, nothing else.
 
     The CPU-path training set (same constructor and image list, so the training script builds either alike)
@@ -174,8 +188,10 @@ class RawTrainDataset(MVTecDRAEMTrainDataset):
         return item
 
 
-class MVTecDRAEMTestDataset(Dataset):
-    """Test images with labels and ground-truth masks: `<category>/test/<defect>/*` sorted, or records of any layout.
+class LabelledImageDataset(Dataset):
+    """Test images with labels and ground-truth masks: the released MVTecDRAEMTestDataset, for any layout.
+
+    The images of an MVTec AD `test` folder are `<category>/test/<defect>/*`, sorted.
 
     Give `root_dir` (an MVTec AD `test` folder: label `good` = 0, masks
     `ground_truth/<defect>/<stem>_mask.png`) or `records`, a list of (image, mask or None, label)
@@ -200,19 +216,24 @@ class MVTecDRAEMTestDataset(Dataset):
         self.mask_reader = mask_reader
         if records is None:
             records = mvtec_test_records(self.root_dir)
-        self.records = [(Path(image), None if mask is None else Path(mask), int(label)) for image, mask, label in records]
+        self.records = [(Path(image), None if mask is None else Path(mask), int(label))
+                        for image, mask, label in records]
         if not self.records:
             raise DraemInputError("no test images were given")
-        for image, mask, _ in self.records:
+        for image, mask, _ in self.records:  # checked now (a few bytes each), not after scoring half of them
             if not image.is_file():
                 raise DraemInputError(f"test image {image} does not exist")
-            if mask is not None and not mask.is_file():
+            image_format(image, "test image")
+            if mask is not None and not mask.exists():  # a file, or a folder of masks (MVTec LOCO AD)
                 raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+            if mask is not None:  # a file, or each mask of a LOCO folder
+                check_mask_file(mask)
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
 
     def mask_path(self, image_path: Path) -> Path | None:
-        """The ground-truth mask of a test image of this dataset, or None (a `good` image, or a defect without a mask)."""
+        """The ground-truth mask of a test image of this dataset, or None (a `good` image, or a defect without
+        a mask)."""
         return self._mask_paths[Path(image_path)]
 
     def __len__(self) -> int:
@@ -240,11 +261,12 @@ def make_test_dataset(
     category: str,
     resize_shape: tuple[int, int] = (256, 256),
     mask_suffix: str = MVTEC_MASK_SUFFIX,
-) -> MVTecDRAEMTestDataset:
-    """The labelled test set of `category` in a dataset of `layout`; folder and VisA masks count every non-zero pixel."""
+) -> LabelledImageDataset:
+    """The labelled test set of `category` in a dataset of `layout`; masks of the layouts other than mvtec
+    count every non-zero pixel (MVTec LOCO AD's several masks per image merged)."""
     records = evaluation_records(layout, data_path, category, mask_suffix)
     mask_reader = read_mask if layout == "mvtec" else read_nonzero_mask
-    return MVTecDRAEMTestDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)
+    return LabelledImageDataset(resize_shape=resize_shape, records=records, mask_reader=mask_reader)
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -269,7 +291,8 @@ def train_loader(
     dataset: Dataset, batch_size: int, workers: int, generator: torch.Generator, device: torch.device,
     sampler: Sampler | None = None, persistent_workers: bool = False, prefetch_factor: int = 4,
 ) -> DataLoader:
-    """The training DataLoader: shuffled (unless a DDP `sampler` is given), seeded by `generator`, every worker seeded.
+    """The training DataLoader: shuffled (unless a DDP `sampler` is given), seeded by `generator`, every
+    worker seeded.
 
     Pinned memory (page-locked, so `.to(device, non_blocking=True)` overlaps the copy) only for CUDA.
     Without `persistent_workers` the workers are forked afresh each epoch and reseeded from
@@ -281,5 +304,5 @@ def train_loader(
     settings: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if persistent_workers and workers > 0:
         settings.update(persistent_workers=True, prefetch_factor=prefetch_factor)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-                      worker_init_fn=worker_init_fn, drop_last=False, **settings)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      generator=generator, worker_init_fn=worker_init_fn, drop_last=False, **settings)

@@ -1,10 +1,10 @@
 """Training-sample synthesis (METHOD.md §2) batched on the training device: the `--synthesis gpu` path.
 
-The DataLoader only hands over decoded uint8 training images and anomaly sources (`RawTrainDataset`);
+The DataLoader only hands over decoded uint8 training images and anomaly sources (`TrainImageDataset`);
 `synthesize_batch` then does on the device, for the whole batch at once and with per-sample random
 parameters from one seedable `torch.Generator`: the 30 % image rotation, the 3 distinct source
 augmentations in drawn order, the Perlin masks, the beta blend and the 50 % normal split. Its output
-is the batch the CPU path (`data_loader.MVTecDRAEMTrainDataset`) would have collated, from the same
+is the batch the CPU path (`data_loader.TrainDataset`) would have collated, from the same
 distributions.
 
 Sync-free by design: every augmentation runs on the whole batch and each sample keeps the result of
@@ -28,7 +28,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from augment import AUGMENTATIONS_PER_SOURCE, RANGES, rotate_maps
-from data_loader import ANOMALY_PROBABILITY, IMAGE_ROTATION_DEGREES, MAX_BETA, ROTATE_IMAGE_PROBABILITY, blend_anomaly
+from data_loader import (
+    ANOMALY_PROBABILITY,
+    IMAGE_ROTATION_DEGREES,
+    MAX_BETA,
+    ROTATE_IMAGE_PROBABILITY,
+    blend_anomaly,
+)
 from perlin import perlin_mask_batch
 
 YCRCB_SHIFT = 14  # OpenCV's fixed-point RGB <-> YCrCb for uint8: coefficients scaled by 2**14
@@ -48,7 +54,8 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
 
 
 def _descale(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """OpenCV's CV_DESCALE: fixed-point value rounded half up and shifted back (arithmetic shift for negatives)."""
+    """OpenCV's CV_DESCALE: fixed-point value rounded half up and shifted back (arithmetic shift for
+    negatives)."""
     return (x + (1 << (shift - 1))) >> shift
 
 
@@ -59,9 +66,11 @@ def gamma_contrast(images: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
 
 
 # OpenCV's integer RGB <-> luma-chroma conversions (YCrCb and YUV differ only in their coefficients): Y from
-# fixed weights, each chroma a scaled difference (colour - Y) + 128; back, each colour is Y plus weighted chromas.
+# fixed weights, each chroma a scaled difference (colour - Y) + 128; back, each colour is Y plus weighted
+# chromas.
 LUMA_WEIGHTS = (4899, 9617, 1868)  # R, G, B, scaled by 2**YCRCB_SHIFT
-YCRCB = {"chroma": ((0, 11682), (2, 9241)), "inverse": (((0, 22987),), ((0, -11698), (1, -5636)), ((1, 29049),))}
+YCRCB = {"chroma": ((0, 11682), (2, 9241)),
+         "inverse": (((0, 22987),), ((0, -11698), (1, -5636)), ((1, 29049),))}
 YUV = {"chroma": ((2, 8061), (0, 14369)), "inverse": (((1, 18678),), ((0, -6472), (1, -9519)), ((0, 33292),))}
 
 
@@ -69,7 +78,8 @@ def _rgb_to_luma_chroma(images: torch.Tensor, table: dict) -> torch.Tensor:
     """OpenCV's integer RGB -> Y + two chromas on uint8, bit exact; int32 N×3×H×W. `table`: YCRCB or YUV."""
     rgb = images.int().unbind(1)
     y = _descale(sum(c * w for c, w in zip(rgb, LUMA_WEIGHTS)), YCRCB_SHIFT)
-    chromas = [_descale((rgb[c] - y) * k + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255) for c, k in table["chroma"]]
+    chromas = [_descale((rgb[c] - y) * k + (128 << YCRCB_SHIFT), YCRCB_SHIFT).clamp(0, 255)
+               for c, k in table["chroma"]]
     return torch.stack((y, *chromas), dim=1)
 
 
@@ -106,7 +116,8 @@ def sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_hsv(images: torch.Tensor, hue_range: int = 180) -> torch.Tensor:
-    """OpenCV's COLOR_RGB2HSV on uint8 (hue 0..179; hue_range 256: COLOR_RGB2HSV_FULL), bit exact; int32 N×3×H×W."""
+    """OpenCV's COLOR_RGB2HSV on uint8 (hue 0..179; hue_range 256: COLOR_RGB2HSV_FULL), bit exact; int32
+    N×3×H×W."""
     r, g, b = images.int().unbind(1)
     value = torch.maximum(torch.maximum(r, g), b)
     diff = value - torch.minimum(torch.minimum(r, g), b)
@@ -139,17 +150,21 @@ def hsv_full_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     sector = hue.floor()
     frac = hue - sector
     sector = sector.long() % 6
-    tab = torch.stack((value, value * (1 - saturation), value * (1 - saturation * frac), value * (1 - saturation * (1 - frac))))
+    tab = torch.stack((value, value * (1 - saturation), value * (1 - saturation * frac),
+                       value * (1 - saturation * (1 - frac))))
     # OpenCV's sector table gives the tab entry of (b, g, r) per sector; we store r, g, b.
-    sector_rgb = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=hsv.device)
+    sector_rgb = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]],
+                              device=hsv.device)
     picks = sector_rgb[sector].permute(3, 0, 1, 2)  # 3×N×H×W indices into tab
     rgb = tab.gather(0, picks).permute(1, 0, 2, 3)
     rgb = torch.where((saturation == 0)[:, None], value[:, None].expand_as(rgb), rgb)
     return (rgb * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def hue_saturation(images: torch.Tensor, hue_shifts: torch.Tensor, saturation_shifts: torch.Tensor) -> torch.Tensor:
-    """Add an integer hue shift (0..255 full circle, wrapping) and saturation shift (clipped) per sample (N,)."""
+def hue_saturation(images: torch.Tensor, hue_shifts: torch.Tensor,
+                   saturation_shifts: torch.Tensor) -> torch.Tensor:
+    """Add an integer hue shift (0..255 full circle, wrapping) and saturation shift (clipped) per sample
+    (N,)."""
     hue, saturation, value = rgb_to_hsv_full(images).unbind(1)
     hue = (hue + hue_shifts.view(-1, 1, 1)) % 256
     saturation = (saturation + saturation_shifts.view(-1, 1, 1)).clamp(0, 255)
@@ -201,7 +216,8 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Rotate each uint8 image about its centre by its angle (N,), counter-clockwise on screen, bilinear, zero fill."""
+    """Rotate each uint8 image about its centre by its angle (N,), counter-clockwise on screen, bilinear, zero
+    fill."""
     n, c, h, w = images.shape
     rotated = rotate_maps(images.reshape(n * c, h, w).float(), degrees.repeat_interleave(c))
     return rotated.round_().clamp_(0, 255).to(torch.uint8).view(n, c, h, w)
@@ -226,7 +242,8 @@ _INV_255 = (torch.tensor(1.0) / 255).item()  # float32 1/255, as OpenCV's 1.f/25
 _HUE_SCALE_180 = (torch.tensor(6.0) / 180).item()  # float32 6/180: hue 0..179 to sectors 0..6
 # sRGB primaries with a D65 white, from OpenCV's colour-conversion documentation (rows X, Y, Z and R, G, B).
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
-_XYZ_TO_RGB = ((3.240479, -1.53715, -0.498535), (-0.969256, 1.875991, 0.041556), (0.055648, -0.204043, 1.057311))
+_XYZ_TO_RGB = ((3.240479, -1.53715, -0.498535), (-0.969256, 1.875991, 0.041556),
+               (0.055648, -0.204043, 1.057311))
 _D65_WHITE = (0.950456, 1.0, 1.088754)
 _LUV_WHITE_U, _LUV_WHITE_V = 0.19793943, 0.46831096  # u', v' of the D65 white
 
@@ -241,18 +258,21 @@ def _fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | floa
 def _sector_rgb(device: torch.device) -> torch.Tensor:
     """OpenCV's hue-sector table: per sector 0..5, the candidate each of R, G, B takes (it stores b, g, r).
 
-    Made once per device: a host-to-device copy waits for the device, so it stays out of the per-batch path."""
+    Made once per device: a host-to-device copy waits for the device, so it stays out of the per-batch
+    path."""
     return torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=device)
 
 
 def _pick_by_sector(tabs: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
-    """R, G, B (N×3×H×W) from OpenCV's 4 hue-sector candidates `tabs` (4×N×H×W), by the whole part of hue·6/range
-    (N×H×W), taken modulo 6 as OpenCV does (a hue of 180 rounded up from 179.5 is sector 0 again)."""
+    """R, G, B (N×3×H×W) from OpenCV's 4 hue-sector candidates `tabs` (4×N×H×W), by the whole part of
+    hue·6/range (N×H×W), taken modulo 6 as OpenCV does (a hue of 180 rounded up from 179.5 is sector 0
+    again)."""
     return tabs.gather(0, _sector_rgb(tabs.device)[sector.long() % 6].permute(3, 0, 1, 2)).permute(1, 0, 2, 3)
 
 
 def _matrix_times(matrix: tuple[tuple[float, ...], ...], channels: torch.Tensor) -> torch.Tensor:
-    """A 3×3 matrix of Python numbers applied to the channels of N×3×H×W (no constant tensor to copy to the device)."""
+    """A 3×3 matrix of Python numbers applied to the channels of N×3×H×W (no constant tensor to copy to the
+    device)."""
     c0, c1, c2 = channels.unbind(1)
     return torch.stack([m0 * c0 + m1 * c1 + m2 * c2 for m0, m1, m2 in matrix], dim=1)
 
@@ -284,7 +304,8 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_hls(images: torch.Tensor) -> torch.Tensor:
-    """OpenCV's COLOR_RGB2HLS (hue 0..179) on uint8, as its float32 SIMD code (hue's multiply-add fused); int32 N×3×H×W."""
+    """OpenCV's COLOR_RGB2HLS (hue 0..179) on uint8, as its float32 SIMD code (hue's multiply-add fused);
+    int32 N×3×H×W."""
     r, g, b = (images.float() * _INV_255).unbind(1)
     high, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     diff, total = high - low, high + low
@@ -323,7 +344,8 @@ def _rgb_to_xyz(images: torch.Tensor) -> torch.Tensor:
 
 
 def _xyz_to_rgb(xyz: torch.Tensor) -> torch.Tensor:
-    """uint8 sRGB of CIE XYZ (float32 N×3×H×W); out-of-gamut colours are clipped in linear light, as in OpenCV."""
+    """uint8 sRGB of CIE XYZ (float32 N×3×H×W); out-of-gamut colours are clipped in linear light, as in
+    OpenCV."""
     linear = _matrix_times(_XYZ_TO_RGB, xyz).clamp(0, 1)
     srgb = torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
     return (srgb * 255).round().clamp(0, 255).to(torch.uint8)
@@ -340,11 +362,13 @@ def _luminance(lightness: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
-    """OpenCV's COLOR_RGB2Lab on uint8 (L·255/100, a + 128, b + 128), from the float formulas; int32 N×3×H×W."""
+    """OpenCV's COLOR_RGB2Lab on uint8 (L·255/100, a + 128, b + 128), from the float formulas; int32
+    N×3×H×W."""
     x, y, z = _rgb_to_xyz(images).unbind(1)
     xyz = torch.stack((x / _D65_WHITE[0], y, z / _D65_WHITE[2]), 1)  # relative to the white
     f = torch.where(xyz > 0.008856, xyz.clamp(min=0) ** (1 / 3), 7.787 * xyz + 16 / 116)
-    lab = torch.stack((_lightness(xyz[:, 1]) * (255 / 100), 500 * (f[:, 0] - f[:, 1]) + 128, 200 * (f[:, 1] - f[:, 2]) + 128), 1)
+    lab = torch.stack((_lightness(xyz[:, 1]) * (255 / 100), 500 * (f[:, 0] - f[:, 1]) + 128,
+                       200 * (f[:, 1] - f[:, 2]) + 128), 1)
     return lab.round().clamp(0, 255).int()
 
 
@@ -366,11 +390,13 @@ def rgb_to_luv(images: torch.Tensor) -> torch.Tensor:
     denominator = (x + 15 * y + 3 * z).clamp(min=torch.finfo(torch.float32).eps)  # black: u = v = 0
     u = 13 * lightness * (4 * x / denominator - _LUV_WHITE_U)
     v = 13 * lightness * (9 * y / denominator - _LUV_WHITE_V)
-    return torch.stack((lightness * (255 / 100), (u + 134) * (255 / 354), (v + 140) * (255 / 262)), 1).round().clamp(0, 255).int()
+    return torch.stack((lightness * (255 / 100), (u + 134) * (255 / 354), (v + 140) * (255 / 262)),
+                       1).round().clamp(0, 255).int()
 
 
 def luv_to_rgb(luv: torch.Tensor) -> torch.Tensor:
-    """OpenCV's COLOR_Luv2RGB on uint8 values (int32 in, uint8 out), from its float formulas (1 / v' clamped as there)."""
+    """OpenCV's COLOR_Luv2RGB on uint8 values (int32 in, uint8 out), from its float formulas (1 / v' clamped
+    as there)."""
     lightness = luv[:, 0].float() * (100 / 255)
     u = luv[:, 1] * (354 / 255) - 134
     v = luv[:, 2] * (262 / 255) - 140
@@ -382,7 +408,8 @@ def luv_to_rgb(luv: torch.Tensor) -> torch.Tensor:
 
 
 # Name -> (to the space, back to uint8 RGB, brightness channel), as augment.BRIGHTNESS_CONVERSIONS.
-BRIGHTNESS_CONVERSIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], int]] = {
+BRIGHTNESS_CONVERSIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
+                                        Callable[[torch.Tensor], torch.Tensor], int]] = {
     "YCrCb": (rgb_to_ycrcb, ycrcb_to_rgb, 0),
     "HSV": (rgb_to_hsv, hsv_to_rgb, 2),
     "HLS": (rgb_to_hls, hls_to_rgb, 1),
@@ -392,12 +419,15 @@ BRIGHTNESS_CONVERSIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], 
 }
 
 
-def multiply_and_add(levels: torch.Tensor, multiply: torch.Tensor, add: torch.Tensor, add_first: torch.Tensor) -> torch.Tensor:
-    """imgaug's uint8 Multiply and Add on int levels (N×H×W), per sample (N,), in either order (add_first, bool).
+def multiply_and_add(levels: torch.Tensor, multiply: torch.Tensor, add: torch.Tensor,
+                     add_first: torch.Tensor) -> torch.Tensor:
+    """imgaug's uint8 Multiply and Add on int levels (N×H×W), per sample (N,), in either order (add_first,
+    bool).
 
     The float32 product is clipped and truncated; the added value is rounded (half to even) first.
     """
-    multiply, add, add_first = multiply.float().view(-1, 1, 1), add.round().int().view(-1, 1, 1), add_first.view(-1, 1, 1)
+    multiply, add, add_first = (multiply.float().view(-1, 1, 1), add.round().int().view(-1, 1, 1),
+                                add_first.view(-1, 1, 1))
 
     def times(x: torch.Tensor) -> torch.Tensor:
         return (x.float() * multiply).clamp(0, 255).int()
@@ -409,7 +439,8 @@ def multiply_and_add(levels: torch.Tensor, multiply: torch.Tensor, add: torch.Te
 
 
 def brightness(
-    images: torch.Tensor, multiply: torch.Tensor, add: torch.Tensor, colorspaces: torch.Tensor, add_first: torch.Tensor
+    images: torch.Tensor, multiply: torch.Tensor, add: torch.Tensor, colorspaces: torch.Tensor,
+    add_first: torch.Tensor
 ) -> torch.Tensor:
     """imgaug's MultiplyAndAddToBrightness per sample: in the colour space `colorspaces` (N,) indexes in
     RANGES["brightness_colorspaces"], the brightness channel times `multiply` and plus `add` (N,), in the
@@ -429,7 +460,8 @@ def _brightness_drawn(images: torch.Tensor, generator: torch.Generator | None) -
     n, device = images.shape[0], images.device
     colorspaces = _integers(0, len(RANGES["brightness_colorspaces"]), n, generator, device)
     add_first = _uniform(0.0, 1.0, (n,), generator, device) < RANGES["brightness_add_first_probability"]
-    multiply, add = _draw("brightness_multiply", images, generator), _draw("brightness_add", images, generator)
+    multiply, add = (_draw("brightness_multiply", images, generator),
+                     _draw("brightness_add", images, generator))
     return brightness(images, multiply, add, colorspaces, add_first)
 
 
@@ -440,7 +472,8 @@ def _solarize_half(images: torch.Tensor, generator: torch.Generator | None) -> t
     return torch.where(applied, solarize(images, _draw("solarize_threshold", images, generator)), images)
 
 
-def _integers(low: int, high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _integers(low: int, high: int, n: int, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
     """int64 uniform in [low, high), one per sample."""
     return torch.randint(low, high, (n,), generator=generator, device=device)
 
@@ -459,7 +492,8 @@ DEVICE_AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator | None],
     "gamma_contrast": lambda x, g: gamma_contrast(x, _draw("gamma", x, g, 3)),
     "brightness": _brightness_drawn,
     "sharpness": lambda x, g: sharpness(x, _draw("sharpness", x, g)),
-    "hue_saturation": lambda x, g: hue_saturation(x, _draw("hue_shift", x, g), _draw("saturation_shift", x, g)),
+    "hue_saturation": lambda x, g: hue_saturation(x, _draw("hue_shift", x, g),
+                                                  _draw("saturation_shift", x, g)),
     "solarize": _solarize_half,
     "posterize": lambda x, g: posterize(x, _draw("posterize_bits", x, g)),
     "invert": lambda x, g: invert(x),
@@ -469,8 +503,10 @@ DEVICE_AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator | None],
 }
 
 
-def draw_augmentation_indices(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """(n, 3) indices into DEVICE_AUGMENTATIONS: per sample 3 distinct, uniformly without replacement, in drawn order.
+def draw_augmentation_indices(n: int, generator: torch.Generator | None,
+                              device: torch.device) -> torch.Tensor:
+    """(n, 3) indices into DEVICE_AUGMENTATIONS: per sample 3 distinct, uniformly without replacement, in
+    drawn order.
 
     The first 3 entries of a uniformly random permutation (argsort of i.i.d. uniforms).
     """
@@ -504,7 +540,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def synthesize_batch(
     images: torch.Tensor, sources: torch.Tensor | None = None, generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
-    """A batch of training samples (METHOD.md §2) from uint8 training images N×3×H×W and uint8 sources (or None).
+    """A batch of training samples (METHOD.md §2) from uint8 training images N×3×H×W and uint8 sources (or
+    None).
 
     Returns what the CPU dataset's collated batch holds: image and augmented_image (float32 N×3×H×W
     in [0, 1]), anomaly_mask (float32 N×1×H×W, binary) and has_anomaly (float32 N×1), on the

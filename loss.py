@@ -32,7 +32,8 @@ def released_data_range(reconstruction: torch.Tensor) -> torch.Tensor:
 
 
 def ssim_map(
-    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float | None = None
+    img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigma: float = 1.5,
+    data_range: float | None = None
 ) -> torch.Tensor:
     """Per-pixel, per-channel SSIM (N×C×H×W) with a Gaussian window and zero padding, as released.
 
@@ -101,7 +102,8 @@ def sspcab_loss(io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 class DraemLoss(nn.Module):
     """Total DRAEM loss `L2 + SSIM + focal` (+ `lambda · SSPCAB` when given); returns it and its parts.
 
-    The SSIM term uses the released data-range rule, evaluated on the reconstruction at every call (see `SSIM`).
+    The SSIM term uses the released data-range rule, evaluated on the reconstruction at every call (see
+    `SSIM`).
     """
 
     def __init__(self, sspcab_lambda: float = 0.1):

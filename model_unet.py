@@ -6,6 +6,7 @@ Every layer name below is load-bearing: `ReconstructiveSubNetwork().state_dict()
 they may be plain modules without disturbing the keys.
 """
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torch import nn
 
 from util.checkpoints import load_checkpoint_pair, read_checkpoint_pair
 from util.errors import DraemInputError
+from util.images import image_shape, shape_text
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -28,7 +30,8 @@ def block(in_ch: int, out_ch: int, mid_ch: int | None = None) -> nn.Sequential:
 
 def up(in_ch: int, out_ch: int) -> nn.Sequential:
     """Bilinear ×2 upsampling (align_corners=True) then conv-BN-ReLU (Sequential indices 0..3)."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), *conv_bn_relu(in_ch, out_ch))
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+                         *conv_bn_relu(in_ch, out_ch))
 
 
 def out_conv(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -46,10 +49,13 @@ def check_divisible(x: torch.Tensor, factor: int) -> None:
         )
 
 
-def check_image_size(image_size: int) -> None:
-    """A --image_size flag: the discriminative U-Net pools five times, so a positive multiple of 32."""
-    if image_size < 32 or image_size % 32:
-        raise DraemInputError(f"--image_size must be a positive multiple of 32 (e.g. 256), got {image_size}")
+def check_image_size(image_size: int | Sequence[int]) -> None:
+    """A --image_size flag (one side, or height and width): the discriminative U-Net pools five times, so each
+    side a positive multiple of 32."""
+    sides = image_shape(image_size)
+    if any(side < 32 or side % 32 for side in sides):
+        raise DraemInputError(f"--image_size must be a positive multiple of 32 per side (e.g. 256, or 256 "
+                              f"384 for height and width), got {shape_text(sides)}")
 
 
 class SSPCAB(nn.Module):
@@ -124,7 +130,8 @@ class DecoderReconstructive(nn.Module):
         self.fin_out = out_conv(w, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for up_layer, block_layer in ((self.up1, self.db1), (self.up2, self.db2), (self.up3, self.db3), (self.up4, self.db4)):
+        for up_layer, block_layer in ((self.up1, self.db1), (self.up2, self.db2), (self.up3, self.db3),
+                                      (self.up4, self.db4)):
             x = block_layer(up_layer(x))
         return self.fin_out(x)
 
@@ -132,7 +139,8 @@ class DecoderReconstructive(nn.Module):
 class ReconstructiveSubNetwork(nn.Module):
     """Autoencoder trained to remove simulated anomalies (69,048,579 parameters at base_width 128)."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, base_width: int = 128, sspcab: bool = False):
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, base_width: int = 128,
+                 sspcab: bool = False):
         super().__init__()
         self.encoder = EncoderReconstructive(in_channels, base_width, sspcab=sspcab)
         self.decoder = DecoderReconstructive(base_width, out_channels)
@@ -178,7 +186,8 @@ class DecoderDiscriminative(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         *skips, x = features
-        stages = ((self.up_b, self.db_b), (self.up1, self.db1), (self.up2, self.db2), (self.up3, self.db3), (self.up4, self.db4))
+        stages = ((self.up_b, self.db_b), (self.up1, self.db1), (self.up2, self.db2), (self.up3, self.db3),
+                  (self.up4, self.db4))
         for (up_layer, block_layer), skip in zip(stages, reversed(skips)):
             x = block_layer(torch.cat((up_layer(x), skip), dim=1))
         return self.fin_out(x)
@@ -212,8 +221,8 @@ def anomaly_map(logits: torch.Tensor) -> torch.Tensor:
 
 
 class DraemModel(nn.Module):
-    """Both subnetworks; attribute names match anomalib's, so its checkpoints map by a prefix strip (plus a channel
-    reordering for its RGB input, see checkpoints.anomalib_to_released)."""
+    """Both subnetworks; attribute names match anomalib's, so its checkpoints map by a prefix strip (plus a
+    channel reordering for its RGB input, see checkpoints.anomalib_to_released)."""
 
     def __init__(self, base_width: int = 128, seg_base_width: int = 64, sspcab: bool = False):
         super().__init__()
@@ -236,7 +245,8 @@ class DraemModel(nn.Module):
 
 
 def model_from_checkpoint(checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> DraemModel:
-    """A DraemModel with the widths and SSPCAB option read off a category's checkpoint pair, loaded from it."""
+    """A DraemModel with the widths and SSPCAB option read off a category's checkpoint pair, loaded from
+    it."""
     pair = read_checkpoint_pair(checkpoint_dir, base_name, category)
     model = DraemModel(**pair.config)
     load_checkpoint_pair(model, pair)

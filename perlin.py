@@ -8,6 +8,12 @@ A map of resolution (ry, rx) has ry x rx gradient cells; pixel (y, x) lies at la
 (y * ry / H, x * rx / W). The released program only supports resolutions that divide the image
 side; those give exactly its lattice. Other resolutions are sampled the same way (cells then span a
 non-integer number of pixels).
+
+Masks of a non-square H x W size (images as they come, METHOD.md §2): the drawn cell counts hold for the
+shorter side, and the noise is made on a square canvas of the longer side with proportionally more cells
+per axis (rounded), rotated there and cropped to H x W at its centre. So cells keep one size in pixels
+along both axes and a rotation never leaves a zero band across the mask. A square mask is its own canvas:
+the released computation, draw for draw.
 """
 import math
 
@@ -23,7 +29,8 @@ MASK_THRESHOLD = 0.5
 
 
 def fade(t: float | np.ndarray | torch.Tensor) -> float | np.ndarray | torch.Tensor:
-    """Perlin's quintic fade 6t^5 - 15t^4 + 10t^3: smooth cell-to-cell blending (zero 1st and 2nd derivative at 0 and 1)."""
+    """Perlin's quintic fade 6t^5 - 15t^4 + 10t^3: smooth cell-to-cell blending (zero 1st and 2nd derivative
+    at 0 and 1)."""
     return 6 * t**5 - 15 * t**4 + 10 * t**3
 
 
@@ -84,11 +91,13 @@ def perlin_noise_batch(
     u, v = u[:, :, None], v[:, None, :]  # (B, H, 1) and (B, 1, W): offsets inside the cell along y and x
     # Flat index of each pixel's top-left cell corner in the (B, Gy, Gx) gradient grid: one 1-D
     # `take` per corner and component is the fastest gather in both NumPy and torch.
-    top_left = (_arange(batch, gradients)[:, None, None] * lattice_y + cell_y[:, :, None]) * lattice_x + cell_x[:, None, :]
+    top_left = ((_arange(batch, gradients)[:, None, None] * lattice_y + cell_y[:, :, None]) * lattice_x
+                + cell_x[:, None, :])
     grad_y, grad_x = gradients[..., 0].reshape(-1), gradients[..., 1].reshape(-1)
 
     def corner_dot(dy: int, dx: int):
-        """Gradient at each pixel's cell corner (+dy, +dx), dotted with the pixel's offset from that corner."""
+        """Gradient at each pixel's cell corner (+dy, +dx), dotted with the pixel's offset from that
+        corner."""
         corner = top_left + (dy * lattice_x + dx)
         return grad_y.take(corner) * (u - dy) + grad_x.take(corner) * (v - dx)
 
@@ -101,8 +110,33 @@ def perlin_noise_batch(
 def perlin_noise(
     shape: tuple[int, int], res: tuple[int, int], gradients: np.ndarray | torch.Tensor
 ) -> np.ndarray | torch.Tensor:
-    """One map of Perlin noise (H, W) with res = (cells along y, cells along x) and gradients (ry + 1, rx + 1, 2)."""
+    """One map of Perlin noise (H, W) with res = (cells along y, cells along x) and gradients (ry + 1, rx + 1,
+    2)."""
     return perlin_noise_batch(shape, [tuple(int(r) for r in res)], gradients[None])[0]
+
+
+def noise_canvas(shape: tuple[int, int]) -> tuple[int, float]:
+    """(side, factor): the square canvas the noise of an H x W mask is made on (its longer side) and how many
+    times the shorter side that is; the drawn cell counts are multiplied by `factor` (module docstring).
+    Square: (H, 1.0)."""
+    side = max(shape)
+    return side, side / min(shape)
+
+
+def scaled_cells(res: np.ndarray | torch.Tensor, factor: float) -> np.ndarray | torch.Tensor:
+    """Cell counts drawn for the shorter side, times `factor` and rounded (at least 1): the canvas's
+    counts."""
+    if factor == 1:
+        return res
+    if isinstance(res, torch.Tensor):
+        return (res * factor).round().clamp(min=1).long()
+    return np.maximum(1, np.rint(res * factor)).astype(np.int64)
+
+
+def _centre_crop(noise: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray | torch.Tensor:
+    """The H x W centre of square maps (..., S, S); the maps themselves when they are H x W already."""
+    top, left = (noise.shape[-2] - shape[0]) // 2, (noise.shape[-1] - shape[1]) // 2
+    return noise[..., top : top + shape[0], left : left + shape[1]]
 
 
 def perlin_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -112,11 +146,13 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     noise by an angle uniform in [-90, 90] degrees (bilinear, zero fill) and keeps noise > 0.5.
     The noise is float64 as in the released program: its values, hence the mask's edge pixels,
     are then those of the released computation (float32 would flip about 10 edge pixels a mask).
+    A non-square shape is cut from a square canvas (module docstring).
     """
-    res = 2 ** rng.integers(*PERLIN_SCALE_EXPONENTS, size=2)
+    side, factor = noise_canvas(shape)
+    res = scaled_cells(2 ** rng.integers(*PERLIN_SCALE_EXPONENTS, size=2), factor)
     angles = rng.uniform(0.0, 2 * math.pi, size=(res[0] + 1, res[1] + 1))
-    noise = perlin_noise(shape, res, gradients_from_angles(angles))
-    noise = rotate(noise, rng.uniform(-MASK_ROTATION_DEGREES, MASK_ROTATION_DEGREES))
+    noise = perlin_noise((side, side), res, gradients_from_angles(angles))
+    noise = _centre_crop(rotate(noise, rng.uniform(-MASK_ROTATION_DEGREES, MASK_ROTATION_DEGREES)), shape)
     return (noise > MASK_THRESHOLD).astype(np.float32)[..., None]
 
 
@@ -128,13 +164,16 @@ def perlin_mask_batch(
 ) -> torch.Tensor:
     """`batch_size` random binary masks (B, 1, H, W) float32 on `device`, drawn like `perlin_mask`.
 
-    `generator`, if given, must live on `device`.
+    `generator`, if given, must live on `device`. A non-square shape is cut from a square canvas (module
+    docstring).
     """
     low, high = PERLIN_SCALE_EXPONENTS
-    res = 2 ** torch.randint(low, high, (batch_size, 2), generator=generator, device=device)
-    cells = MAX_PERLIN_CELLS + 1
+    side, factor = noise_canvas(shape)
+    res = scaled_cells(2 ** torch.randint(low, high, (batch_size, 2), generator=generator, device=device),
+                       factor)
+    cells = int(scaled_cells(np.array(MAX_PERLIN_CELLS), factor)) + 1
     angles = torch.rand(batch_size, cells, cells, generator=generator, device=device) * (2 * math.pi)
-    noise = perlin_noise_batch(shape, res, gradients_from_angles(angles))
+    noise = perlin_noise_batch((side, side), res, gradients_from_angles(angles))
     degrees = (torch.rand(batch_size, generator=generator, device=device) * 2 - 1) * MASK_ROTATION_DEGREES
-    noise = rotate_maps(noise, degrees)
+    noise = _centre_crop(rotate_maps(noise, degrees), shape)
     return (noise > MASK_THRESHOLD).float()[:, None]

@@ -11,7 +11,7 @@ in sorted path order; a file that cannot be read gets an empty score and its err
 goes on. With --save_images, <output_dir>/overlays/<path relative to --input>.png shows each image
 beside its anomaly heat map.
 
-Thresholds: when the checkpoint pair has a threshold file (calibrate.py, calibrated without the test
+Thresholds: when the checkpoint pair has a threshold file (tools/calibrate.py, calibrated without the test
 set), its image threshold adds an is_anomalous column (1 where image score >= threshold), and with
 --save_images its pixel threshold gives a binary defect mask per image,
 <output_dir>/masks/<path relative to --input>.png (255 where anomaly map >= pixel threshold, else 0).
@@ -30,10 +30,18 @@ from tqdm import tqdm
 
 from engine.evaluation import DraemScorer
 from model_unet import check_image_size, model_from_checkpoint
-from util.atomic import atomic_write_text
-from util.cli import ArgumentParser, add_checkpoint_flags, add_device_flags, add_fast_flags, at_least
+from util.atomic import atomic_write_text, check_output_files, check_output_folder
+from util.cli import (
+    ArgumentParser,
+    add_checkpoint_flags,
+    add_device_flags,
+    add_fast_flags,
+    add_image_size_flag,
+    at_least,
+    finite_float,
+)
 from util.errors import DraemInputError, one_line_errors
-from util.images import FOLDER_IMAGE_SUFFIXES, read_image, to_chw
+from util.images import FOLDER_IMAGE_SUFFIXES, find_images, image_shape, read_image, to_chw
 from util.pictures import heatmap_overlay, save_png
 from util.runtime import prepare_model, select_device
 from util.thresholds import thresholds_in_use
@@ -43,7 +51,7 @@ OVERLAY_DIR = "overlays"
 MASK_DIR = "masks"
 
 
-def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
+def input_images(input_path: str | Path, skip_dir: str | Path | None = None) -> list[Path]:
     """The image files under a folder (recursively, sorted), or the one image file given.
 
     Files under `skip_dir` are left out, so an output folder inside the input folder does not get its
@@ -55,24 +63,17 @@ def find_images(input_path: str | Path, skip_dir: str | Path | None = None) -> l
             raise DraemInputError(f"--input {input_path} is not an image file "
                                   f"(expected one of {', '.join(FOLDER_IMAGE_SUFFIXES)})")
         return [input_path]
-    if not input_path.is_dir():
-        raise DraemInputError(f"--input {input_path} does not exist (give an image file or a folder of images)")
-    skip = Path(skip_dir).resolve() if skip_dir is not None else None
-    images = sorted(
-        p for p in input_path.rglob("*")
-        if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and (skip is None or skip not in p.resolve().parents)
-    )
-    if not images:
-        raise DraemInputError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) found under --input {input_path}")
-    return images
+    return find_images(input_path, "--input", hint=" (give an image file or a folder of images)",
+                       skip=skip_dir)
 
 
 class ImageFiles(Dataset):
-    """Reads image files with the project's test preprocessing; an unreadable file yields its error instead."""
+    """Reads image files with the project's test preprocessing; an unreadable file yields its error
+    instead."""
 
-    def __init__(self, paths: list[Path], image_size: int):
+    def __init__(self, paths: list[Path], image_size: int | tuple[int, int]):
         self.paths = paths
-        self.resize_shape = (image_size, image_size)
+        self.resize_shape = image_shape(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,8 +104,9 @@ def defect_mask(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
 
 @torch.no_grad()
 def predict(
-    scorer: DraemScorer, paths: list[Path], image_size: int, device: torch.device, batch_size: int = 8,
-    num_workers: int = 0, on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
+    scorer: DraemScorer, paths: list[Path], image_size: int | tuple[int, int], device: torch.device,
+    batch_size: int = 8, num_workers: int = 0,
+    on_scored: Callable[[int, np.ndarray, torch.Tensor, float], None] | None = None,
 ) -> tuple[list[float | None], list[str]]:
     """Score `paths` in order; return (score or None, error or '') per path.
 
@@ -112,7 +114,8 @@ def predict(
     """
     scores: list[float | None] = [None] * len(paths)
     errors = [""] * len(paths)
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=list)
     scorer.eval().to(device)
     for batch in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
         for index, _, error in batch:
@@ -129,8 +132,10 @@ def predict(
     return scores, errors
 
 
-def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str], threshold: float | None) -> str:
-    """CSV text: path, image_score, [is_anomalous (score >= threshold)], error; empty cells for unread files."""
+def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str],
+               threshold: float | None) -> str:
+    """CSV text: path, image_score, [is_anomalous (score >= threshold)], error; empty cells for unread
+    files."""
     buffer = io.StringIO()
     columns = ["path", "image_score"] + (["is_anomalous"] if threshold is not None else []) + ["error"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -147,16 +152,18 @@ def scores_csv(paths: list[Path], scores: list[float | None], errors: list[str],
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_checkpoint_flags(parser)
-    parser.add_argument("--input", required=True, help="an image file, or a folder searched recursively for images")
+    parser.add_argument("--input", required=True,
+                        help="an image file, or a folder searched recursively for images")
     parser.add_argument("--output_dir", required=True, help="folder for scores.csv and the overlays")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="image threshold of the is_anomalous column (1 where image score >= threshold, else 0); "
-                             "default: the image threshold of the checkpoint pair's threshold file, if it has one")
+    parser.add_argument("--threshold", type=finite_float, default=None,
+                        help="image threshold (finite) of the is_anomalous column (1 where image score >= "
+                             "threshold, else 0); default: the image threshold of the checkpoint pair's "
+                             "threshold file, if it has one")
     parser.add_argument("--save_images", action="store_true",
-                        help="save a heat-map overlay per image under <output_dir>/overlays and, when the threshold "
-                             "file gives a pixel threshold, a 0/255 defect mask per image under <output_dir>/masks")
-    parser.add_argument("--image_size", type=int, default=256,
-                        help="side images are resized to, a multiple of 32 (use the size the model was tested at; released: 256)")
+                        help="save a heat-map overlay per image under <output_dir>/overlays and, when the "
+                             "threshold file gives a pixel threshold, a 0/255 defect mask per image under "
+                             "<output_dir>/masks")
+    add_image_size_flag(parser)
     parser.add_argument("--batch_size", type=at_least(1), default=8,
                         help="images per forward pass (any value gives the same scores)")
     parser.add_argument("--workers", "--num_workers", dest="workers", type=at_least(0), default=0,
@@ -170,20 +177,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_image_size(args.image_size)
-    paths = find_images(args.input, skip_dir=args.output_dir)
+    paths = input_images(args.input, skip_dir=args.output_dir)
     device = select_device(args.device, args.gpu_id)
-    model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name, args.obj_id).to(device),
+    model = prepare_model(model_from_checkpoint(args.checkpoint_path, args.base_model_name,
+                                                args.obj_id).to(device),
                           args.channels_last, args.compile)
     scorer = DraemScorer(model, args.precision, args.channels_last)
     output_dir = Path(args.output_dir)
     threshold, threshold_source, pixel_threshold, threshold_file = thresholds_in_use(
         args.checkpoint_path, args.base_model_name, args.obj_id, args.image_size, args.threshold)
+    # Before the first image: where the results go.
+    check_output_folder(output_dir, "--output_dir")
+    check_output_files([output_dir / CSV_NAME], "the scores table")
+    if args.save_images:
+        check_output_folder(output_dir / OVERLAY_DIR, "the overlay folder of --save_images")
+        if pixel_threshold is not None:
+            check_output_folder(output_dir / MASK_DIR, "the mask folder of --save_images")
 
     def save_images(index: int, image: np.ndarray, amap: torch.Tensor, score: float) -> None:
         save_png(output_image_path(output_dir, OVERLAY_DIR, Path(args.input), paths[index]),
                  heatmap_overlay(image, amap, score=score))
         if pixel_threshold is not None:
-            save_png(output_image_path(output_dir, MASK_DIR, Path(args.input), paths[index]), defect_mask(amap, pixel_threshold))
+            save_png(output_image_path(output_dir, MASK_DIR, Path(args.input), paths[index]),
+                     defect_mask(amap, pixel_threshold))
 
     scores, errors = predict(scorer, paths, args.image_size, device, args.batch_size, args.workers,
                              on_scored=save_images if args.save_images else None)
@@ -197,7 +213,8 @@ def main(argv: list[str] | None = None) -> Path:
         called = sum(1 for s in scores if s is not None and s >= threshold)
         summary += f"; {called} at or above image threshold {threshold:.6g} ({threshold_source})"
     else:
-        summary += f"; no threshold ({threshold_file} not found: run calibrate.py, or give --threshold)"
+        summary += (f"; no threshold ({threshold_file} not found: run python -m tools.calibrate, or give "
+                    f"--threshold)")
     if args.save_images and pixel_threshold is not None:
         summary += f"; defect masks at pixel threshold {pixel_threshold:.6g} in {output_dir / MASK_DIR}"
     print(f"{summary}; wrote {csv_path}")

@@ -1,4 +1,5 @@
-"""An independent reference for imgaug's MultiplyAndAddToBrightness, shared by the CPU and device brightness tests.
+"""An independent reference for imgaug's MultiplyAndAddToBrightness, shared by the CPU and device brightness
+tests.
 
 Written from imgaug's documented behaviour with OpenCV's conversions, not from augment.py, so the tests
 compare our code with it rather than with itself.
@@ -18,7 +19,8 @@ IMGAUG_BRIGHTNESS_SPACES = {
 }
 
 
-def imgaug_brightness(image: np.ndarray, multiply: float, add: float, space: str, add_first: bool) -> np.ndarray:
+def imgaug_brightness(image: np.ndarray, multiply: float, add: float, space: str,
+                      add_first: bool) -> np.ndarray:
     """Reference, step by step: OpenCV into the space, imgaug's uint8 Multiply (float32 product, clipped,
     truncated) and Add (the value rounded half to even first, the sum clipped) on the one channel, back."""
     to_space, from_space, channel = IMGAUG_BRIGHTNESS_SPACES[space]

@@ -1,4 +1,5 @@
-"""A released-style training sample, written here from the released program and METHOD.md §2, not from our code.
+"""A released-style training sample, written here from the released program and METHOD.md §2, not from our
+code.
 
 Nothing below comes from the code under test: the Perlin noise is the released `rand_perlin_2d_np` (float64,
 every corner's gradients tiled to full size, the quintic fade written out), the numbers are the method's
@@ -24,10 +25,12 @@ def released_perlin(shape: tuple[int, int], res: tuple[int, int], rng: np.random
     gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
 
     def tile_grads(rows: tuple, cols: tuple) -> np.ndarray:
-        return np.repeat(np.repeat(gradients[rows[0] : rows[1], cols[0] : cols[1]], d[0], axis=0), d[1], axis=1)
+        return np.repeat(np.repeat(gradients[rows[0] : rows[1], cols[0] : cols[1]], d[0], axis=0), d[1],
+                         axis=1)
 
     def dot(grad: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
-        offsets = np.stack((grid[: shape[0], : shape[1], 0] + shift[0], grid[: shape[0], : shape[1], 1] + shift[1]), axis=-1)
+        offsets = np.stack((grid[: shape[0], : shape[1], 0] + shift[0],
+                            grid[: shape[0], : shape[1], 1] + shift[1]), axis=-1)
         return (offsets * grad[: shape[0], : shape[1]]).sum(axis=-1)
 
     n00 = dot(tile_grads((0, -1), (0, -1)), (0, 0))
@@ -47,8 +50,8 @@ def rotate_about_centre(image: np.ndarray, degrees: float) -> np.ndarray:
     """Counter-clockwise on screen about the centre pixel ((W - 1) / 2, (H - 1) / 2), bilinear, zero fill."""
     height, width = image.shape[:2]
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
-    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=0).reshape(image.shape)
+    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0).reshape(image.shape)
 
 
 def read(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -56,12 +59,13 @@ def read(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def released_style_sample(
-    rng: np.random.Generator, image_paths: Sequence[Path], source_paths: Sequence[Path], shape: tuple[int, int],
-    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+    rng: np.random.Generator, image_paths: Sequence[Path], source_paths: Sequence[Path],
+    shape: tuple[int, int], augment: Callable[[np.ndarray, np.random.Generator], np.ndarray],
 ) -> dict:
-    """One sample, every draw from `rng` in the method's order: the training image, its rotation (p 0.3, U[-90, 90]),
-    the normal/anomalous coin (p 0.5), the source, its augmentation, the Perlin scales 2**U{0..5} per axis, the noise,
-    its rotation U[-90, 90], the threshold 0.5, beta U[0, 0.8), blended as (1 - beta) source + beta image."""
+    """One sample, every draw from `rng` in the method's order: the training image, its rotation (p 0.3,
+    U[-90, 90]), the normal/anomalous coin (p 0.5), the source, its augmentation, the Perlin scales 2**U{0..5}
+    per axis, the noise, its rotation U[-90, 90], the threshold 0.5, beta U[0, 0.8), blended as (1 - beta)
+    source + beta image."""
     idx = int(rng.integers(len(image_paths)))
     image = read(image_paths[idx], shape)
     if rng.random() < 0.3:
@@ -70,7 +74,8 @@ def released_style_sample(
     mask = np.zeros((*shape, 1), dtype=np.float32)
     augmented = image
     if rng.random() < 0.5:
-        source = augment(read(source_paths[int(rng.integers(len(source_paths)))], shape), rng).astype(np.float32) / 255
+        source = augment(read(source_paths[int(rng.integers(len(source_paths)))], shape),
+                         rng).astype(np.float32) / 255
         res = tuple(int(2**r) for r in rng.integers(0, 6, size=2))
         noise = rotate_about_centre(released_perlin(shape, res, rng), rng.uniform(-90.0, 90.0))
         mask = (noise > 0.5).astype(np.float32)[..., None]

@@ -99,8 +99,22 @@ def test_an_anomalib_sspcab_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     state["model.reconstructive_subnetwork.encoder.block5.attention_module.fc1.weight"] = torch.zeros(4, 32)
     torch.save({"state_dict": state}, tmp_path / "draem.ckpt")
     with pytest.raises(SystemExit) as stopped:
-        convert_anomalib.main([str(tmp_path / "draem.ckpt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id", "carpet"])
+        convert_anomalib.main([str(tmp_path / "draem.ckpt"), "--checkpoint_path", str(tmp_path / "out"),
+                               "--obj_id", "carpet"])
     assert stopped.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SSPCAB" in err[0] and "no ReLU" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_converting_over_a_pair_removes_the_thresholds_calibrated_for_the_old_weights(tmp_path, capsys):
+    """A threshold file never sits beside weights it was not calibrated for."""
+    state, _, _ = anomalib_case()
+    torch.save(state, tmp_path / "draem.pt")
+    stale = tmp_path / "out" / "DRAEM_anomalib_carpet_threshold.json"
+    stale.parent.mkdir()
+    stale.write_text('{"image_threshold": 0.5, "pixel_threshold": 0.5}')
+    convert_anomalib.main([str(tmp_path / "draem.pt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id",
+                           "carpet"])
+    assert not stale.exists()
+    assert model_from_checkpoint(tmp_path / "out", "DRAEM_anomalib", "carpet") is not None

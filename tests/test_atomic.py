@@ -1,4 +1,5 @@
-"""The one file writer: temp file beside the target, fsync, rename over it, then fsync of the folder (POSIX durability)."""
+"""The one file writer: temp file beside the target, fsync, rename over it, then fsync of the folder (POSIX
+durability)."""
 import os
 import stat
 
@@ -11,8 +12,8 @@ from util.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 @pytest.fixture
 def syscalls(monkeypatch) -> list[tuple]:
-    """Every os.open, os.fsync, os.replace and os.close the writer makes, in order: ("open", path, fd), ("fsync", fd),
-    ("replace", source, target), ("close", fd). The real calls still happen."""
+    """Every os.open, os.fsync, os.replace and os.close the writer makes, in order: ("open", path, fd),
+    ("fsync", fd), ("replace", source, target), ("close", fd). The real calls still happen."""
     log: list[tuple] = []
     real_open, real_fsync, real_replace, real_close = os.open, os.fsync, os.replace, os.close
 

@@ -108,7 +108,8 @@ def test_brightness_in_each_colour_space_is_imgaugs_multiply_and_add_on_its_chan
 
 
 def test_brightness_scales_and_shifts_the_luma_of_a_gray_image():
-    # A grey pixel has luma = its value in every space but Lab/Luv (L = 116·Y^(1/3) - 16): 100 -> 125, 120, 50.
+    # A grey pixel has luma = its value in every space but Lab/Luv (L = 116·Y^(1/3) - 16): 100 -> 125, 120,
+    # 50.
     gray = np.full((8, 8, 3), 100, dtype=np.uint8)
     for space in ("YCrCb", "HSV", "HLS", "YUV"):
         np.testing.assert_array_equal(brightness(gray, 1.0, 25.0, space, False), 125)
@@ -118,15 +119,18 @@ def test_brightness_scales_and_shifts_the_luma_of_a_gray_image():
 
 def test_brightness_draws_each_colour_space_uniformly_and_either_order_half_the_time(monkeypatch):
     draws = []
-    monkeypatch.setattr(augment, "brightness", lambda img, m, a, space, add_first: draws.append((m, a, space, add_first)) or img)
+    monkeypatch.setattr(augment, "brightness",
+                        lambda img, m, a, space, add_first: draws.append((m, a, space, add_first)) or img)
     rng = np.random.default_rng(6)
     pixel = np.zeros((1, 1, 3), dtype=np.uint8)
     n = 6000
     for _ in range(n):
         AUGMENTATIONS["brightness"](pixel, rng)
     multiply, add, spaces, add_first = zip(*draws)
-    assert augment.RANGES["brightness_colorspaces"] == ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")  # imgaug's list
-    # 6000 draws: a space's count has sd sqrt(6000·1/6·5/6) = 29, the add-first count sqrt(6000/4) = 39; 5 sd each.
+    # imgaug's list
+    assert augment.RANGES["brightness_colorspaces"] == ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
+    # 6000 draws: a space's count has sd sqrt(6000·1/6·5/6) = 29, the add-first count sqrt(6000/4) = 39; 5 sd
+    # each.
     counts = {space: spaces.count(space) for space in IMGAUG_BRIGHTNESS_SPACES}
     assert all(abs(c - n / 6) < 5 * 29 for c in counts.values()), counts
     assert abs(sum(add_first) - n / 2) < 5 * 39
@@ -136,12 +140,14 @@ def test_brightness_draws_each_colour_space_uniformly_and_either_order_half_the_
 
 def test_sharpness_factor_orders_the_local_contrast(image):
     np.testing.assert_array_equal(sharpness(image, 1.0), image)
-    assert total_variation(sharpness(image, 0.0)) < total_variation(image) < total_variation(sharpness(image, 2.0))
+    assert (total_variation(sharpness(image, 0.0)) < total_variation(image)
+            < total_variation(sharpness(image, 2.0)))
 
 
 def test_hue_saturation_moves_hue_and_saturation_by_the_shifts():
     rng = np.random.default_rng(2)
-    hsv = np.stack([rng.integers(0, 256, (16, 16)), rng.integers(120, 200, (16, 16)), rng.integers(150, 250, (16, 16))], -1)
+    hsv = np.stack([rng.integers(0, 256, (16, 16)), rng.integers(120, 200, (16, 16)),
+                    rng.integers(150, 250, (16, 16))], -1)
     colourful = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
     before = cv2.cvtColor(colourful, cv2.COLOR_RGB2HSV_FULL).astype(int)
     after = cv2.cvtColor(hue_saturation(colourful, 40, -30), cv2.COLOR_RGB2HSV_FULL).astype(int)
@@ -151,10 +157,12 @@ def test_hue_saturation_moves_hue_and_saturation_by_the_shifts():
 
 
 def test_hue_wraps_around_the_full_circle():
-    """Hue is a circle of 256 steps: a red just below 360 degrees shifted +10 becomes an orange red (R largest, then G),
-    one just above 0 shifted -10 a magenta red (R largest, then B). Channel 0 is read as R (the released quirk).
+    """Hue is a circle of 256 steps: a red just below 360 degrees shifted +10 becomes an orange red (R
+    largest, then G), one just above 0 shifted -10 a magenta red (R largest, then B). Channel 0 is read as R
+    (the released quirk).
     A hue that wrapped at 180 steps would land at about 114 or 245 degrees: green or blue."""
-    reds = np.array([[[255, 0, 24], [255, 24, 0]]], dtype=np.uint8)  # hue 354 and 6 degrees: full-range 251 and 4
+    # hue 354 and 6 degrees: full-range 251 and 4
+    reds = np.array([[[255, 0, 24], [255, 24, 0]]], dtype=np.uint8)
     for shifted in (hue_saturation(reds[:, :1], 10, 0), hue_saturation(reds[:, 1:], -10, 0)):
         assert shifted[0, 0].argmax() == 0, shifted
     assert hue_saturation(reds[:, :1], 10, 0)[0, 0, 1] > hue_saturation(reds[:, :1], 10, 0)[0, 0, 2]
@@ -182,14 +190,16 @@ def test_sampler_draws_three_distinct_operations_uniformly_in_random_order():
     frequency = {name: sum(name in d for d in draws) / len(draws) for name in names}
     assert all(abs(f - 0.3) < 0.04 for f in frequency.values())
     assert {d[0] for d in draws} == set(names)
-    in_table_order = np.mean([[names.index(n) for n in d] == sorted(names.index(n) for n in d) for d in draws])
+    in_table_order = np.mean([[names.index(n) for n in d] == sorted(names.index(n) for n in d)
+                              for d in draws])
     assert abs(in_table_order - 1 / 6) < 0.04  # the drawn order is kept, not the table's
 
 
 def test_augment_source_applies_the_drawn_operations_in_the_drawn_order(image, monkeypatch):
     applied = []
     for name, operation in list(AUGMENTATIONS.items()):
-        monkeypatch.setitem(augment.AUGMENTATIONS, name, lambda img, rng, n=name, op=operation: applied.append(n) or op(img, rng))
+        monkeypatch.setitem(augment.AUGMENTATIONS, name,
+                            lambda img, rng, n=name, op=operation: applied.append(n) or op(img, rng))
     for seed in range(10):
         applied.clear()
         augment_source(image, np.random.default_rng(seed))

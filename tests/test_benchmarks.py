@@ -1,4 +1,5 @@
-"""What the benchmarks report, with their clocks replaced: the arithmetic from measured seconds to samples/s."""
+"""What the benchmarks report, with their clocks replaced: the arithmetic from measured seconds to
+samples/s."""
 import argparse
 import itertools
 import types
@@ -20,7 +21,8 @@ class Items(torch.utils.data.Dataset):
 
 
 def test_synthesis_samples_per_second_times_the_samples_after_the_first_batch(monkeypatch):
-    """12 samples in batches of 4 after an untimed first batch, between clock readings 10 s and 13 s: 4 samples/s."""
+    """12 samples in batches of 4 after an untimed first batch, between clock readings 10 s and 13 s: 4
+    samples/s."""
     batches = []
     real_iter = torch.utils.data.DataLoader.__iter__
 
@@ -31,7 +33,8 @@ def test_synthesis_samples_per_second_times_the_samples_after_the_first_batch(mo
 
     monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", counting_iter)
     clock = itertools.chain([10.0, 13.0])
-    monkeypatch.setattr(bench_synthesis, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))  # its clock only
+    # its clock only
+    monkeypatch.setattr(bench_synthesis, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     assert bench_synthesis.samples_per_second(Items(), samples=12, workers=0, batch_size=4) == 4.0
     assert batches == [4, 4, 4, 4]  # the first, untimed, then the 12 timed samples
 

@@ -17,10 +17,10 @@ BASE = run_base_name(1e-4, 2, 4, seed=5)
 
 
 def train_args(data, folder):
-    return ["--obj_id", "brick", "--dataset", "folder", "--data_path", str(data.mvtec_root), "--anomaly_source_path",
-            str(data.texture_root), "--epochs", "2", "--bs", "4", "--image_size", "64", "--base_width", "4",
-            "--seg_base_width", "4", "--workers", "0", "--seed", "5", "--checkpoint_path", str(folder / "ckpt"),
-            "--log_path", str(folder / "logs")]
+    return ["--obj_id", "brick", "--dataset", "folder", "--data_path", str(data.mvtec_root),
+            "--anomaly_source_path", str(data.texture_root), "--epochs", "2", "--bs", "4", "--image_size",
+            "64", "--base_width", "4", "--seg_base_width", "4", "--workers", "0", "--seed", "5",
+            "--checkpoint_path", str(folder / "ckpt"), "--log_path", str(folder / "logs")]
 
 
 def read_pair(folder):
@@ -28,7 +28,8 @@ def read_pair(folder):
 
 
 def crash_before_the_second_discriminative_checkpoint(monkeypatch):
-    """Let every write through except the epoch-2 `_seg.pckl`, where the process 'dies' (KeyboardInterrupt)."""
+    """Let every write through except the epoch-2 `_seg.pckl`, where the process 'dies'
+    (KeyboardInterrupt)."""
     real_save, seg_writes = checkpoints.atomic_torch_save, []
 
     def save(obj, path):
@@ -45,13 +46,15 @@ def crash_before_the_second_discriminative_checkpoint(monkeypatch):
 def test_resume_heals_a_pair_left_mixed_by_a_crash_between_its_files(tiny_mvtec, tmp_path, monkeypatch):
     train_draem.main(train_args(tiny_mvtec, tmp_path / "full"))
     real_save = crash_before_the_second_discriminative_checkpoint(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train_draem.main(train_args(tiny_mvtec, tmp_path / "cut"))
     monkeypatch.setattr(checkpoints, "atomic_torch_save", real_save)
 
     full, cut = read_pair(tmp_path / "full"), read_pair(tmp_path / "cut")
-    assert all(torch.equal(full[0][k], cut[0][k]) for k in full[0]), "the reconstructive file of epoch 2 was written"
-    assert not all(torch.equal(full[1][k], cut[1][k]) for k in full[1]), "the crash should have left epoch 1's _seg file"
+    assert all(torch.equal(full[0][k], cut[0][k]) for k in full[0]), (
+        "the reconstructive file of epoch 2 was written")
+    assert not all(torch.equal(full[1][k], cut[1][k]) for k in full[1]), (
+        "the crash should have left epoch 1's _seg file")
 
     train_draem.main([*train_args(tiny_mvtec, tmp_path / "cut"), "--resume"])  # all epochs done: only heals
     for complete, healed in zip(full, read_pair(tmp_path / "cut")):

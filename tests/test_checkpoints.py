@@ -38,8 +38,10 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_released_names():
     assert run_base_name(0.0001, 700, 8) == "DRAEM_test_0.0001_700_bs8"
-    assert run_base_name(0.0001, 700, 8, seed=0) == "DRAEM_test_0.0001_700_bs8"  # the default seed keeps the released name
-    assert run_base_name(0.0001, 700, 8, seed=2) == "DRAEM_test_0.0001_700_bs8_seed2"  # other seeds never overwrite it
+    # the default seed keeps the released name
+    assert run_base_name(0.0001, 700, 8, seed=0) == "DRAEM_test_0.0001_700_bs8"
+    # other seeds never overwrite it
+    assert run_base_name(0.0001, 700, 8, seed=2) == "DRAEM_test_0.0001_700_bs8_seed2"
     rec, seg = checkpoint_paths("ckpt", RELEASED_BASE_NAME, "carpet")
     assert rec == Path("ckpt/DRAEM_seg_large_ae_large_0.0001_800_bs8_carpet_.pckl")
     assert seg == Path("ckpt/DRAEM_seg_large_ae_large_0.0001_800_bs8_carpet__seg.pckl")
@@ -77,7 +79,8 @@ def test_wrong_shape_is_named(tmp_path):
     state = torch.load(seg, weights_only=True)
     state["decoder_segment.fin_out.0.weight"] = torch.zeros(2, 5, 3, 3)
     torch.save(state, seg)
-    with pytest.raises(DraemInputError, match=r"'decoder_segment\.fin_out\.0\.weight' has shape \(2, 5, 3, 3\)"):
+    with pytest.raises(DraemInputError,
+                       match=r"'decoder_segment\.fin_out\.0\.weight' has shape \(2, 5, 3, 3\)"):
         load_checkpoint(small_model(1), tmp_path, "b", "tile")
 
 
@@ -103,7 +106,8 @@ def anomalib_file(model: DraemModel, path: Path) -> Path:
 
 
 def test_anomalib_checkpoint_loads_and_converts(tmp_path):
-    """Loading and converting give the same weights: anomalib's, with only the colour-facing tensors rewritten.
+    """Loading and converting give the same weights: anomalib's, with only the colour-facing tensors
+    rewritten.
 
     That the rewrite reproduces anomalib's anomaly map is tested in test_anomalib_import.py.
     """
@@ -115,8 +119,10 @@ def test_anomalib_checkpoint_loads_and_converts(tmp_path):
     converted = small_model(2)
     load_checkpoint(converted, tmp_path / "out", "DRAEM_anomalib", "bottle")
     assert_same_state(loaded, converted)
-    rewritten = {"reconstructive_subnetwork.encoder.block1.0.weight", "reconstructive_subnetwork.decoder.fin_out.0.weight",
-                 "reconstructive_subnetwork.decoder.fin_out.0.bias", "discriminative_subnetwork.encoder_segment.block1.0.weight"}
+    rewritten = {"reconstructive_subnetwork.encoder.block1.0.weight",
+                 "reconstructive_subnetwork.decoder.fin_out.0.weight",
+                 "reconstructive_subnetwork.decoder.fin_out.0.bias",
+                 "discriminative_subnetwork.encoder_segment.block1.0.weight"}
     source, result = model.state_dict(), loaded.state_dict()
     assert all(torch.equal(source[k], result[k]) != (k in rewritten) for k in source)
 
@@ -129,8 +135,8 @@ def test_non_anomalib_file_is_rejected(tmp_path):
 
 def test_convert_cli_reports_one_line_on_bad_input(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tools.convert_anomalib", str(tmp_path / "absent.ckpt"), "--checkpoint_path", str(tmp_path),
-         "--category", "x"],
+        [sys.executable, "-m", "tools.convert_anomalib", str(tmp_path / "absent.ckpt"), "--checkpoint_path",
+         str(tmp_path), "--category", "x"],
         check=False, capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 1
@@ -144,16 +150,19 @@ def test_model_from_checkpoint_infers_widths_and_sspcab(tmp_path):
     rebuilt = model_from_checkpoint(tmp_path, "b", "grid")
     assert rebuilt.reconstructive_subnetwork.encoder.block1[0].out_channels == 8
     assert rebuilt.discriminative_subnetwork.encoder_segment.block1[0].out_channels == 4
-    assert rebuilt.sspcab_io is None and type(rebuilt.reconstructive_subnetwork.encoder.block5).__name__ == "SSPCAB"
+    assert (rebuilt.sspcab_io is None
+            and type(rebuilt.reconstructive_subnetwork.encoder.block5).__name__ == "SSPCAB")
     assert_same_state(model, rebuilt)
 
 
 def test_convert_unpickles_objects_only_with_trust(tmp_path, capsys):
-    """A Lightning checkpoint pickles its hyper-parameters (here a Namespace): refused with the hint unless --trust."""
+    """A Lightning checkpoint pickles its hyper-parameters (here a Namespace): refused with the hint unless
+    --trust."""
     model = small_model(0)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": argparse.Namespace(lr=1e-4)}, tmp_path / "lightning.ckpt")
-    args = [str(tmp_path / "lightning.ckpt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id", "bottle"]
+    args = [str(tmp_path / "lightning.ckpt"), "--checkpoint_path", str(tmp_path / "out"), "--obj_id",
+            "bottle"]
     with pytest.raises(SystemExit) as exc:
         convert_anomalib.main(args)
     assert exc.value.code == 1 and "--trust" in capsys.readouterr().err

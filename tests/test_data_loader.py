@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 import data_loader
 from data_loader import (
-    MVTecDRAEMTestDataset,
-    MVTecDRAEMTrainDataset,
+    LabelledImageDataset,
+    TrainDataset,
     blend_anomaly,
     make_training_sample,
     seed_everything,
@@ -19,7 +19,13 @@ from data_loader import (
 )
 from util.errors import DraemInputError
 from util.images import read_image, read_image_uint8, read_mask
-from util.layouts import CATEGORIES, OBJECT_CATEGORIES, TEXTURE_CATEGORIES, find_anomaly_sources, resolve_categories
+from util.layouts import (
+    CATEGORIES,
+    OBJECT_CATEGORIES,
+    TEXTURE_CATEGORIES,
+    find_anomaly_sources,
+    resolve_categories,
+)
 
 
 def train_dir(demo, category="brick"):
@@ -31,7 +37,8 @@ def test_category_ids_follow_the_released_order():
     assert (CATEGORIES[0], CATEGORIES[1], CATEGORIES[10], CATEGORIES[13], CATEGORIES[14]) == (
         "capsule", "bottle", "metal_nut", "grid", "wood")
     assert set(TEXTURE_CATEGORIES) == {"carpet", "grid", "leather", "tile", "wood"}
-    assert set(OBJECT_CATEGORIES) == set(CATEGORIES) - set(TEXTURE_CATEGORIES) and len(OBJECT_CATEGORIES) == 10
+    assert (set(OBJECT_CATEGORIES) == set(CATEGORIES) - set(TEXTURE_CATEGORIES)
+            and len(OBJECT_CATEGORIES) == 10)
 
 
 def test_resolve_categories_accepts_a_category_folder_of_ones_own(tmp_path):
@@ -106,9 +113,9 @@ def test_anomaly_sources_are_found_recursively_and_sorted(tmp_path):
 
 def test_train_dataset_rejects_missing_or_empty_folders(tmp_path):
     with pytest.raises(DraemInputError, match="does not exist"):
-        MVTecDRAEMTrainDataset(tmp_path / "nowhere")
+        TrainDataset(tmp_path / "nowhere")
     with pytest.raises(DraemInputError, match="no .png"):
-        MVTecDRAEMTrainDataset(tmp_path)
+        TrainDataset(tmp_path)
 
 
 def test_blend_is_exactly_the_formula_inside_the_mask_and_the_image_outside():
@@ -134,12 +141,14 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
 
     monkeypatch.setattr(data_loader, "blend_anomaly", recording_blend)
     torch.manual_seed(0)
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     assert len(dataset) == 6
     samples = [dataset[0] for _ in range(400)]
     for s in samples:
-        assert s["image"].shape == s["augmented_image"].shape == (3, 64, 64) and s["anomaly_mask"].shape == (1, 64, 64)
-        assert s["image"].dtype == s["augmented_image"].dtype == s["anomaly_mask"].dtype == s["has_anomaly"].dtype == np.float32
+        assert (s["image"].shape == s["augmented_image"].shape == (3, 64, 64)
+                and s["anomaly_mask"].shape == (1, 64, 64))
+        assert (s["image"].dtype == s["augmented_image"].dtype == s["anomaly_mask"].dtype
+                == s["has_anomaly"].dtype == np.float32)
         assert s["has_anomaly"].shape == (1,) and 0 <= s["idx"] < 6
         assert s["augmented_image"].min() >= 0 and s["augmented_image"].max() <= 1
         mask = s["anomaly_mask"]
@@ -160,16 +169,17 @@ def test_training_samples_follow_the_synthesis_rules(tiny_mvtec, monkeypatch):
 def test_caching_changes_no_sample(tiny_mvtec):
     """The cached path (images decoded once, bounded source cache) equals reading every file per sample."""
     shape = (48, 48)
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, shape, source_cache_size=2)
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, shape, source_cache_size=2)
     paths, sources = dataset.image_paths, dataset.source_paths
 
     def read_source(rng):
         return read_image_uint8(sources[int(rng.integers(len(sources)))], shape)
 
     for seed in range(60):
-        cached = make_training_sample(np.random.default_rng(seed), len(dataset), dataset.images.__getitem__, dataset.draw_source)
-        uncached = make_training_sample(np.random.default_rng(seed), len(paths), lambda i: read_image_uint8(paths[i], shape),
-                                        read_source)
+        cached = make_training_sample(np.random.default_rng(seed), len(dataset), dataset.images.__getitem__,
+                                      dataset.draw_source)
+        uncached = make_training_sample(np.random.default_rng(seed), len(paths),
+                                        lambda i: read_image_uint8(paths[i], shape), read_source)
         for key in ("image", "augmented_image", "anomaly_mask", "has_anomaly"):
             np.testing.assert_array_equal(cached[key], uncached[key])
         assert cached["idx"] == uncached["idx"]
@@ -182,17 +192,20 @@ def stand_in_augmentation(image: np.ndarray, rng: np.random.Generator) -> np.nda
 
 
 def test_fast_path_gives_the_released_style_samples(tiny_mvtec, monkeypatch):
-    """Same seed, same sample as a released-style reference written in the tests (decode per sample, the released
-    float64 Perlin, the method's numbers and blend): masks bit for bit, images to float32 rounding."""
+    """Same seed, same sample as a released-style reference written in the tests (decode per sample, the
+    released float64 Perlin, the method's numbers and blend): masks bit for bit, images to float32
+    rounding."""
     monkeypatch.setattr(data_loader, "augment_source", stand_in_augmentation)
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     anomalous = 0
     for seed in range(40):
         torch.manual_seed(seed)
         ours = dataset[0]
-        torch.manual_seed(seed)  # the dataset seeds each sample's generator from torch's stream (METHOD.md §2)
+        # the dataset seeds each sample's generator from torch's stream (METHOD.md §2)
+        torch.manual_seed(seed)
         rng = np.random.default_rng(int(torch.randint(2**62, ()).item()))
-        reference = released_style_sample(rng, dataset.image_paths, dataset.source_paths, (64, 64), stand_in_augmentation)
+        reference = released_style_sample(rng, dataset.image_paths, dataset.source_paths, (64, 64),
+                                          stand_in_augmentation)
         assert ours["idx"] == reference["idx"] and ours["has_anomaly"][0] == reference["has_anomaly"]
         np.testing.assert_array_equal(ours["anomaly_mask"], reference["anomaly_mask"])
         np.testing.assert_array_equal(ours["image"], reference["image"])
@@ -203,12 +216,14 @@ def test_fast_path_gives_the_released_style_samples(tiny_mvtec, monkeypatch):
 
 
 def test_without_a_source_folder_the_sources_are_noise(tiny_mvtec):
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(32, 32))
+    dataset = TrainDataset(train_dir(tiny_mvtec), None, resize_shape=(32, 32))
     noise = dataset.draw_source(np.random.default_rng(0))
     assert noise.shape == (32, 32, 3) and noise.dtype == np.uint8 and noise.std() > 60
     # Uniform over all 256 levels (anomalib's fallback): 12288 draws miss a level with probability 256 e^-48.
-    wide = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64)).draw_source(np.random.default_rng(1))
-    assert np.array_equal(np.unique(wide), np.arange(256)) and abs(wide.mean() - 127.5) < 5 * 73.9 / np.sqrt(wide.size)
+    wide = TrainDataset(train_dir(tiny_mvtec), None,
+                        resize_shape=(64, 64)).draw_source(np.random.default_rng(1))
+    assert (np.array_equal(np.unique(wide), np.arange(256))
+            and abs(wide.mean() - 127.5) < 5 * 73.9 / np.sqrt(wide.size))
     torch.manual_seed(1)
     assert any(dataset[0]["has_anomaly"][0] == 1 for _ in range(40))
 
@@ -221,8 +236,9 @@ def two_worker_batches(dataset, seed):
 
 
 def test_seeded_loader_with_two_workers_is_reproducible_and_workers_differ(tiny_mvtec):
-    dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(32, 32))
-    run_a, run_b, other_seed = two_worker_batches(dataset, 7), two_worker_batches(dataset, 7), two_worker_batches(dataset, 8)
+    dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(32, 32))
+    run_a, run_b, other_seed = (two_worker_batches(dataset, 7), two_worker_batches(dataset, 7),
+                                two_worker_batches(dataset, 8))
     for key in ("image", "augmented_image", "anomaly_mask", "has_anomaly"):
         assert torch.equal(run_a[0][key], run_b[0][key])
         assert torch.equal(run_a[1][key], run_b[1][key])
@@ -241,8 +257,9 @@ class GlobalRandomDataset(torch.utils.data.Dataset):
 
 
 def test_seeded_loader_with_worker_init_fn_gives_each_worker_its_own_reproducible_global_streams():
-    """torch >= 1.9 seeds each worker's NumPy/Python generators itself; worker_init_fn must keep them per worker
-    (seeding from anything but the worker's torch seed, e.g. a constant, would make the workers repeat each other)."""
+    """torch >= 1.9 seeds each worker's NumPy/Python generators itself; worker_init_fn must keep them per
+    worker (seeding from anything but the worker's torch seed, e.g. a constant, would make the workers repeat
+    each other)."""
     def draws(seed):
         return torch.cat(two_worker_batches(GlobalRandomDataset(), seed))
 
@@ -284,7 +301,7 @@ def test_seed_everything_seeds_torch_numpy_and_python():
 
 
 def test_test_dataset_reads_labels_masks_and_paths(tiny_mvtec):
-    dataset = MVTecDRAEMTestDataset(tiny_mvtec.mvtec_root / "brick" / "test", resize_shape=(48, 48))
+    dataset = LabelledImageDataset(tiny_mvtec.mvtec_root / "brick" / "test", resize_shape=(48, 48))
     assert len(dataset) == 3 + 2 + 2
     paths = [dataset[i]["path"] for i in range(len(dataset))]
     assert paths == sorted(paths)
@@ -292,13 +309,15 @@ def test_test_dataset_reads_labels_masks_and_paths(tiny_mvtec):
         s = dataset[i]
         defect = s["path"].split("/")[-2]
         assert s["idx"] == i and s["image"].shape == (3, 48, 48) and s["image"].dtype == np.float32
-        assert s["mask"].shape == (1, 48, 48) and s["mask"].dtype == np.float32 and s["has_anomaly"].shape == (1,)
+        assert (s["mask"].shape == (1, 48, 48) and s["mask"].dtype == np.float32
+                and s["has_anomaly"].shape == (1,))
         if defect == "good":
             assert s["has_anomaly"][0] == 0 and not s["mask"].any()
         else:
             assert s["has_anomaly"][0] == 1 and s["mask"].max() > 0.5
             stem = s["path"].split("/")[-1][:-4]
-            expected = read_mask(tiny_mvtec.mvtec_root / "brick" / "ground_truth" / defect / f"{stem}_mask.png", (48, 48))
+            expected = read_mask(tiny_mvtec.mvtec_root / "brick" / "ground_truth" / defect
+                                 / f"{stem}_mask.png", (48, 48))
             np.testing.assert_array_equal(s["mask"][0], expected[..., 0])
     masks = np.stack([dataset[i]["mask"] for i in range(len(dataset))])
     assert ((masks > 0) & (masks < 1)).any()  # resized masks are kept as floats, not cast
@@ -308,13 +327,19 @@ def test_test_dataset_errors_name_the_missing_mask_or_unreadable_image(tiny_mvte
     category = tmp_path / "brick"
     shutil.copytree(tiny_mvtec.mvtec_root / "brick", category)
     (category / "test" / "good" / "000.png").write_bytes(b"broken")
-    dataset = MVTecDRAEMTestDataset(category / "test", resize_shape=(32, 32))
-    broken = next(i for i, p in enumerate(dataset.image_paths) if p.parent.name == "good" and p.name == "000.png")
+    # found when the set is made, before scoring
+    with pytest.raises(DraemInputError, match="good/000.png is not a PNG"):
+        LabelledImageDataset(category / "test", resize_shape=(32, 32))
+    # looks like a PNG, is not one
+    (category / "test" / "good" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    dataset = LabelledImageDataset(category / "test", resize_shape=(32, 32))
+    broken = next(i for i, p in enumerate(dataset.image_paths)
+                  if p.parent.name == "good" and p.name == "000.png")
     with pytest.raises(DraemInputError, match="good/000.png"):
         dataset[broken]
     mask = next((category / "ground_truth").glob("*/001_mask.png"))
     mask.unlink()
     with pytest.raises(DraemInputError, match=f"{mask.parent.name}/001_mask.png"):
-        MVTecDRAEMTestDataset(category / "test")
+        LabelledImageDataset(category / "test")
     with pytest.raises(DraemInputError, match="does not exist"):
-        MVTecDRAEMTestDataset(tmp_path / "nothing" / "test")
+        LabelledImageDataset(tmp_path / "nothing" / "test")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from data_loader import MVTecDRAEMTestDataset, MVTecDRAEMTrainDataset
+from data_loader import LabelledImageDataset, TrainDataset
 from tools.make_demo_data import main
 from util.demo_data import (
     CATEGORY_STYLES,
@@ -23,14 +23,16 @@ def all_files(root):
 
 
 def test_default_demo_dataset_is_readable_by_the_datasets(tmp_path):
-    demo = make_demo_dataset(tmp_path)  # untimed: speed belongs in benchmarks, a busy machine would fail a wall-clock bound
-    assert demo.categories == DEMO_CATEGORIES and resolve_categories(-1, DEMO_CATEGORIES) == list(DEMO_CATEGORIES)
+    demo = make_demo_dataset(tmp_path)  # untimed: speed belongs in benchmarks, a busy machine would fail a
+                                        # wall-clock bound
+    assert (demo.categories == DEMO_CATEGORIES
+            and resolve_categories(-1, DEMO_CATEGORIES) == list(DEMO_CATEGORIES))
     assert len(find_anomaly_sources(demo.texture_root)) == 24
     assert not (tmp_path / ".demo-building").exists()
     for category in DEMO_CATEGORIES:
-        train = MVTecDRAEMTrainDataset(demo.mvtec_root / category / "train" / "good", demo.texture_root, (64, 64))
+        train = TrainDataset(demo.mvtec_root / category / "train" / "good", demo.texture_root, (64, 64))
         assert len(train) == 40 and train.images.shape == (40, 64, 64, 3)
-        test = MVTecDRAEMTestDataset(demo.mvtec_root / category / "test", (64, 64))
+        test = LabelledImageDataset(demo.mvtec_root / category / "test", (64, 64))
         labels = [test[i]["has_anomaly"][0] for i in range(len(test))]
         assert labels.count(0) == 10 and labels.count(1) == 10
         defects = {p.parent.name for p in test.image_paths} - {"good"}
@@ -97,10 +99,10 @@ def test_command_line_writes_the_dataset_and_rejects_bad_input(tmp_path, capsys)
 
 def test_training_images_vary_in_crop_flip_and_lighting():
     """texture_image on ramps, so each draw can be read back: a 3/4 crop (150 of 200 rows) at a random offset
-    0..50, a horizontal flip half the time, lighting x U[0.9, 1.1]. On a vertical ramp (value = row), INTER_AREA
-    to 32 rows makes the top row the mean of rows y0 .. y0 + 4.7, the bottom one of y0 + 145.3 .. y0 + 150: the
-    lighting is (bottom - top) / 145.3, the offset top / lighting - 2.3. Sensor noise (sd 2) moves a row mean of 32
-    pixels by about 0.35: the estimates are within 0.01 and 1 row."""
+    0..50, a horizontal flip half the time, lighting x U[0.9, 1.1]. On a vertical ramp (value = row),
+    INTER_AREA to 32 rows makes the top row the mean of rows y0 .. y0 + 4.7, the bottom one of y0 + 145.3 ..
+    y0 + 150: the lighting is (bottom - top) / 145.3, the offset top / lighting - 2.3. Sensor noise (sd 2)
+    moves a row mean of 32 pixels by about 0.35: the estimates are within 0.01 and 1 row."""
     rng = np.random.default_rng(0)
     ramp = np.repeat(np.arange(200, dtype=np.uint8)[:, None], 200, axis=1)
     lighting, offsets = [], []
@@ -109,7 +111,8 @@ def test_training_images_vary_in_crop_flip_and_lighting():
         lighting.append((gray[-1].mean() - gray[0].mean()) / 145.3)
         offsets.append(gray[0].mean() / lighting[-1] - 2.3)
     lighting, offsets = np.array(lighting), np.array(offsets)
-    # 300 uniform draws: P(none within 0.015 of an end of [0.9, 1.1]) = 0.925**300 = 7e-11; likewise 5 rows of 0..50.
+    # 300 uniform draws: P(none within 0.015 of an end of [0.9, 1.1]) = 0.925**300 = 7e-11; likewise 5 rows of
+    # 0..50.
     assert 0.88 < lighting.min() < 0.925 and 1.075 < lighting.max() < 1.12
     assert -2 < offsets.min() < 5 and 45 < offsets.max() < 52
     flipped = [texture_image(ramp.T.copy(), (1.0, 1.0, 1.0), 32, rng)[..., 0].astype(int) for _ in range(300)]
@@ -119,8 +122,9 @@ def test_training_images_vary_in_crop_flip_and_lighting():
 
 @pytest.mark.parametrize("kind", DEFECT_TYPES)
 def test_defects_land_in_different_places_with_different_sizes(kind):
-    """30 defects on a flat 64 px image: centres spread over the middle 60 % (uniform there: sd 0.6 * 64 / sqrt(12)
-    = 11 px per axis, before the shape's own extent), areas that differ, and spots of one to three stains."""
+    """30 defects on a flat 64 px image: centres spread over the middle 60 % (uniform there: sd 0.6 * 64 /
+    sqrt(12) = 11 px per axis, before the shape's own extent), areas that differ, and spots of one to three
+    stains."""
     rng = np.random.default_rng(1)
     flat = np.full((64, 64, 3), 120, dtype=np.uint8)
     centres, areas, stains = [], [], set()
@@ -138,7 +142,8 @@ def test_defects_land_in_different_places_with_different_sizes(kind):
 def test_anomaly_sources_come_from_every_photograph_at_varied_sizes(tmp_path):
     write_sources(tmp_path, seed=0, count=20)
     files = sorted(tmp_path.rglob("*.jpg"))
-    assert len(files) == 20 and len({f.parent.name for f in files}) == 14  # all 14 photographs, then again from the first
+    # all 14 photographs, then again from the first
+    assert len(files) == 20 and len({f.parent.name for f in files}) == 14
     sides = [cv2.imread(str(f)).shape[:2] for f in files]
     assert all(h == w and 200 <= h <= 400 for h, w in sides) and len({h for h, _ in sides}) > 10
     # Two crops of one photograph (sources 0 and 14) are different pictures, not one file twice.

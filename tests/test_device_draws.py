@@ -37,23 +37,28 @@ def assert_uniform(values: torch.Tensor, low: float, high: float, what: str) -> 
     assert values.dtype.is_floating_point
     assert values.min() >= low and values.max() < high, f"{what}: outside [{low}, {high})"
     edge = 0.005 * (high - low)
-    assert values.min() < low + edge and values.max() > high - edge, f"{what}: does not reach the ends of [{low}, {high})"
+    assert values.min() < low + edge and values.max() > high - edge, (
+        f"{what}: does not reach the ends of [{low}, {high})")
     standard_error = (high - low) / math.sqrt(12 * values.numel())
-    assert abs(values.mean().item() - (low + high) / 2) < 5 * standard_error, f"{what}: mean {values.mean().item()}"
+    assert abs(values.mean().item() - (low + high) / 2) < 5 * standard_error, (
+        f"{what}: mean {values.mean().item()}")
 
 
 def assert_integers(values: torch.Tensor, low: int, high: int, what: str) -> None:
     """Integer draws: exactly the values low..high, each about equally often (5 standard errors)."""
     assert not values.dtype.is_floating_point, f"{what}: {values.dtype}, not integers"
     counts = torch.bincount(values.flatten() - low, minlength=high - low + 1)
-    assert values.min() == low and values.max() == high and (counts > 0).all(), f"{what}: {values.unique().tolist()}"
+    assert values.min() == low and values.max() == high and (counts > 0).all(), (
+        f"{what}: {values.unique().tolist()}")
     p = 1 / (high - low + 1)
-    assert ((counts / values.numel() - p).abs() < 5 * math.sqrt(p * (1 - p) / values.numel())).all(), f"{what}: {counts}"
+    assert ((counts / values.numel() - p).abs() < 5 * math.sqrt(p * (1 - p) / values.numel())).all(), (
+        f"{what}: {counts}")
 
 
 def recorded_draws(monkeypatch, operation: str, replaced: str, seed: int = 0) -> tuple:
-    """Run DEVICE_AUGMENTATIONS[operation] on N tiny images with device_synthesis.<replaced> recording its arguments
-    (and returning the images unchanged); return the parameters it was given (everything after the images)."""
+    """Run DEVICE_AUGMENTATIONS[operation] on N tiny images with device_synthesis.<replaced> recording its
+    arguments (and returning the images unchanged); return the parameters it was given (everything after the
+    images)."""
     calls = []
 
     def recorder(images, *parameters):
@@ -61,14 +66,16 @@ def recorded_draws(monkeypatch, operation: str, replaced: str, seed: int = 0) ->
         return images
 
     monkeypatch.setattr(device_synthesis, replaced, recorder)
-    DEVICE_AUGMENTATIONS[operation](torch.zeros(N, 3, 2, 2, dtype=torch.uint8), torch.Generator().manual_seed(seed))
+    DEVICE_AUGMENTATIONS[operation](torch.zeros(N, 3, 2, 2, dtype=torch.uint8),
+                                    torch.Generator().manual_seed(seed))
     (parameters,) = calls
     return parameters
 
 
 def test_gamma_is_drawn_per_sample_and_per_channel_in_0_5_to_2(monkeypatch):
     (gammas,) = recorded_draws(monkeypatch, "gamma_contrast", "gamma_contrast")
-    assert gammas.shape == (N, 3)  # the method: one gamma per channel (imgaug per_channel=True), not one per image
+    # the method: one gamma per channel (imgaug per_channel=True), not one per image
+    assert gammas.shape == (N, 3)
     assert_uniform(gammas, 0.5, 2.0, "gamma")
     # Independent channels: two uniforms' sample correlation has standard error 1/sqrt(N) = 0.016; 5 of them.
     correlation = torch.corrcoef(gammas.T.double())
@@ -86,7 +93,8 @@ def test_hue_and_saturation_shifts_are_separate_integers_from_minus_50_to_50(mon
     assert hue.shape == saturation.shape == (N,)
     assert_integers(hue, -50, 50, "hue shift")
     assert_integers(saturation, -50, 50, "saturation shift")
-    # Separate draws agree in 1 of 101 samples: 40 expected, standard deviation 6.3; one draw for both: all 4000.
+    # Separate draws agree in 1 of 101 samples: 40 expected, standard deviation 6.3; one draw for both: all
+    # 4000.
     assert (hue == saturation).sum() < 40 + 5 * 6.3
 
 
@@ -157,12 +165,14 @@ def test_half_of_the_device_samples_get_an_anomaly(monkeypatch):
     # Standard error sqrt(0.25 / 4000) = 0.0079; 0.04 is 5 of them.
     assert abs(batch["has_anomaly"].mean().item() - 0.5) < 0.04
     anomalous = batch["has_anomaly"][:, 0] == 1
-    assert (batch["augmented_image"][anomalous] > 0).all() and (batch["augmented_image"][~anomalous] == 0).all()
+    assert ((batch["augmented_image"][anomalous] > 0).all()
+            and (batch["augmented_image"][~anomalous] == 0).all())
 
 
 def test_device_perlin_draws_independent_cells_directions_and_a_90_degree_rotation(monkeypatch):
     seen = {}
-    noise_batch, rotate_maps, gradients = perlin.perlin_noise_batch, perlin.rotate_maps, perlin.gradients_from_angles
+    noise_batch, rotate_maps, gradients = (perlin.perlin_noise_batch, perlin.rotate_maps,
+                                           perlin.gradients_from_angles)
 
     def recording_noise(shape, res, grads):
         seen["res"] = res
@@ -190,17 +200,19 @@ def test_device_perlin_draws_independent_cells_directions_and_a_90_degree_rotati
     # Independent axes: equal in 1/6 of the maps; standard error sqrt(5/36 / 4000) = 0.0059, 5 of them 0.03.
     assert abs((res[:, 0] == res[:, 1]).double().mean().item() - 1 / 6) < 0.03
     angles = seen["angles"]
-    assert angles.shape[0] == N and angles.shape[1:] == (33, 33)  # one direction per lattice corner, 32 cells + 1
+    # one direction per lattice corner, 32 cells + 1
+    assert angles.shape[0] == N and angles.shape[1:] == (33, 33)
     assert_uniform(angles, 0.0, 2 * math.pi, "gradient direction")
     assert seen["degrees"].shape == (N,)
     assert_uniform(seen["degrees"], -90.0, 90.0, "noise rotation")
 
 
-# A constant map keeps its value inside the rotated square (at least 2 (sqrt(2) - 1) = 83 % of it at 45 degrees,
-# less a bilinear edge); outside it the zero fill is below any threshold.
+# A constant map keeps its value inside the rotated square (at least 2 (sqrt(2) - 1) = 83 % of it at 45
+# degrees, less a bilinear edge); outside it the zero fill is below any threshold.
 @pytest.mark.parametrize(("value", "coverage"), [(0.499, (0.0, 0.0)), (0.501, (0.75, 1.0))])
 def test_device_mask_keeps_the_noise_above_0_5(monkeypatch, value, coverage):
-    monkeypatch.setattr(perlin, "perlin_noise_batch", lambda shape, res, grads: torch.full((len(res), *shape), value))
+    monkeypatch.setattr(perlin, "perlin_noise_batch",
+                        lambda shape, res, grads: torch.full((len(res), *shape), value))
     masks = perlin_mask_batch((32, 32), 16, torch.Generator().manual_seed(4))
     fractions = masks.flatten(1).mean(1)
     assert (fractions >= coverage[0]).all() and (fractions <= coverage[1]).all(), fractions

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import test_draem
 import train_draem
-from data_loader import MVTecDRAEMTrainDataset
+from data_loader import TrainDataset
 from model_unet import DraemModel, model_from_checkpoint
 from util import checkpoints, distributed
 from util.checkpoints import checkpoint_paths, run_base_name, save_checkpoint
@@ -43,8 +43,8 @@ def training_args(data_root: Path, texture_root: Path, out: Path) -> list[str]:
     return ["--obj_id", "brick", "--data_path", str(data_root), "--anomaly_source_path", str(texture_root),
             "--epochs", str(EPOCHS), "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"),
             "--image_size", "64", "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0",
-            "--seed", "5", "--device", "cpu", "--val_every", "1", "--val_samples", "4", "--save_best", "--visualize",
-            "--visualize_every", "1"]
+            "--seed", "5", "--device", "cpu", "--val_every", "1", "--val_samples", "4", "--save_best",
+            "--visualize", "--visualize_every", "1"]
 
 
 def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
@@ -68,15 +68,16 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
     recording(train_draem, "atomic_torch_save", 1)  # the resume file
     recording(train_draem, "atomic_write_text", 0)  # the log
     recording(train_draem, "save_png", 0)  # the sample grids
-    draw = MVTecDRAEMTrainDataset.__getitem__
+    draw = TrainDataset.__getitem__
 
     def recorded_draw(self, index):
         sample = draw(self, index)
-        digest = hashlib.sha1(b"".join(sample[k].tobytes() for k in ("image", "augmented_image", "anomaly_mask")))
+        digest = hashlib.sha1(b"".join(sample[k].tobytes()
+                                       for k in ("image", "augmented_image", "anomaly_mask")))
         note(sample=digest.hexdigest(), idx=sample["idx"])
         return sample
 
-    MVTecDRAEMTrainDataset.__getitem__ = recorded_draw
+    TrainDataset.__getitem__ = recorded_draw
     step = train_draem.train_step
 
     def recorded_step(*args, **kwargs):  # this rank's own loss and parts, before any reduction over the ranks
@@ -95,7 +96,8 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
             raise SimulatedCrash
         return gather(obj)
 
-    # One process group for the three runs: train_draem uses a group that exists (re-creating one is slow and racy).
+    # One process group for the three runs: train_draem uses a group that exists (re-creating one is slow and
+    # racy).
     dist.init_process_group("gloo")
     note(average=distributed.average(torch.tensor([rank + 1.0, 10.0 * (rank + 1)])).tolist())
     run["name"] = "full"
@@ -110,12 +112,14 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tiny_mvtec, tmp_path_factory) -> Path:
-    """Launch torchrun once: 2 processes, gloo on the CPU; return the folder with the runs and the per-rank records."""
+    """Launch torchrun once: 2 processes, gloo on the CPU; return the folder with the runs and the per-rank
+    records."""
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               str(out), str(tiny_mvtec.mvtec_root), str(tiny_mvtec.texture_root)]
-    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               __file__, str(out), str(tiny_mvtec.mvtec_root), str(tiny_mvtec.texture_root)]
+    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=TORCHRUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -136,15 +140,18 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(ddp_runs, tiny_mvtec, t
     assert all(records(ddp_runs, 1, run, "wrote") == [] for run in RUNS), "rank 1 wrote files"
     assert not list(ckpt.glob("*.tmp")) and not list(ckpt.glob(".*"))
 
-    log = [json.loads(line) for line in (ddp_runs / "full" / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line)
+           for line in (ddp_runs / "full" / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all("val_pixel_ap" in r for r in log)
     state = torch.load(train_draem.resume_path(ckpt, BASE, "brick"), weights_only=False)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
-    results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root), "--checkpoint_path", str(ckpt),
-                               "--base_model_name", BASE, "--image_size", "64", "--output_dir", str(tmp_path), "--device", "cpu"])
+    results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root),
+                               "--checkpoint_path", str(ckpt), "--base_model_name", BASE, "--image_size",
+                               "64", "--output_dir", str(tmp_path), "--device", "cpu"])
     metrics = results["brick"]
-    assert set(metrics) == set(TABLE_METRICS)  # rank 0 calibrated a threshold file: the _at_t metrics are there
+    # rank 0 calibrated a threshold file: the _at_t metrics are there
+    assert set(metrics) == set(TABLE_METRICS)
     # Both classes are in the test set, so every metric is defined except precision at the threshold, which is
     # NaN exactly when the threshold calls no test image anomalous; then nothing is found either.
     defined = {name: value for name, value in metrics.items() if name != "image_precision_at_t"}
@@ -155,22 +162,27 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(ddp_runs, tiny_mvtec, t
 
 def test_the_reduction_over_ranks_is_a_mean(ddp_runs):
     for rank in (0, 1):
-        assert records(ddp_runs, rank, "", "average") == [[1.5, 15.0]]  # mean of [1, 10] and [2, 20], on every rank
+        # mean of [1, 10] and [2, 20], on every rank
+        assert records(ddp_runs, rank, "", "average") == [[1.5, 15.0]]
 
 
 def test_the_logged_losses_are_the_mean_over_the_ranks(ddp_runs):
-    """Each epoch's logged loss and parts are the mean over both ranks of their own per-step values (a sum over
-    the ranks would log about twice as much). Each rank takes 3 of the 5 training images per epoch: one step of 4."""
-    log = [json.loads(line) for line in (ddp_runs / "full" / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()]
+    """Each epoch's logged loss and parts are the mean over both ranks of their own per-step values (a sum
+    over the ranks would log about twice as much). Each rank takes 3 of the 5 training images per epoch: one
+    step of 4."""
+    log = [json.loads(line)
+           for line in (ddp_runs / "full" / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()]
     losses = [records(ddp_runs, rank, "full", "step_loss") for rank in (0, 1)]
     parts = [records(ddp_runs, rank, "full", "step_parts") for rank in (0, 1)]
     assert len(losses[0]) == len(losses[1]) == EPOCHS
-    assert losses[0] != losses[1]  # the ranks trained on different samples, so the mean is not either rank's value
+    # the ranks trained on different samples, so the mean is not either rank's value
+    assert losses[0] != losses[1]
     for epoch, record in enumerate(log):
         # float32 per step, averaged in float32: 1e-6 relative is far below the factor 2 of a sum.
         assert record["loss"] == pytest.approx((losses[0][epoch] + losses[1][epoch]) / 2, rel=1e-6)
         for name in ("l2", "ssim", "focal"):
-            assert record[name] == pytest.approx((parts[0][epoch][name] + parts[1][epoch][name]) / 2, rel=1e-6), name
+            assert (record[name]
+                    == pytest.approx((parts[0][epoch][name] + parts[1][epoch][name]) / 2, rel=1e-6)), name
 
 
 def test_every_step_trains_in_train_mode_also_after_rank_0_validated(ddp_runs):
@@ -183,15 +195,18 @@ def test_ranks_draw_different_samples_and_share_one_epoch(ddp_runs, tiny_mvtec):
     rank0, rank1 = (records(ddp_runs, rank, "full", "sample") for rank in (0, 1))
     assert rank0 != rank1
     assert set(rank1) - set(rank0), "rank 1 drew nothing that rank 0 did not"
-    # One image of 6 is held out for validation; each rank draws its half of the other 5 (rounded up) per epoch.
+    # One image of 6 is held out for validation; each rank draws its half of the other 5 (rounded up) per
+    # epoch.
     n_train = len(list((tiny_mvtec.mvtec_root / "brick" / "train" / "good").glob("*.png"))) - 1
     assert len(rank0) == len(rank1) == EPOCHS * math.ceil(n_train / 2)
 
 
 def test_ddp_resume_continues_every_rank_where_it_stopped(ddp_runs):
     for rank in (0, 1):
-        full, resumed = records(ddp_runs, rank, "full", "sample"), records(ddp_runs, rank, "resumed", "sample")
-        assert resumed == full[len(full) // EPOCHS:], f"rank {rank} drew other samples in epoch 2 after resuming"
+        full, resumed = (records(ddp_runs, rank, "full", "sample"),
+                         records(ddp_runs, rank, "resumed", "sample"))
+        assert resumed == full[len(full) // EPOCHS:], (
+            f"rank {rank} drew other samples in epoch 2 after resuming")
     for run_dir in ("full", "cut"):
         assert (ddp_runs / run_dir / "ckpt" / f"{BASE}_best_brick_.pckl").is_file()
     full_logs, cut_logs = ((ddp_runs / run / "logs" / f"{BASE}_brick_log.jsonl").read_text().splitlines()
@@ -204,7 +219,8 @@ def test_ddp_resume_continues_every_rank_where_it_stopped(ddp_runs):
     for name in (BASE, f"{BASE}_best"):
         full_model = model_from_checkpoint(ddp_runs / "full" / "ckpt", name, "brick")
         cut_model = model_from_checkpoint(ddp_runs / "cut" / "ckpt", name, "brick")
-        for (key, full_value), cut_value in zip(full_model.state_dict().items(), cut_model.state_dict().values()):
+        for (key, full_value), cut_value in zip(full_model.state_dict().items(),
+                                                cut_model.state_dict().values()):
             torch.testing.assert_close(cut_value, full_value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
 
 

@@ -1,4 +1,5 @@
-"""export_onnx.py: one graph image → (anomaly map, image score[, decisions]) that matches PyTorch at any batch size."""
+"""export_onnx.py: one graph image → (anomaly map, image score[, decisions]) that matches PyTorch at any batch
+size."""
 from pathlib import Path
 
 import cv2
@@ -14,7 +15,8 @@ from util.checkpoints import save_checkpoint
 from util.metrics import image_scores
 from util.thresholds import write_thresholds
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
+ort = pytest.importorskip("onnxruntime",
+                          reason="onnxruntime is not installed (pip install -r requirements.txt)")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements.txt)")
 
 # Imported after the skips: export_onnx itself imports onnx and onnxruntime.
@@ -25,25 +27,29 @@ from export_onnx import ThresholdedScorer, float32_at_least, main, onnx_bytes, p
 SIZE = 64
 WIDTH = 4
 # Largest |ONNX - PyTorch| accepted (export_onnx's --tolerance default). Measured on the trained model below:
-# 1.5e-7 (map) and 2.7e-7 (score), float32 rounding of other conv kernels: a 370x margin (other training seeds:
-# up to 5e-7). An untrained model is chaotic instead (40 random conv-BN layers amplify rounding): with BatchNorm
-# statistics fitted to random images (test_predict.calibrated_model) its maps differed by 2e-5 to 9.8e-5 (seeds 0-2).
+# 1.5e-7 (map) and 2.7e-7 (score), float32 rounding of other conv kernels: a 370x margin (other training
+# seeds: up to 5e-7). An untrained model is chaotic instead (40 random conv-BN layers amplify rounding): with
+# BatchNorm statistics fitted to random images (test_predict.calibrated_model) its maps differed by 2e-5 to
+# 9.8e-5 (seeds 0-2).
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def model() -> DraemModel:
-    """A small model trained for 40 steps (as any exported model is), on synthetic samples from smooth random images."""
+    """A small model trained for 40 steps (as any exported model is), on synthetic samples from smooth random
+    images."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small model on a shared machine: one thread is fastest
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     size = 32  # trained small, exported at SIZE: the network is fully convolutional
-    images = [cv2.resize(small, (size, size)) for small in rng.integers(0, 256, (16, size // 8, size // 8, 3), dtype=np.uint8)]
+    images = [cv2.resize(small, (size, size))
+              for small in rng.integers(0, 256, (16, size // 8, size // 8, 3), dtype=np.uint8)]
     model = DraemModel(base_width=WIDTH, seg_base_width=WIDTH)
     optimizer, criterion = torch.optim.Adam(model.parameters(), lr=1e-3), DraemLoss()
     for _ in range(40):
-        batch = default_collate([make_training_sample(rng, len(images), images.__getitem__, noise_source) for _ in range(8)])
+        batch = default_collate([make_training_sample(rng, len(images), images.__getitem__, noise_source)
+                                 for _ in range(8)])
         reconstruction, logits = model(batch["augmented_image"])
         loss, _ = criterion(reconstruction, batch["image"], logits, batch["anomaly_mask"])
         optimizer.zero_grad()
@@ -73,7 +79,8 @@ def test_onnx_matches_the_test_protocol_at_any_batch_size(model, session, batch_
     with torch.no_grad():
         expected_map = anomaly_map(model(images)[1])
     expected_scores = image_scores(expected_map)
-    assert expected_map.std() > 1e-3 and (batch_size == 1 or expected_scores.std() > 1e-4)  # not a constant output
+    # not a constant output
+    assert expected_map.std() > 1e-3 and (batch_size == 1 or expected_scores.std() > 1e-4)
 
     amap, scores = session.run(["anomaly_map", "image_score"], {"image": images.numpy()})
 
@@ -98,8 +105,8 @@ def test_cli_exports_from_checkpoint_and_reports_parity(model, tmp_path, capsys)
     save_checkpoint(model, tmp_path / "ckpt", "tiny", "widget")
     output = tmp_path / "out" / "draem.onnx"
 
-    worst = main(["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id", "widget",
-                  "--output", str(output), "--image_size", str(SIZE)])
+    worst = main(["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id",
+                  "widget", "--output", str(output), "--image_size", str(SIZE)])
 
     assert set(worst) == {"anomaly_map", "image_score"} and max(worst.values()) < TOLERANCE
     assert "max |diff|" in capsys.readouterr().out
@@ -132,13 +139,14 @@ def test_threshold_rounds_up_to_float32_so_the_graph_decides_like_python():
         assert float(np.nextafter(np.float32(rounded), np.float32(0))) < value  # the smallest such float32
 
 
-def export_with_thresholds(model, tmp_path, thresholds: dict | None, *flags: str) -> tuple[dict, "ort.InferenceSession", str]:
+def export_with_thresholds(model, tmp_path, thresholds: dict | None,
+                           *flags: str) -> tuple[dict, "ort.InferenceSession", str]:
     save_checkpoint(model, tmp_path / "ckpt", "tiny", "widget")
     if thresholds is not None:
         write_thresholds(tmp_path / "ckpt", "tiny", "widget", {**thresholds, "image_size": SIZE})
     output = tmp_path / "draem.onnx"
-    worst = main(["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id", "widget",
-                  "--output", str(output), "--image_size", str(SIZE), *flags])
+    worst = main(["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id",
+                  "widget", "--output", str(output), "--image_size", str(SIZE), *flags])
     return worst, ort.InferenceSession(str(output), providers=["CPUExecutionProvider"]), str(output)
 
 
@@ -148,51 +156,63 @@ def test_threshold_file_adds_decisions_equal_to_pytorch(model, tmp_path, capsys)
         expected_map = anomaly_map(model(images)[1]).numpy()
     expected_scores = image_scores(torch.from_numpy(expected_map)).numpy()
     ranked = np.sort(expected_scores)
-    gap = int(np.argmax(np.diff(ranked)[1:-1])) + 1  # the widest gap between two scores, some below and some above
+    # the widest gap between two scores, some below and some above
+    gap = int(np.argmax(np.diff(ranked)[1:-1])) + 1
     image_threshold = float((ranked[gap] + ranked[gap + 1]) / 2)
     pixel_threshold = float(np.median(expected_map))
 
     worst, session, _ = export_with_thresholds(model, tmp_path, {"image_threshold": image_threshold,
                                                                  "pixel_threshold": pixel_threshold})
 
-    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "image_score", "is_anomalous", "defect_mask"]
+    assert ([o.name for o in session.get_outputs()]
+            == ["anomaly_map", "image_score", "is_anomalous", "defect_mask"])
     assert worst["is_anomalous"] == 0 and worst["defect_mask"] == 0 and max(worst.values()) < TOLERANCE
     out = capsys.readouterr().out
     assert f"is_anomalous = image_score >= {image_threshold:.6g}" in out
     assert f"defect_mask = anomaly_map >= {pixel_threshold:.6g}" in out
     amap, _, is_anomalous, mask = session.run(None, {"image": images.numpy()})
     assert is_anomalous.dtype == bool and mask.dtype == bool and mask.shape == (6, 1, SIZE, SIZE)
-    # The image threshold sits mid-gap, farther than the float tolerance from every score (checked): exact equality.
+    # The image threshold sits mid-gap, farther than the float tolerance from every score (checked): exact
+    # equality.
     assert ranked[gap + 1] - ranked[gap] > 2 * TOLERANCE
     np.testing.assert_array_equal(is_anomalous, expected_scores >= image_threshold)
     assert is_anomalous.any() and not is_anomalous.all()
-    # Pixels: the graph's mask is exactly its own map at the threshold, and equals PyTorch's except where the two float
-    # maps (within TOLERANCE of each other) fall on opposite sides of it, which float rounding decides.
+    # Pixels: the graph's mask is exactly its own map at the threshold, and equals PyTorch's except where the
+    # two float maps (within TOLERANCE of each other) fall on opposite sides of it, which float rounding
+    # decides.
     np.testing.assert_array_equal(mask, amap >= pixel_threshold)
     rounding_decides = (amap >= pixel_threshold) != (expected_map >= pixel_threshold)
-    np.testing.assert_array_equal(mask[~rounding_decides], (expected_map >= pixel_threshold)[~rounding_decides])
+    np.testing.assert_array_equal(mask[~rounding_decides],
+                                  (expected_map >= pixel_threshold)[~rounding_decides])
     assert mask.any() and not mask.all()
 
 
 def test_threshold_flag_overrides_the_file_and_works_without_one(model, tmp_path):
-    worst, session, _ = export_with_thresholds(model, tmp_path / "with_file", {"image_threshold": 2.0, "pixel_threshold": 0.5},
+    worst, session, _ = export_with_thresholds(model, tmp_path / "with_file",
+                                               {"image_threshold": 2.0, "pixel_threshold": 0.5},
                                                "--threshold", "-1")
     assert set(worst) == {"anomaly_map", "image_score", "is_anomalous", "defect_mask"}
-    (is_anomalous,) = session.run(["is_anomalous"], {"image": np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32)})
+    (is_anomalous,) = session.run(["is_anomalous"],
+                                  {"image": np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32)})
     assert is_anomalous.tolist() == [True, True]  # -1 from the flag, not 2.0 from the file
 
     worst, session, _ = export_with_thresholds(model, tmp_path / "flag_only", None, "--threshold", "2")
     assert [o.name for o in session.get_outputs()] == ["anomaly_map", "image_score", "is_anomalous"]
-    (is_anomalous,) = session.run(["is_anomalous"], {"image": np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32)})
+    (is_anomalous,) = session.run(["is_anomalous"],
+                                  {"image": np.random.default_rng(0).random((2, 3, SIZE, SIZE), np.float32)})
     assert is_anomalous.tolist() == [False, False]
 
 
 def test_parity_counts_decisions_that_differ_and_main_refuses_them(model, tmp_path, monkeypatch, capsys):
-    everything = onnx_bytes(ThresholdedScorer(DraemScorer(model), -1.0, -1.0), SIZE)  # every image and pixel anomalous
-    worst = parity(ThresholdedScorer(DraemScorer(model), 2.0, 2.0), everything, SIZE)  # PyTorch: none anomalous
-    assert worst["is_anomalous"] == 1 + 3 and worst["defect_mask"] == (1 + 3) * SIZE * SIZE  # batch sizes 1 and 3
+    # every image and pixel anomalous
+    everything = onnx_bytes(ThresholdedScorer(DraemScorer(model), -1.0, -1.0), SIZE)
+    # PyTorch: none anomalous
+    worst = parity(ThresholdedScorer(DraemScorer(model), 2.0, 2.0), everything, SIZE)
+    # batch sizes 1 and 3
+    assert worst["is_anomalous"] == 1 + 3 and worst["defect_mask"] == (1 + 3) * SIZE * SIZE
 
-    monkeypatch.setattr(export_onnx, "parity", lambda *args, **kwargs: {**worst, "anomaly_map": 0.0, "image_score": 0.0})
+    monkeypatch.setattr(export_onnx, "parity",
+                        lambda *args, **kwargs: {**worst, "anomaly_map": 0.0, "image_score": 0.0})
     with pytest.raises(SystemExit) as exc:
         export_with_thresholds(model, tmp_path, None, "--threshold", "0.5")
     assert exc.value.code == 1
@@ -202,14 +222,16 @@ def test_parity_counts_decisions_that_differ_and_main_refuses_them(model, tmp_pa
 
 @pytest.mark.parametrize("failure", ["float outputs", "decisions"])
 def test_a_graph_that_fails_the_parity_check_is_never_written(model, tmp_path, monkeypatch, capsys, failure):
-    """Nothing under the requested name (a file already there stays as it was), and no temporary file beside it."""
+    """Nothing under the requested name (a file already there stays as it was), and no temporary file beside
+    it."""
     save_checkpoint(model, tmp_path / "ckpt", "tiny", "widget")
     bad = {"anomaly_map": 0.0, "image_score": 0.0, "is_anomalous": 0.0}
     bad.update({"image_score": 1.0} if failure == "float outputs" else {"is_anomalous": 2.0})
     monkeypatch.setattr(export_onnx, "parity", lambda *args, **kwargs: bad)
     args = ["--checkpoint_path", str(tmp_path / "ckpt"), "--base_model_name", "tiny", "--obj_id", "widget",
             "--image_size", str(SIZE), "--threshold", "0.5"]
-    for output, before in ((tmp_path / "new" / "draem.onnx", None), (tmp_path / "old" / "draem.onnx", b"a good old graph")):
+    for output, before in ((tmp_path / "new" / "draem.onnx", None),
+                           (tmp_path / "old" / "draem.onnx", b"a good old graph")):
         if before is not None:
             output.parent.mkdir()
             output.write_bytes(before)
@@ -217,4 +239,5 @@ def test_a_graph_that_fails_the_parity_check_is_never_written(model, tmp_path, m
             main([*args, "--output", str(output)])
         assert exc.value.code == 1 and capsys.readouterr().err.startswith("error: ")
         assert (output.read_bytes() if output.exists() else None) == before
-        assert not output.parent.exists() or [p.name for p in output.parent.iterdir()] == ([output.name] if before else [])
+        assert (not output.parent.exists()
+                or [p.name for p in output.parent.iterdir()] == ([output.name] if before else []))

@@ -1,4 +1,5 @@
-"""The fast-path options (bf16 autocast, channels_last, torch.compile): same numbers within rounding, same checkpoints."""
+"""The fast-path options (bf16 autocast, channels_last, torch.compile): same numbers within rounding, same
+checkpoints."""
 import os
 import shutil
 
@@ -27,13 +28,14 @@ def synthetic_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
     """Training samples synthesised from smooth random images (noise sources), at SIZE px."""
     generator = torch.Generator().manual_seed(seed)
     small = torch.randint(0, 256, (n, 3, SIZE // 8, SIZE // 8), generator=generator).float()
-    images = torch.nn.functional.interpolate(small, size=(SIZE, SIZE), mode="bilinear").round().to(torch.uint8)
+    images = torch.nn.functional.interpolate(small, size=(SIZE, SIZE),
+                                             mode="bilinear").round().to(torch.uint8)
     return synthesize_batch(images, None, generator)
 
 
 def step(model, optimizer, batch, precision="fp32", channels_last=False):
-    return train_step(model, model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"], batch["anomaly_mask"],
-                      precision, channels_last)
+    return train_step(model, model, DraemLoss(), optimizer, batch["image"], batch["augmented_image"],
+                      batch["anomaly_mask"], precision, channels_last)
 
 
 def test_autocast_is_bf16_only_when_asked():
@@ -93,9 +95,10 @@ def test_a_channels_last_bf16_step_saves_a_checkpoint_the_plain_path_loads(tmp_p
     torch.manual_seed(0)
     model = prepare_model(DraemModel(base_width=4, seg_base_width=4), channels_last=True)
     initial = {key: value.clone() for key, value in model.state_dict().items()}
-    assert model.reconstructive_subnetwork.encoder.block1[0].weight.is_contiguous(memory_format=torch.channels_last)
-    loss, parts, reconstruction, _ = step(model, torch.optim.Adam(model.parameters(), lr=1e-3), synthetic_batch(4, seed=0),
-                                          precision="bf16", channels_last=True)
+    assert model.reconstructive_subnetwork.encoder.block1[0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    loss, parts, reconstruction, _ = step(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                                          synthetic_batch(4, seed=0), precision="bf16", channels_last=True)
     assert torch.isfinite(loss) and not loss.requires_grad and set(parts) == {"l2", "ssim", "focal"}
     assert reconstruction.dtype == torch.bfloat16
     assert any(not torch.equal(initial[key], value) for key, value in model.state_dict().items())
@@ -140,13 +143,15 @@ def compiled_steps_match_eager(state: dict[str, torch.Tensor], backend: str) -> 
 
 
 def test_a_compiled_train_step_runs_on_cpu_and_matches_eager(trained_state):
-    """Graph capture and autograd of the compiled model, without inductor's kernel build (minutes, cold, on 2 cores)."""
+    """Graph capture and autograd of the compiled model, without inductor's kernel build (minutes, cold, on 2
+    cores)."""
     compiled_steps_match_eager(trained_state, "aot_eager")
 
 
 @pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"),
                     reason="inductor's cold C++ build takes ~2.5 min on 2 cores; set DRAEM_SLOW_TESTS=1")
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="inductor needs a C++ compiler on CPU")
 def test_an_inductor_compiled_train_step_runs_on_cpu_and_matches_eager(trained_state):
     compiled_steps_match_eager(trained_state, "inductor")
 

@@ -1,8 +1,9 @@
-"""Network numerics: a seeded width-4 DraemModel reproduces stored forward outputs (tests/data/golden_forward.json).
+"""Network numerics: a seeded width-4 DraemModel reproduces stored forward outputs
+(tests/data/golden_forward.json).
 
 The stored numbers were generated once from code verified identical to the authors' released model. After a
-deliberate change of the networks' numerics, regenerate them with `PYTHONPATH=. python tests/test_golden_forward.py`
-(from the repository root) and say why in the commit.
+deliberate change of the networks' numerics, regenerate them with `PYTHONPATH=. python
+tests/test_golden_forward.py` (from the repository root) and say why in the commit.
 """
 import json
 import re
@@ -18,13 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_forward.json"
 MODES = ("train", "eval")
-# (batch, row, column) of the sampled pixels: the four corners, where align_corners shows most, and four inside.
+# (batch, row, column) of the sampled pixels: the four corners, where align_corners shows most, and four
+# inside.
 PIXELS = [(0, 0, 0), (0, 63, 63), (1, 0, 63), (1, 63, 0), (0, 17, 40), (1, 31, 32), (0, 50, 9), (1, 5, 22)]
-# Tolerances. Float32 reassociation measured against this golden (other CPU conv kernels: channels_last, oneDNN
-# off; float64): per-channel sums move by <= 1.1e-4 of the channel's sum of |values|, sampled pixels by <= 4.1e-4
-# (values ~0.1). The breakages this test guards against move them far more: for each of them some sum moves by
-# >= 1.1e-2 of its scale and some pixel by >= 6e-2 (swapped discriminator input order, swapped skip concatenation,
-# nearest upsampling, align_corners=False). The thresholds sit ~10x from both sides.
+# Tolerances. Float32 reassociation measured against this golden (other CPU conv kernels: channels_last,
+# oneDNN off; float64): per-channel sums move by <= 1.1e-4 of the channel's sum of |values|, sampled pixels by
+# <= 4.1e-4 (values ~0.1). The breakages this test guards against move them far more: for each of them some
+# sum moves by >= 1.1e-2 of its scale and some pixel by >= 6e-2 (swapped discriminator input order, swapped
+# skip concatenation, nearest upsampling, align_corners=False). The thresholds sit ~10x from both sides.
 SUM_TOLERANCE = 1e-3  # relative to the channel's sum of |values| (logit sums partly cancel)
 PIXEL_TOLERANCE = 5e-3  # absolute
 
@@ -76,10 +78,13 @@ def test_forward_reproduces_the_golden_numbers(mode):
         actual, expected = summary(output), golden[mode][name]
         scale = np.array(expected["abs_sum"])
         np.testing.assert_allclose(
-            np.array(actual["sum"]) / scale, np.array(expected["sum"]) / scale, rtol=0, atol=SUM_TOLERANCE, err_msg=f"{name} sum"
+            np.array(actual["sum"]) / scale, np.array(expected["sum"]) / scale, rtol=0, atol=SUM_TOLERANCE,
+            err_msg=f"{name} sum"
         )
-        np.testing.assert_allclose(actual["abs_sum"], expected["abs_sum"], rtol=SUM_TOLERANCE, err_msg=f"{name} abs_sum")
-        np.testing.assert_allclose(actual["pixels"], expected["pixels"], rtol=0, atol=PIXEL_TOLERANCE, err_msg=f"{name} pixels")
+        np.testing.assert_allclose(actual["abs_sum"], expected["abs_sum"], rtol=SUM_TOLERANCE,
+                                   err_msg=f"{name} abs_sum")
+        np.testing.assert_allclose(actual["pixels"], expected["pixels"], rtol=0, atol=PIXEL_TOLERANCE,
+                                   err_msg=f"{name} pixels")
 
 
 if __name__ == "__main__":
@@ -89,6 +94,7 @@ if __name__ == "__main__":
         reconstruction, logits = forward(mode)
         golden[mode] = {"reconstruction": summary(reconstruction), "logits": summary(logits)}
     # One line per innermost list keeps the file short and its diffs readable.
-    text = re.sub(r"\[\s+([^\[\]]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(golden, indent=1))
+    text = re.sub(r"\[\s+([^\[\]]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(golden, indent=1))
     GOLDEN.write_text(text + "\n")
     print(f"wrote {GOLDEN}")

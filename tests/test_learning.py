@@ -21,11 +21,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors
 
 
 def run_training(data, out: Path, epochs: int, lr: str, width: int) -> list[dict]:
-    """Train brick at 64 px (6 images, batch 4: two steps per epoch) through the public entry point; return its log."""
-    train_draem.main(["--obj_id", "brick", "--data_path", str(data.mvtec_root), "--anomaly_source_path", str(data.texture_root),
-                      "--epochs", str(epochs), "--lr", lr, "--bs", "4", "--image_size", "64", "--base_width", str(width),
-                      "--seg_base_width", str(width), "--workers", "0", "--seed", "0",
-                      "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs")])
+    """Train brick at 64 px (6 images, batch 4: two steps per epoch) through the public entry point; return
+    its log."""
+    train_draem.main(["--obj_id", "brick", "--data_path", str(data.mvtec_root), "--anomaly_source_path",
+                      str(data.texture_root), "--epochs", str(epochs), "--lr", lr, "--bs", "4",
+                      "--image_size", "64", "--base_width", str(width), "--seg_base_width", str(width),
+                      "--workers", "0", "--seed", "0", "--checkpoint_path", str(out / "ckpt"), "--log_path",
+                      str(out / "logs")])
     log_file = out / "logs" / f"{run_base_name(float(lr), epochs, 4)}_brick_log.jsonl"
     return [json.loads(line) for line in log_file.read_text().splitlines()]
 
@@ -43,16 +45,19 @@ def record_initial_weights(monkeypatch) -> dict[str, torch.Tensor]:
     return initial
 
 
-def test_a_tiny_run_lowers_every_loss_term_and_changes_every_conv_weight_of_both_subnetworks(tiny_mvtec, tmp_path, monkeypatch):
+def test_a_tiny_run_lowers_every_loss_term_and_changes_every_conv_weight_of_both_subnetworks(
+        tiny_mvtec, tmp_path, monkeypatch):
     initial = record_initial_weights(monkeypatch)
-    epochs = 16  # 32 steps; lr 1e-3, not the paper's 1e-4: at 1e-4 even 20 epochs only take focal to 0.73x its start
+    epochs = 16  # 32 steps; lr 1e-3, not the paper's 1e-4: at 1e-4 even 20 epochs only take focal to 0.73x
+                 # its start
     log = run_training(tiny_mvtec, tmp_path, epochs, lr="1e-3", width=8)
     first, last = log[0], log[-1]
-    # last/first epoch mean, measured with --seed 0..7 on this data: focal 0.112-0.172, l2 0.054-0.100, ssim 0.596-0.875
-    # (seed 0: 0.112, 0.054, 0.601). Thresholds >= 2.3x, 3.0x and 1.05x above the worst seed; a subnetwork left out of
-    # the optimiser keeps its term near its start (focal ~1x when the discriminative one is not trained; ssim
-    # 0.976-1.015, seeds 0, 2, 4, 6, when the reconstructive one is not). The ssim ratio spreads more than l2's because
-    # the first epoch's reconstructions overshoot below -0.5, where the released SSIM data range doubles (METHOD.md §4).
+    # last/first epoch mean, measured with --seed 0..7 on this data: focal 0.112-0.172, l2 0.054-0.100, ssim
+    # 0.596-0.875 (seed 0: 0.112, 0.054, 0.601). Thresholds >= 2.3x, 3.0x and 1.05x above the worst seed; a
+    # subnetwork left out of the optimiser keeps its term near its start (focal ~1x when the discriminative
+    # one is not trained; ssim 0.976-1.015, seeds 0, 2, 4, 6, when the reconstructive one is not). The ssim
+    # ratio spreads more than l2's because the first epoch's reconstructions overshoot below -0.5, where the
+    # released SSIM data range doubles (METHOD.md §4).
     assert last["focal"] < 0.4 * first["focal"], (first, last)
     assert last["l2"] < 0.3 * first["l2"], (first, last)
     assert last["ssim"] < 0.92 * first["ssim"], (first, last)
@@ -80,9 +85,10 @@ def fixed_batch(seed: int, n: int = 4, size: int = 64) -> tuple[torch.Tensor, to
 
 def reference_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean SSIM (Wang et al. 2004) as DRAEM's code computes it: Gaussian window 11, sigma 1.5, zero padding,
-    C1 = (0.01 L)^2, C2 = (0.03 L)^2 with the released data range L read from `a` (the reconstruction): top 255 if
-    a > 128 anywhere else 1, bottom -1 if a < -0.5 anywhere else 0. These freshly initialised networks reconstruct
-    down to about -1.1, so L = 2 here. Written with the separable window (rows, then columns) rather than a 2-D kernel."""
+    C1 = (0.01 L)^2, C2 = (0.03 L)^2 with the released data range L read from `a` (the reconstruction): top
+    255 if a > 128 anywhere else 1, bottom -1 if a < -0.5 anywhere else 0. These freshly initialised networks
+    reconstruct down to about -1.1, so L = 2 here. Written with the separable window (rows, then columns)
+    rather than a 2-D kernel."""
     offsets = torch.arange(11.0) - 5
     g = torch.exp(-(offsets**2) / (2 * 1.5**2))
     g = g / g.sum()
@@ -95,11 +101,13 @@ def reference_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
     data_range = (255.0 if a.max().item() > 128 else 1.0) - (-1.0 if a.min().item() < -0.5 else 0.0)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+            / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
 
 
 def reference_focal(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Focal loss (gamma 2, alpha 1) on the softmax, with DRAEM's smoothing: targets clamped to [1e-5, 1 - 1e-5], pt + 1e-5."""
+    """Focal loss (gamma 2, alpha 1) on the softmax, with DRAEM's smoothing: targets clamped to [1e-5, 1 -
+    1e-5], pt + 1e-5."""
     p_anomalous = torch.softmax(logits, dim=1)[:, 1]
     target = mask[:, 0].clamp(1e-5, 1 - 1e-5)
     pt = target * p_anomalous + (1 - target) * (1 - p_anomalous) + 1e-5
@@ -112,21 +120,25 @@ def relative_difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -
 
 
 def test_each_training_step_uses_the_gradient_of_l2_plus_ssim_plus_focal_on_its_own_batch():
-    """After two steps, .grad is the gradient of the second batch's full loss at the weights after step one: not the
-    sum with step one's (gradients zeroed), no term missing, and both subnetworks in the optimiser. Reads .grad after
-    the step: train_step zeroes before backward, as the released program does, so .grad holds this step's gradient."""
+    """After two steps, .grad is the gradient of the second batch's full loss at the weights after step one:
+    not the sum with step one's (gradients zeroed), no term missing, and both subnetworks in the optimiser.
+    Reads .grad after the step: train_step zeroes before backward, as the released program does, so .grad
+    holds this step's gradient."""
     torch.manual_seed(0)
     model = DraemModel(base_width=4, seg_base_width=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = DraemLoss()
     train_step(model, model, criterion, optimizer, *fixed_batch(seed=1))
-    before_step_two = copy.deepcopy(model)  # still in train mode: BatchNorm normalises with the batch's own statistics
+    # still in train mode: BatchNorm normalises with the batch's own statistics
+    before_step_two = copy.deepcopy(model)
     image, augmented, mask = fixed_batch(seed=2)
     train_step(model, model, criterion, optimizer, image, augmented, mask)
 
     reconstruction, logits = before_step_two(augmented)
-    assert reconstruction.min() < -0.5  # measured -1.09: the reference's data range is 2, the released rule's early case
-    loss = F.mse_loss(reconstruction, image) + (1 - reference_ssim(reconstruction, image)) + reference_focal(logits, mask)
+    assert reconstruction.min() < -0.5  # measured -1.09: the reference's data range is 2, the released rule's
+                                        # early case
+    loss = (F.mse_loss(reconstruction, image) + (1 - reference_ssim(reconstruction, image))
+            + reference_focal(logits, mask))
     for subnetwork in SUBNETWORKS:
         names, params = zip(*getattr(before_step_two, subnetwork).named_parameters())
         expected = torch.autograd.grad(loss, params, retain_graph=True)
@@ -134,12 +146,14 @@ def test_each_training_step_uses_the_gradient_of_l2_plus_ssim_plus_focal_on_its_
         assert all(g is not None for g in got), f"{subnetwork}: parameters without a gradient"
         no_gradient = [name for name, g in zip(names, got) if g.ndim == 4 and not g.any()]
         assert not no_gradient, f"{subnetwork}: conv weights with a zero gradient: {no_gradient}"
-        # Measured 4e-6 (reconstructive) and 1e-6 (discriminative): float32 rounding, the reference sums in another
-        # order. Dropping l2 / ssim / focal moves the reconstructive gradient by 0.18 / 1.97 / 0.44 (focal: the
-        # discriminative one by 1); SSIM with L = 1 instead of the rule's 2 by 0.29; unzeroed gradients (step one's
-        # added) by 1.51 and 0.95. 1e-3 is 250x above the noise and 180x below the smallest of these.
+        # Measured 4e-6 (reconstructive) and 1e-6 (discriminative): float32 rounding, the reference sums in
+        # another order. Dropping l2 / ssim / focal moves the reconstructive gradient by 0.18 / 1.97 / 0.44
+        # (focal: the discriminative one by 1); SSIM with L = 1 instead of the rule's 2 by 0.29; unzeroed
+        # gradients (step one's added) by 1.51 and 0.95. 1e-3 is 250x above the noise and 180x below the
+        # smallest of these.
         difference = relative_difference(got, expected)
-        assert difference < 1e-3, f"{subnetwork}: .grad differs from the reference gradient by {difference:.2g} (relative)"
+        assert difference < 1e-3, (
+            f"{subnetwork}: .grad differs from the reference gradient by {difference:.2g} (relative)")
 
 
 def test_learning_rate_is_cut_by_five_at_80_and_90_percent_of_the_epochs(tiny_mvtec, tmp_path):

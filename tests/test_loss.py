@@ -60,8 +60,9 @@ def test_focal_gradients_are_finite_even_for_saturated_probabilities():
 
 
 def test_sspcab_adds_lambda_times_the_blocks_mse_to_the_total():
-    """SSPCAB block input 0 and output 0.5 everywhere: MSE 0.25, so the part is 0.25 * lambda (0.125 at 0.5, 0.025 at
-    the default 0.1, METHOD.md §4) and the total grows by exactly that over the same loss without SSPCAB."""
+    """SSPCAB block input 0 and output 0.5 everywhere: MSE 0.25, so the part is 0.25 * lambda (0.125 at 0.5,
+    0.025 at the default 0.1, METHOD.md §4) and the total grows by exactly that over the same loss without
+    SSPCAB."""
     torch.manual_seed(0)
     rec, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     logits, mask = torch.randn(2, 2, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
@@ -78,7 +79,8 @@ def test_sspcab_adds_lambda_times_the_blocks_mse_to_the_total():
 
 
 def overshooting_pair() -> tuple[np.ndarray, np.ndarray]:
-    """(reconstruction, target), 3x40x48: the reconstruction overshoots to -0.83 and 1.83, as early in training (rule: L = 2)."""
+    """(reconstruction, target), 3x40x48: the reconstruction overshoots to -0.83 and 1.83, as early in
+    training (rule: L = 2)."""
     rng = np.random.default_rng(1)
     target = rng.random((3, 40, 48)).astype(np.float32)
     return target + 0.25 * rng.standard_normal(target.shape).astype(np.float32), target
@@ -86,20 +88,23 @@ def overshooting_pair() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("data_range, skimage_range", [(None, 2.0), (1.0, 1.0), (2.0, 2.0), (255.0, 255.0)])
 def test_ssim_map_applies_the_released_range_rule_unless_a_range_is_given(data_range, skimage_range):
-    """Default (None): the released rule, L = 2 for this reconstruction; a number fixes L whatever the values."""
+    """Default (None): the released rule, L = 2 for this reconstruction; a number fixes L whatever the
+    values."""
     a, b = overshooting_pair()
     ours = ssim_map(torch.from_numpy(a)[None], torch.from_numpy(b)[None], data_range=data_range)[0].numpy()
     for c in range(3):
         _, reference = structural_similarity(
-            a[c], b[c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=skimage_range, full=True
+            a[c], b[c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            data_range=skimage_range, full=True
         )
-        # Measured <= 3.8e-6 (float32 cancellation); the wrong range (1 vs 2) is off by 9e-3, 255 vs 256 by 3.5e-5.
+        # Measured <= 3.8e-6 (float32 cancellation); the wrong range (1 vs 2) is off by 9e-3, 255 vs 256 by
+        # 3.5e-5.
         np.testing.assert_allclose(ours[c, 5:-5, 5:-5], reference[5:-5, 5:-5], atol=1e-5)
 
 
 def test_ssim_range_rule_stays_on_the_device_and_in_autograd():
-    """The rule traces into one graph (fullgraph fails on `.item()` or a Python `if` on a tensor, i.e. a host sync on
-    GPU), and the loss still back-propagates to the reconstruction."""
+    """The rule traces into one graph (fullgraph fails on `.item()` or a Python `if` on a tensor, i.e. a host
+    sync on GPU), and the loss still back-propagates to the reconstruction."""
     a, b = (torch.from_numpy(x)[None] for x in overshooting_pair())
     compiled = torch.compile(SSIM(), fullgraph=True, backend="eager")
     assert compiled(a, b).item() == pytest.approx(SSIM()(a, b).item(), abs=1e-6)

@@ -15,8 +15,9 @@ from util.metrics import (
     METRICS,
     PAPER_RESULTS,
     DraemEvaluator,
+    FullResolutionEvaluator,
     aupro,
-    f1_max,
+    f1_max_threshold,
     format_markdown,
     image_scores,
     results_rows,
@@ -27,7 +28,8 @@ SIZE = 32
 
 
 def blurred_defect_masks(rng: np.random.Generator, n: int) -> np.ndarray:
-    """N×SIZE×SIZE float masks like the loader's: a coarse 0/1 mask bilinearly upsampled, so borders are fractional."""
+    """N×SIZE×SIZE float masks like the loader's: a coarse 0/1 mask bilinearly upsampled, so borders are
+    fractional."""
     coarse = (rng.random((n, 8, 8)) < 0.3).astype(np.float32)
     coarse[0] = 0  # one good image
     return np.stack([cv2.resize(m, (SIZE, SIZE)) for m in coarse])
@@ -39,7 +41,8 @@ def fake_batch(seed: int, n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch
     masks = blurred_defect_masks(rng, n)
     maps = np.clip(0.6 * rng.random(masks.shape) + 0.5 * (masks > 0), 0, 1).astype(np.float32)
     labels = (masks.reshape(n, -1).max(axis=1) > 0).astype(np.int64)
-    return torch.from_numpy(maps)[:, None], torch.from_numpy(masks)[:, None], torch.from_numpy(labels)[:, None]
+    return (torch.from_numpy(maps)[:, None], torch.from_numpy(masks)[:, None],
+            torch.from_numpy(labels)[:, None])
 
 
 def box_mean_max(image: np.ndarray) -> float:
@@ -135,15 +138,16 @@ def test_aupro_perfect_is_one_and_constant_is_fpr_limit_over_two():
     assert aupro(np.full(masks.shape, 0.5, np.float32), masks, fpr_limit=1.0) == pytest.approx(0.5)
 
 
-def reference_aupro(maps: np.ndarray, masks: np.ndarray, structure: np.ndarray, limit: float = 0.3) -> float:
-    """Straightforward AUPRO: loop over thresholds, scipy regions, trapezoids cut at `limit`."""
+def reference_aupro(maps, masks, structure: np.ndarray, limit: float = 0.3) -> float:
+    """Straightforward AUPRO: loop over thresholds, scipy regions, trapezoids cut at `limit`. maps and masks:
+    N×H×W arrays, or lists of images of any sizes."""
     regions = []
     for m, g in zip(maps, masks):
         ids, n = ndimage.label(g, structure=structure)
         regions += [m[ids == k] for k in range(1, n + 1)]
-    normal = maps[masks == 0]
+    normal = np.concatenate([m[g == 0] for m, g in zip(maps, masks)])
     points = [(0.0, 0.0)]
-    for t in np.unique(maps)[::-1]:
+    for t in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
         points.append(((normal >= t).mean(), np.mean([(r >= t).mean() for r in regions])))
     area = 0.0
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
@@ -164,6 +168,67 @@ def test_aupro_matches_threshold_loop_with_8_connected_regions():
     assert aupro(maps, masks) != pytest.approx(reference_aupro(maps, masks, four), abs=1e-4)
 
 
+def full_resolution(images: list[tuple], thresholded: bool = True) -> dict[str, float]:
+    """FullResolutionEvaluator over (float16 map, bool truth, label, predicted mask, called) per image."""
+    evaluator = FullResolutionEvaluator()
+    for amap, truth, label, predicted, called in images:
+        evaluator.update(amap, truth, label, *((predicted, called) if thresholded else ()))
+    return evaluator.compute()
+
+
+def test_full_resolution_aupro_005_equals_the_threshold_loop_on_images_of_different_sizes():
+    rng = np.random.default_rng(8)
+    images = []
+    for shape in ((9, 14), (12, 7), (6, 6)):
+        truth = rng.random(shape) < 0.2
+        # float16 maps with ties: 64 levels, higher inside the defects
+        amap = (np.round((rng.random(shape) * 0.7 + 0.3 * truth) * 64) / 64).astype(np.float16)
+        images.append((amap, truth, int(truth.any()), None, None))
+    expected = reference_aupro([m.astype(np.float64) for m, *_ in images], [t for _, t, *_ in images],
+                               np.ones((3, 3)), limit=0.05)
+    # Sums of the same region weights in another order: equal to rounding (1e-12 of a value near 1).
+    assert full_resolution(images, thresholded=False)["aupro_005"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected < 1
+
+
+def test_full_resolution_aupro_005_literal_cases():
+    truth = np.zeros((8, 10), dtype=bool)
+    truth[2:5, 3:7] = True
+    perfect = [(truth.astype(np.float16), truth, 1, None, None)]
+    assert full_resolution(perfect, thresholded=False)["aupro_005"] == pytest.approx(1.0, abs=1e-12)
+    # A constant map: the curve jumps from (0, 0) to (1, 1), so it is the diagonal; its area up to 0.05 is
+    # 0.05² / 2, divided by 0.05: 0.025.
+    constant = [(np.full(truth.shape, 0.25, np.float16), truth, 1, None, None)]
+    assert full_resolution(constant, thresholded=False)["aupro_005"] == pytest.approx(0.025, abs=1e-12)
+
+
+def test_seg_f1_pools_all_pixels_of_all_images_and_class_f1_counts_images():
+    # A (2×3, anomalous): truth [[1,1,0],[0,0,0]], mask [[1,0,1],[0,0,0]]: TP 1, FP 1, FN 1; called (label 1).
+    # B (3×2, normal): mask with one pixel: FP 1; called (label 0).
+    # C (2×2, anomalous): truth one pixel, empty mask: FN 1; not called (label 1).
+    # SegF1 pooled: TP 1, FP 2, FN 2 -> 2·1 / (2·1 + 2 + 2) = 1/3 (the mean of per-image F1s would be (0.5 + 0
+    # + 0) / 3).
+    # ClassF1: TP 1 (A), FP 1 (B), FN 1 (C) -> 2 / (2 + 1 + 1) = 0.5.
+    a_truth, a_mask = np.array([[1, 1, 0], [0, 0, 0]], bool), np.array([[1, 0, 1], [0, 0, 0]], bool)
+    b_truth, b_mask = np.zeros((3, 2), bool), np.array([[0, 0], [1, 0], [0, 0]], bool)
+    c_truth, c_mask = np.array([[1, 0], [0, 0]], bool), np.zeros((2, 2), bool)
+    images = [(m.astype(np.float16), t, label, m, called)
+              for t, m, label, called in ((a_truth, a_mask, 1, True), (b_truth, b_mask, 0, True),
+                                          (c_truth, c_mask, 1, False))]
+    got = full_resolution(images)
+    assert got["seg_f1"] == pytest.approx(1 / 3, abs=1e-15) and got["class_f1"] == 0.5
+    untresholded = full_resolution(images, thresholded=False)
+    assert math.isnan(untresholded["seg_f1"]) and math.isnan(untresholded["class_f1"])
+
+
+def test_full_resolution_evaluator_refuses_float32_maps_and_negative_values():
+    truth = np.zeros((2, 2), bool)
+    with pytest.raises(ValueError, match="float16"):
+        FullResolutionEvaluator().update(np.zeros((2, 2), np.float32), truth, 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        FullResolutionEvaluator().update(np.full((2, 2), -1, np.float16), truth, 0)
+
+
 def test_aupro_rejects_bad_limit_and_warns_without_defects():
     masks = np.zeros((1, 4, 4), np.uint8)
     with pytest.raises(ValueError, match="fpr_limit"):
@@ -174,8 +239,8 @@ def test_aupro_rejects_bad_limit_and_warns_without_defects():
 
 def test_f1_max_known_case():
     # Threshold 0.35 keeps 3 images, 2 of them anomalous: precision 2/3, recall 1, F1 0.8 (the best).
-    assert f1_max(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.8)
-    assert f1_max(np.array([0, 1]), np.array([0.2, 0.9])) == pytest.approx(1.0)
+    assert f1_max_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))[1] == pytest.approx(0.8)
+    assert f1_max_threshold(np.array([0, 1]), np.array([0.2, 0.9]))[1] == pytest.approx(1.0)
 
 
 def metrics_of(value: float) -> dict[str, float]:
@@ -226,7 +291,7 @@ def test_write_results_writes_complete_md_csv_json(tmp_path):
     paths = write_results(rows, tmp_path / "out", "results_run1")
     assert {p.name for p in paths.values()} == {"results_run1.md", "results_run1.csv", "results_run1.json"}
     assert paths["md"].read_text() == format_markdown(rows)
-    assert json.loads(paths["json"].read_text()) == rows
+    assert json.loads(paths["json"].read_text()) == {"rows": rows, "provenance": None}
     with paths["csv"].open() as f:
         table = list(csv.DictReader(f))
     assert [r["category"] for r in table] == ["carpet", "demo_squares", "mean"]
@@ -236,7 +301,8 @@ def test_write_results_writes_complete_md_csv_json(tmp_path):
 
 
 def test_several_runs_give_mean_and_sample_std_per_category_and_for_the_mean_row():
-    runs = [{"carpet": metrics_of(0.90), "grid": metrics_of(0.80)}, {"carpet": metrics_of(0.94), "grid": metrics_of(0.84)}]
+    runs = [{"carpet": metrics_of(0.90), "grid": metrics_of(0.80)},
+            {"carpet": metrics_of(0.94), "grid": metrics_of(0.84)}]
     carpet, grid, mean = results_rows(runs)
     # carpet: runs 90 and 94 -> mean 92, sample std sqrt(((90-92)^2 + (94-92)^2) / (2-1)) = 2.83
     assert (carpet["image_auroc"], carpet["image_auroc_std"]) == (92.0, 2.83)

@@ -37,17 +37,21 @@ def test_discriminative_matches_released_checkpoint_layout():
 
 def test_draem_model_submodules_are_the_released_networks():
     model = DraemModel(base_width=8, seg_base_width=8)
-    assert [k for k, _ in layout(model.reconstructive_subnetwork)] == [k for k, _ in released_layout("reconstructive")]
-    assert [k for k, _ in layout(model.discriminative_subnetwork)] == [k for k, _ in released_layout("discriminative")]
+    assert ([k for k, _ in layout(model.reconstructive_subnetwork)]
+            == [k for k, _ in released_layout("reconstructive")])
+    assert ([k for k, _ in layout(model.discriminative_subnetwork)]
+            == [k for k, _ in released_layout("discriminative")])
 
 
 def test_positional_channels_as_released():
     """As in the released classes, positional arguments are (in_channels, out_channels, base_width): the first
     convolution reads in_channels, the last writes out_channels, the widths follow base_width, and every input
     channel reaches the output."""
-    for net, widths in ((DiscriminativeSubNetwork(4, 3, 5), (5, 40)), (ReconstructiveSubNetwork(4, 3, 5), (5, 40))):
+    for net, widths in ((DiscriminativeSubNetwork(4, 3, 5), (5, 40)),
+                        (ReconstructiveSubNetwork(4, 3, 5), (5, 40))):
         convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-        assert convs[0].weight.shape == (widths[0], 4, 3, 3) and convs[-1].weight.shape == (3, widths[0], 3, 3)
+        assert (convs[0].weight.shape == (widths[0], 4, 3, 3)
+                and convs[-1].weight.shape == (3, widths[0], 3, 3))
         assert max(c.out_channels for c in convs) == widths[1]  # 8 * base_width at the bottom
         torch.manual_seed(0)
         x = torch.rand(2, 4, 32, 32, requires_grad=True)

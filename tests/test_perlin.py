@@ -6,7 +6,15 @@ import torch
 from released_reference import released_perlin
 
 from augment import rotate, rotate_maps
-from perlin import MAX_PERLIN_CELLS, fade, gradients_from_angles, perlin_mask, perlin_mask_batch, perlin_noise, perlin_noise_batch
+from perlin import (
+    MAX_PERLIN_CELLS,
+    fade,
+    gradients_from_angles,
+    perlin_mask,
+    perlin_mask_batch,
+    perlin_noise,
+    perlin_noise_batch,
+)
 
 # Every scale pair the sampler can draw: 2**a x 2**b cells, a, b in [0, 6).
 RESOLUTIONS = [(2**a, 2**b) for a in range(6) for b in range(6)]
@@ -23,7 +31,8 @@ def reference_fade(t: float) -> float:
 
 
 def reference_noise(shape, res, gradients):
-    """Perlin noise written pixel by pixel from its definition, as the released program computes it (nothing from perlin.py)."""
+    """Perlin noise written pixel by pixel from its definition, as the released program computes it (nothing
+    from perlin.py)."""
     height, width = shape
     out = np.zeros(shape)
     for y in range(height):
@@ -31,7 +40,8 @@ def reference_noise(shape, res, gradients):
             ty, tx = y * res[0] / height, x * res[1] / width
             i, j = int(ty), int(tx)
             u, v = ty - i, tx - j
-            n = {(dy, dx): gradients[i + dy, j + dx] @ np.array([u - dy, v - dx]) for dy in (0, 1) for dx in (0, 1)}
+            n = {(dy, dx): gradients[i + dy, j + dx] @ np.array([u - dy, v - dx]) for dy in (0, 1)
+                 for dx in (0, 1)}
             top = (n[1, 0] - n[0, 0]) * reference_fade(u) + n[0, 0]
             bottom = (n[1, 1] - n[0, 1]) * reference_fade(u) + n[0, 1]
             out[y, x] = math.sqrt(2) * ((bottom - top) * reference_fade(v) + top)
@@ -50,7 +60,8 @@ def test_fade_is_the_quintic_with_flat_ends():
 @pytest.mark.parametrize("res", [(1, 1), (2, 4), (8, 2), (3, 5)])
 def test_vectorised_noise_matches_the_per_pixel_definition(res):
     gradients = random_gradients(np.random.default_rng(0), res, dtype=np.float64)
-    np.testing.assert_allclose(perlin_noise((24, 40), res, gradients), reference_noise((24, 40), res, gradients), atol=1e-12)
+    np.testing.assert_allclose(perlin_noise((24, 40), res, gradients),
+                               reference_noise((24, 40), res, gradients), atol=1e-12)
 
 
 def test_every_scale_pair_at_256_works_and_the_batch_equals_single_maps():
@@ -92,7 +103,8 @@ def test_torch_path_matches_numpy_on_its_device(device):
     for b, r in enumerate(res):
         padded[b, : r[0] + 1, : r[1] + 1] = random_gradients(rng, r)
     expected = perlin_noise_batch((64, 96), res, padded)
-    result = perlin_noise_batch((64, 96), torch.tensor(res, device=device), torch.from_numpy(padded).to(device))
+    result = perlin_noise_batch((64, 96), torch.tensor(res, device=device),
+                                torch.from_numpy(padded).to(device))
     assert isinstance(result, torch.Tensor) and result.device.type == device and result.dtype == torch.float32
     np.testing.assert_allclose(result.cpu().numpy(), expected, atol=1e-5)
 

@@ -1,4 +1,5 @@
-"""predict.py: one CSV row per file, unreadable files not fatal, scores equal to test_draem.py's, calibrated thresholds used."""
+"""predict.py: one CSV row per file, unreadable files not fatal, scores equal to test_draem.py's, calibrated
+thresholds used."""
 import csv
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import MVTecDRAEMTestDataset
+from data_loader import LabelledImageDataset
 from engine import evaluation
 from engine.evaluation import DraemScorer
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
@@ -55,14 +56,17 @@ def setup(tmp_path: Path) -> dict[str, Path]:
                 mask = np.zeros(image.shape[:2], np.uint8)
                 mask[10:30, 10:30] = 255
                 (tmp_path / "data" / CATEGORY / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(tmp_path / "data" / CATEGORY / "ground_truth" / defect / f"{name}_mask.png"), mask)
+                cv2.imwrite(str(tmp_path / "data" / CATEGORY / "ground_truth" / defect / f"{name}_mask.png"),
+                            mask)
     save_checkpoint(calibrated_model(4, seed=0), tmp_path / "checkpoints", BASE_NAME, CATEGORY)
-    return {"data": tmp_path / "data", "test": test_dir, "checkpoints": tmp_path / "checkpoints", "out": tmp_path / "out"}
+    return {"data": tmp_path / "data", "test": test_dir, "checkpoints": tmp_path / "checkpoints",
+            "out": tmp_path / "out"}
 
 
 def predict_args(setup: dict[str, Path], input_path: Path, *extra: str) -> list[str]:
-    return ["--checkpoint_path", str(setup["checkpoints"]), "--base_model_name", BASE_NAME, "--category", CATEGORY,
-            "--input", str(input_path), "--output_dir", str(setup["out"]), "--image_size", str(SIZE), "--device", "cpu", *extra]
+    return ["--checkpoint_path", str(setup["checkpoints"]), "--base_model_name", BASE_NAME, "--category",
+            CATEGORY, "--input", str(input_path), "--output_dir", str(setup["out"]), "--image_size",
+            str(SIZE), "--device", "cpu", *extra]
 
 
 def read_rows(csv_path: Path) -> list[dict[str, str]]:
@@ -71,7 +75,8 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
 
 
 def protocol_scores(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    """Image scores evaluation.evaluate_category computes for the category (what test_draem.py reports), by image path."""
+    """Image scores evaluation.evaluate_category computes for the category (what test_draem.py reports), by
+    image path."""
     evaluators = []
 
     class RecordingEvaluator(DraemEvaluator):
@@ -81,8 +86,9 @@ def protocol_scores(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(evaluation, "DraemEvaluator", RecordingEvaluator)
     model = model_from_checkpoint(setup["checkpoints"], BASE_NAME, CATEGORY)
-    evaluation.evaluate_category(DraemScorer(model), setup["data"], CATEGORY, SIZE, torch.device("cpu"), batch_size=1)
-    dataset = MVTecDRAEMTestDataset(setup["test"], resize_shape=(SIZE, SIZE))
+    evaluation.evaluate_category(DraemScorer(model), setup["data"], CATEGORY, SIZE, torch.device("cpu"),
+                                 batch_size=1)
+    dataset = LabelledImageDataset(setup["test"], resize_shape=(SIZE, SIZE))
     paths = [str(Path(dataset[i]["path"]).resolve()) for i in range(len(dataset))]
     (evaluator,) = evaluators
     return dict(zip(paths, evaluator.scores[: evaluator.count].tolist()))
@@ -102,7 +108,8 @@ def test_scores_equal_test_protocol_and_unreadable_file_is_a_row(setup, monkeypa
     assert [row["path"] for row in rows] == [str(p) for p in found]
     broken = next(row for row in rows if row["path"].endswith("broken.png"))
     assert broken["image_score"] == "" and "broken.png" in broken["error"]
-    scored = {str(Path(row["path"]).resolve()): float(row["image_score"]) for row in rows if row is not broken}
+    scored = {str(Path(row["path"]).resolve()): float(row["image_score"]) for row in rows
+              if row is not broken}
     assert all(row["error"] == "" for row in rows if row is not broken)
     assert scored.keys() == expected.keys()
     for path, score in scored.items():
@@ -112,10 +119,12 @@ def test_scores_equal_test_protocol_and_unreadable_file_is_a_row(setup, monkeypa
 def test_threshold_column_and_overlays(setup):
     (setup["test"] / "good" / "broken.jpg").write_bytes(b"")
     main(predict_args(setup, setup["test"], "--workers", "1"))
-    scores = [float(row["image_score"]) for row in read_rows(setup["out"] / "scores.csv") if row["image_score"]]
+    scores = [float(row["image_score"]) for row in read_rows(setup["out"] / "scores.csv")
+              if row["image_score"]]
     threshold = float(np.median(scores))
 
-    main(predict_args(setup, setup["test"], "--threshold", str(threshold), "--save_images", "--batch_size", "2"))
+    main(predict_args(setup, setup["test"], "--threshold", str(threshold), "--save_images", "--batch_size",
+                      "2"))
 
     rows = read_rows(setup["out"] / "scores.csv")
     assert list(rows[0]) == ["path", "image_score", "is_anomalous", "error"]
@@ -124,8 +133,10 @@ def test_threshold_column_and_overlays(setup):
     assert "0" in flags and "1" in flags
     assert next(row for row in rows if row["path"].endswith("broken.jpg"))["is_anomalous"] == ""
 
-    overlays = sorted(p.relative_to(setup["out"] / "overlays").as_posix() for p in (setup["out"] / "overlays").rglob("*"))
-    expected = [f"{Path(row['path']).relative_to(setup['test']).as_posix()}.png" for row in rows if row["image_score"]]
+    overlays = sorted(p.relative_to(setup["out"] / "overlays").as_posix()
+                      for p in (setup["out"] / "overlays").rglob("*"))
+    expected = [f"{Path(row['path']).relative_to(setup['test']).as_posix()}.png" for row in rows
+                if row["image_score"]]
     assert [p for p in overlays if p.endswith(".png")] == sorted(expected)
     overlay = cv2.imread(str(setup["out"] / "overlays" / "crack" / "000.png.png"))
     assert overlay.shape == (SIZE, 2 * SIZE + GAP, 3)  # image | heat map: no ground truth in the wild
@@ -135,12 +146,16 @@ def test_threshold_file_gives_is_anomalous_and_defect_masks_and_threshold_overri
     paths = sorted(setup["test"].rglob("*.png"))
     model = model_from_checkpoint(setup["checkpoints"], BASE_NAME, CATEGORY).eval()
     with torch.no_grad():  # the maps and scores of the test protocol, computed here directly
-        maps = anomaly_map(model(torch.from_numpy(np.stack([to_chw(read_image(p, (SIZE, SIZE))) for p in paths])))[1])
+        maps = anomaly_map(model(torch.from_numpy(np.stack([to_chw(read_image(p, (SIZE, SIZE)))
+                                                            for p in paths])))[1])
     scores = image_scores(maps).tolist()
-    # Thresholds equal to a score and to a map value (the median of 5, the middle pixel): ">=" versus ">" matters.
-    image_threshold, pixel_threshold = float(np.median(scores)), float(np.sort(maps.numpy().ravel())[maps.numel() // 2])
+    # Thresholds equal to a score and to a map value (the median of 5, the middle pixel): ">=" versus ">"
+    # matters.
+    image_threshold, pixel_threshold = (float(np.median(scores)),
+                                        float(np.sort(maps.numpy().ravel())[maps.numel() // 2]))
     write_thresholds(setup["checkpoints"], BASE_NAME, CATEGORY,
-                     {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "image_size": SIZE})
+                     {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
+                      "image_size": SIZE})
 
     main(predict_args(setup, setup["test"], "--save_images"))
 
@@ -150,9 +165,11 @@ def test_threshold_file_gives_is_anomalous_and_defect_masks_and_threshold_overri
     assert {row["is_anomalous"] for row in rows} == {"0", "1"}
     assert str(threshold_path(setup["checkpoints"], BASE_NAME, CATEGORY)) in capsys.readouterr().out
     for path, amap in zip(paths, maps[:, 0].numpy()):
-        mask = cv2.imread(str(setup["out"] / "masks" / f"{path.relative_to(setup['test']).as_posix()}.png"), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(setup["out"] / "masks" / f"{path.relative_to(setup['test']).as_posix()}.png"),
+                          cv2.IMREAD_UNCHANGED)
         assert mask.dtype == np.uint8 and mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
-        # predict.py scores these 5 images in one batch, as here: the same arithmetic, so the masks agree exactly.
+        # predict.py scores these 5 images in one batch, as here: the same arithmetic, so the masks agree
+        # exactly.
         np.testing.assert_array_equal(mask, np.where(amap >= pixel_threshold, 255, 0))
         assert (mask == 255).any() and (mask == 0).any()
 
@@ -202,12 +219,15 @@ def test_output_folder_inside_the_input_folder_is_not_scored(setup):
     assert len(first) == 5
 
 
-@pytest.mark.parametrize("case", ["no_images", "missing_checkpoint", "bad_image_size", "not_an_image_file", "threshold_size"])
+@pytest.mark.parametrize("case", ["no_images", "missing_checkpoint", "bad_image_size", "not_an_image_file",
+                                  "threshold_size"])
 def test_bad_input_is_one_line_and_exit_1(setup, capsys, case):
     empty = setup["test"].parent / "empty"
     empty.mkdir()
-    write_thresholds(setup["checkpoints"], BASE_NAME, CATEGORY, {"image_threshold": 0.5, "pixel_threshold": 0.5,
-                                                                 "image_size": 2 * SIZE if case == "threshold_size" else SIZE})
+    write_thresholds(setup["checkpoints"], BASE_NAME, CATEGORY,
+                     {"image_threshold": 0.5, "pixel_threshold": 0.5,
+                                                                 "image_size": 2 * SIZE
+                      if case == "threshold_size" else SIZE})
     args = {
         "no_images": predict_args(setup, empty),
         "missing_checkpoint": predict_args({**setup, "checkpoints": empty}, setup["test"]),

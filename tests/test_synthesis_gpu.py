@@ -9,8 +9,14 @@ from torch.utils.data import DataLoader, default_collate
 import augment
 import data_loader
 import device_synthesis
-from data_loader import MVTecDRAEMTrainDataset, RawTrainDataset, blend_anomaly
-from device_synthesis import DEVICE_AUGMENTATIONS, augment_sources, draw_augmentation_indices, synthesize_batch, to_float
+from data_loader import TrainDataset, TrainImageDataset, blend_anomaly
+from device_synthesis import (
+    DEVICE_AUGMENTATIONS,
+    augment_sources,
+    draw_augmentation_indices,
+    synthesize_batch,
+    to_float,
+)
 from util.images import to_float as cpu_to_float
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
@@ -22,10 +28,12 @@ def train_dir(demo):
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    """Four uint8 BGR images of odd, non-square size: two textured, one flat (degenerate histograms), one noise."""
+    """Four uint8 BGR images of odd, non-square size: two textured, one flat (degenerate histograms), one
+    noise."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:33, 0:47]
-    textured = [np.clip(np.stack([x * 5, y * 7, (x + y) * 3], -1) + rng.integers(0, 40, (33, 47, 3)), 0, 255) for _ in range(2)]
+    textured = [np.clip(np.stack([x * 5, y * 7, (x + y) * 3], -1) + rng.integers(0, 40, (33, 47, 3)), 0, 255)
+                for _ in range(2)]
     flat = np.full((33, 47, 3), 77)
     noise = rng.integers(0, 256, (33, 47, 3))
     return np.stack([*textured, flat, noise]).astype(np.uint8)
@@ -37,11 +45,14 @@ def as_batch(images: np.ndarray) -> torch.Tensor:
 
 # name -> (two parameter sets, CPU call, device call); images alternate between the two sets.
 PARAMETERS = {
-    "gamma_contrast": (torch.tensor([[0.5, 1.3, 2.0], [0.7, 1.0, 1.9]]), augment.gamma_contrast, device_synthesis.gamma_contrast),
+    "gamma_contrast": (torch.tensor([[0.5, 1.3, 2.0], [0.7, 1.0, 1.9]]), augment.gamma_contrast,
+                       device_synthesis.gamma_contrast),
     # multiply, add, colour space (0 YCrCb, 5 YUV: integer code, exact on any width), add first
     "brightness": (torch.tensor([[0.8, -30.0, 0, 0], [1.17, 12.5, 5, 1]]),
-                   lambda im, p: augment.brightness(im, *p[:2], augment.RANGES["brightness_colorspaces"][int(p[2])], bool(p[3])),
-                   lambda x, p: device_synthesis.brightness(x, p[:, 0], p[:, 1], p[:, 2].long(), p[:, 3].bool())),
+                   lambda im, p: augment.brightness(
+                       im, *p[:2], augment.RANGES["brightness_colorspaces"][int(p[2])], bool(p[3])),
+                   lambda x, p: device_synthesis.brightness(x, p[:, 0], p[:, 1], p[:, 2].long(),
+                                                            p[:, 3].bool())),
     "sharpness": (torch.tensor([0.0, 1.73]), augment.sharpness, device_synthesis.sharpness),
     "hue_saturation": (torch.tensor([[-50, 50], [37, -21]]), lambda im, p: augment.hue_saturation(im, *p),
                        lambda x, p: device_synthesis.hue_saturation(x, p[:, 0], p[:, 1])),
@@ -49,7 +60,8 @@ PARAMETERS = {
     "posterize": (torch.tensor([1, 5]), augment.posterize, device_synthesis.posterize),
     "invert": (torch.zeros(2), lambda im, p: augment.invert(im), lambda x, p: device_synthesis.invert(x)),
     "autocontrast": (torch.tensor([0, 17]), augment.autocontrast, device_synthesis.autocontrast),
-    "equalize": (torch.zeros(2), lambda im, p: augment.equalize(im), lambda x, p: device_synthesis.equalize(x)),
+    "equalize": (torch.zeros(2), lambda im, p: augment.equalize(im),
+                 lambda x, p: device_synthesis.equalize(x)),
     "rotate": (torch.tensor([-45.0, 31.7]), augment.rotate, device_synthesis.rotate),
 }
 # Float32 grid_sample vs cv2's fixed-point bilinear, and float HSV->RGB rounding: a level on rare pixels.
@@ -87,7 +99,8 @@ def test_three_distinct_operations_per_sample_uniformly_and_applied_in_drawn_ord
     # Affine maps do not commute: the result tells which operations ran and in which order.
     affine = {name: affine_op(k) for k, name in enumerate(DEVICE_AUGMENTATIONS)}
     monkeypatch.setattr(device_synthesis, "DEVICE_AUGMENTATIONS", affine)
-    sources = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    sources = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(2))
     result = augment_sources(sources, torch.Generator().manual_seed(3))
     order = draw_augmentation_indices(64, torch.Generator().manual_seed(3), torch.device("cpu"))
     expected = sources.int()
@@ -108,10 +121,8 @@ def test_solarize_is_applied_to_about_half_of_the_samples():
 # whole SIMD blocks (64 pixels here). Lab and Luv are float equivalents of OpenCV's fixed-point tables.
 # On this batch of noise, with the ranges' end points, they measure 0.22-0.23 and 1.5-1.6 over four seeds.
 # Luv's error is mostly OpenCV's wrap of far out-of-gamut colours when noise is darkened, as listed in
-# synthesis_gpu.py. The bounds leave about 50 % and 25 % margin.
+# device_synthesis.py. The bounds leave about 50 % and 25 % margin.
 BRIGHTNESS_MEAN_TOLERANCE = {"YCrCb": 0, "HSV": 0, "HLS": 0, "Lab": 0.35, "Luv": 2.0, "YUV": 0}
-
-
 
 
 # The device ports of OpenCV's 8-bit conversions that claim its exact bytes: name -> (port, OpenCV code).
@@ -128,8 +139,10 @@ EXACT_CONVERSIONS = {
 
 
 def random_triples(seed: int) -> torch.Tensor:
-    """262144 random byte triples as one 4096×64 image: rows of whole SIMD blocks, so OpenCV runs its vector code."""
-    return torch.randint(0, 256, (1, 3, 4096, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    """262144 random byte triples as one 4096×64 image: rows of whole SIMD blocks, so OpenCV runs its vector
+    code."""
+    return torch.randint(0, 256, (1, 3, 4096, 64), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", list(EXACT_CONVERSIONS))
@@ -145,7 +158,7 @@ def test_device_colour_conversions_give_opencvs_bytes(name):
 
 def test_device_lab_and_luv_are_close_to_opencv():
     """Float formulas for OpenCV's table-based Lab and Luv. Forward over all 2**24 colours: at most 3 and 1
-    levels off (measured, synthesis_gpu.py). Inverse near black, where OpenCV clamps 1/v' to ±1/4:
+    levels off (measured, device_synthesis.py). Inverse near black, where OpenCV clamps 1/v' to ±1/4:
     a fixed grid measures a mean of 2.74 levels, and 3.90 without that clamp."""
     triples = random_triples(11)
     image = np.ascontiguousarray(triples[0].permute(1, 2, 0).numpy())
@@ -155,7 +168,8 @@ def test_device_lab_and_luv_are_close_to_opencv():
         assert np.abs(difference).max() <= tolerance
     lightness, u, v = np.meshgrid(np.arange(8), np.arange(80, 120), np.arange(116, 156), indexing="ij")
     dark = np.stack([lightness, u, v], -1).reshape(-1, 64, 3).astype(np.uint8)
-    result = device_synthesis.luv_to_rgb(torch.from_numpy(dark).permute(2, 0, 1)[None].int())[0].permute(1, 2, 0).numpy()
+    result = device_synthesis.luv_to_rgb(torch.from_numpy(dark).permute(2, 0, 1)[None].int())[0].permute(
+        1, 2, 0).numpy()
     assert np.abs(result.astype(int) - cv2.cvtColor(dark, cv2.COLOR_Luv2RGB)).mean() < 3.2
 
 
@@ -181,9 +195,11 @@ def test_device_brightness_draws_each_colour_space_uniformly_and_either_order_ha
     draws = []
     monkeypatch.setattr(device_synthesis, "brightness", lambda x, *drawn: draws.append(drawn) or x)
     n = 6000
-    DEVICE_AUGMENTATIONS["brightness"](torch.zeros(n, 3, 1, 1, dtype=torch.uint8), torch.Generator().manual_seed(8))
+    DEVICE_AUGMENTATIONS["brightness"](torch.zeros(n, 3, 1, 1, dtype=torch.uint8),
+                                       torch.Generator().manual_seed(8))
     (multiply, add, spaces, add_first), = draws
-    # 6000 draws: a space's count has sd sqrt(6000·1/6·5/6) = 29, the add-first count sqrt(6000/4) = 39; 5 sd each.
+    # 6000 draws: a space's count has sd sqrt(6000·1/6·5/6) = 29, the add-first count sqrt(6000/4) = 39; 5 sd
+    # each.
     counts = torch.bincount(spaces, minlength=6)
     assert counts.numel() == 6 and (counts - n / 6).abs().max() < 5 * 29, counts
     assert abs(add_first.sum().item() - n / 2) < 5 * 39
@@ -198,16 +214,20 @@ def test_device_brightness_statistics_match_the_cpu_path():
     """
     rng = np.random.default_rng(9)
     y, x = np.mgrid[0:8, 0:64]
-    image = np.clip(np.stack([x * 4, y * 30, 255 - x * 3], -1) + rng.integers(0, 30, (8, 64, 3)), 0, 255).astype(np.uint8)
+    image = np.clip(np.stack([x * 4, y * 30, 255 - x * 3], -1) + rng.integers(0, 30, (8, 64, 3)), 0,
+                    255).astype(np.uint8)
     n = 1000
 
     def summary(images: np.ndarray) -> np.ndarray:  # N x 4: channel mean changes, spread change
         images = images.astype(np.float64)
-        return np.concatenate([images.mean((1, 2)) - image.mean((0, 1)), images.std((1, 2, 3))[:, None] - image.std()], 1)
+        return np.concatenate([images.mean((1, 2)) - image.mean((0, 1)),
+                               images.std((1, 2, 3))[:, None] - image.std()], 1)
 
-    cpu = summary(np.stack([augment.AUGMENTATIONS["brightness"](image, np.random.default_rng(s)) for s in range(n)]))
+    cpu = summary(np.stack([augment.AUGMENTATIONS["brightness"](image, np.random.default_rng(s))
+                            for s in range(n)]))
     batch = as_batch(np.repeat(image[None], n, 0))
-    device = summary(DEVICE_AUGMENTATIONS["brightness"](batch, torch.Generator().manual_seed(0)).permute(0, 2, 3, 1).numpy())
+    device = summary(DEVICE_AUGMENTATIONS["brightness"](batch, torch.Generator().manual_seed(0)).permute(
+        0, 2, 3, 1).numpy())
     standard_error = np.sqrt(cpu.var(0) / n + device.var(0) / n)
     assert (np.abs(cpu.mean(0) - device.mean(0)) < 5 * standard_error).all(), (cpu.mean(0), device.mean(0))
     # A standard deviation from 1000 samples has a relative standard error of about 1/sqrt(2·999) = 2.2 %, so
@@ -217,7 +237,7 @@ def test_device_brightness_statistics_match_the_cpu_path():
 
 def raw_batch(demo, n: int, size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    dataset = RawTrainDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
+    dataset = TrainImageDataset(train_dir(demo), demo.texture_root, resize_shape=(size, size))
     return default_collate([dataset[0] for _ in range(n)])
 
 
@@ -231,8 +251,10 @@ def test_synthesized_batch_follows_the_rules(tiny_mvtec, monkeypatch):
     monkeypatch.setattr(device_synthesis, "blend_anomaly", recording_blend)
     raw = raw_batch(tiny_mvtec, 512)
     batch = synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0))
-    image, augmented, mask, has = batch["image"], batch["augmented_image"], batch["anomaly_mask"], batch["has_anomaly"]
-    assert image.shape == augmented.shape == (512, 3, 64, 64) and mask.shape == (512, 1, 64, 64) and has.shape == (512, 1)
+    image, augmented, mask, has = (batch["image"], batch["augmented_image"], batch["anomaly_mask"],
+                                   batch["has_anomaly"])
+    assert (image.shape == augmented.shape == (512, 3, 64, 64) and mask.shape == (512, 1, 64, 64)
+            and has.shape == (512, 1))
     assert all(t.dtype == torch.float32 for t in batch.values())
     assert augmented.min() >= 0 and augmented.max() <= 1
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -243,7 +265,8 @@ def test_synthesized_batch_follows_the_rules(tiny_mvtec, monkeypatch):
     assert torch.equal(augmented[normal], image[normal]) and not mask[normal].any()
     assert 0.4 <= has.mean() <= 0.6
     beta = torch.cat(betas)
-    assert beta.numel() == 512 and (beta >= 0).all() and (beta < 0.8).all() and beta.min() < 0.01 and beta.max() > 0.79
+    assert (beta.numel() == 512 and (beta >= 0).all() and (beta < 0.8).all() and beta.min() < 0.01
+            and beta.max() > 0.79)
     # Unrotated training images come through exactly (one float conversion); about 30 % are rotated.
     unrotated = (image == to_float(raw["image"])).flatten(1).all(1)
     assert 0.63 <= unrotated.float().mean() <= 0.77
@@ -256,7 +279,8 @@ def test_to_float_gives_the_cpu_paths_values():
 
 def test_seeded_synthesis_is_reproducible_and_seeds_differ(tiny_mvtec):
     raw = raw_batch(tiny_mvtec, 16)
-    first, again, other = (synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(s)) for s in (5, 5, 6))
+    first, again, other = (synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(s))
+                           for s in (5, 5, 6))
     for key in first:
         assert torch.equal(first[key], again[key])
     assert not torch.equal(first["augmented_image"], other["augmented_image"])
@@ -275,23 +299,25 @@ def test_without_sources_the_anomalies_are_cut_from_uniform_noise(monkeypatch):
     synthesize_batch(images, None, torch.Generator().manual_seed(0))
     levels = (sources[0] * 255).round()
     assert torch.unique(levels).numel() == 256
-    assert abs(levels.mean().item() - 127.5) < 2 and abs(levels.std().item() - 73.9) < 1.5  # uniform on 0..255
+    # uniform on 0..255
+    assert abs(levels.mean().item() - 127.5) < 2 and abs(levels.std().item() - 73.9) < 1.5
 
 
 def test_raw_dataset_hands_over_cached_uint8_images_and_sources(tiny_mvtec):
     torch.manual_seed(0)
-    dataset = RawTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
-    assert isinstance(dataset, RawTrainDataset) and len(dataset) == 6
+    dataset = TrainImageDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    assert isinstance(dataset, TrainImageDataset) and len(dataset) == 6
     batch = next(iter(DataLoader(dataset, batch_size=6)))
     assert batch["image"].dtype == batch["source"].dtype == torch.uint8
     assert batch["image"].shape == batch["source"].shape == (6, 3, 64, 64)
-    sources = torch.stack([torch.from_numpy(dataset.draw_source(np.random.default_rng(i))).permute(2, 0, 1) for i in range(64)])
+    sources = torch.stack([torch.from_numpy(dataset.draw_source(np.random.default_rng(i))).permute(2, 0, 1)
+                           for i in range(64)])
     assert all((sources == source).flatten(1).all(1).any() for source in batch["source"])
     dataset.images = dataset.images[1:]  # only what the dataset holds is drawn
     kept = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
     images = next(iter(DataLoader(dataset, batch_size=64)))["image"]
     assert all((kept == image).flatten(1).all(1).any() for image in images)
-    without_sources = RawTrainDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
+    without_sources = TrainImageDataset(train_dir(tiny_mvtec), None, resize_shape=(64, 64))
     assert set(without_sources[0]) == {"image"}
 
 
@@ -311,7 +337,7 @@ def test_device_path_statistics_match_the_cpu_path(tiny_mvtec, monkeypatch):
     monkeypatch.setattr(device_synthesis, "augment_sources", lambda sources, generator: sources)
     n = 4096
     torch.manual_seed(0)
-    cpu_dataset = MVTecDRAEMTrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
+    cpu_dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
     cpu = coverage_summary(default_collate([cpu_dataset[0] for _ in range(n)]))
     raw = raw_batch(tiny_mvtec, n)
     device = coverage_summary(synthesize_batch(raw["image"], raw["source"], torch.Generator().manual_seed(0)))

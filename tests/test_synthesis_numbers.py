@@ -22,8 +22,8 @@ SHAPE = (64, 64)
 N_SAMPLES = 5000  # training samples, seeds 0 .. N_SAMPLES - 1
 N_BETA_PAIRS = 1000  # the first seeds again with a black training image: beta read off the pixels
 N_MASKS = 3000  # Perlin masks drawn alone, for the share of empty ones
-AUGMENTATION_NAMES = {"gamma_contrast", "brightness", "sharpness", "hue_saturation", "solarize", "posterize", "invert",
-                      "autocontrast", "equalize", "rotate"}
+AUGMENTATION_NAMES = {"gamma_contrast", "brightness", "sharpness", "hue_saturation", "solarize", "posterize",
+                      "invert", "autocontrast", "equalize", "rotate"}
 
 
 def observe_synthesis(monkeypatch, noise_value=None) -> dict[str, list]:
@@ -52,7 +52,7 @@ def observe_synthesis(monkeypatch, noise_value=None) -> dict[str, list]:
         log["perlin_res"].append(tuple(int(r) for r in res))
         return noise(shape, res, gradients) if noise_value is None else np.full(shape, noise_value)
 
-    # Three distinct call sites: synthesis.py rotates the training image, the source's "rotate" augmentation
+    # Three distinct call sites: data_loader.py rotates the training image, the source's "rotate" augmentation
     # calls augment.rotate, perlin rotates the noise map.
     monkeypatch.setattr(cpu_synthesis, "rotate", recording_rotate("image_angles", cpu_synthesis.rotate))
     monkeypatch.setattr(augment, "rotate", recording_rotate("source_angles", augment.rotate))
@@ -68,12 +68,14 @@ def one_sample(seed: int, image: np.ndarray, source: np.ndarray) -> dict:
 
 
 def recovered_beta(bright: dict, dark: dict) -> tuple[float, float] | None:
-    """Beta of one anomalous draw and its spread over the pixels, from the same draw on a white and a black image.
+    """Beta of one anomalous draw and its spread over the pixels, from the same draw on a white and a black
+    image.
 
     Inside the mask augmented = (1 - beta) * source + beta * image, so the difference of the two
     augmented images divided by that of the two images (white minus black) is beta at every pixel.
     """
-    usable = (bright["anomaly_mask"][0] > 0) & (bright["image"][0] > 0.5)  # not in the black corners of a rotated image
+    # not in the black corners of a rotated image
+    usable = (bright["anomaly_mask"][0] > 0) & (bright["image"][0] > 0.5)
     if not usable.any():
         return None
     ratio = (bright["augmented_image"] - dark["augmented_image"])[:, usable] / bright["image"][:, usable]
@@ -103,7 +105,8 @@ def synthesis() -> dict:
     empty_masks = [not perlin_mask(SHAPE, np.random.default_rng(10**6 + i)).any() for i in range(N_MASKS)]
     torch.set_num_threads(threads)
     return {**log, "has_anomaly": np.array(has_anomaly), "augmentations_per_sample": augmentations,
-            "betas": [b for b in betas if b is not None], "same_masks": same_masks, "empty_mask_share": np.mean(empty_masks)}
+            "betas": [b for b in betas if b is not None], "same_masks": same_masks,
+            "empty_mask_share": np.mean(empty_masks)}
 
 
 def test_half_of_the_draws_are_anomalies_unless_their_perlin_mask_is_empty(synthesis):
@@ -116,12 +119,14 @@ def test_half_of_the_draws_are_anomalies_unless_their_perlin_mask_is_empty(synth
 
 
 def test_beta_is_uniform_in_0_to_0_8_and_weights_the_image(synthesis):
-    """Inside the mask augmented = (1 - beta) * source + beta * image, one beta per sample, uniform in [0, 0.8)."""
+    """Inside the mask augmented = (1 - beta) * source + beta * image, one beta per sample, uniform in [0,
+    0.8)."""
     assert synthesis["same_masks"]  # the black twin drew exactly what the white sample drew
     betas = np.array([beta for beta, _ in synthesis["betas"]])
     spreads = np.array([spread for _, spread in synthesis["betas"]])
     assert len(betas) > 390  # about 0.476 x 1000 anomalous pairs, binomial standard deviation 16
-    assert spreads.max() < 1e-5  # float32 rounding of the blend (~1e-7): a single beta at every pixel of a sample
+    # float32 rounding of the blend (~1e-7): a single beta at every pixel of a sample
+    assert spreads.max() < 1e-5
     assert betas.min() >= 0 and betas.max() < 0.8
     # About 475 betas: P(max < 0.78) = (1 - 0.02 / 0.8) ** 475 = 6e-6, likewise for min > 0.02.
     assert betas.max() > 0.78 and betas.min() < 0.02
@@ -173,13 +178,15 @@ def test_perlin_cells_are_independent_powers_of_two_from_1_to_32_per_axis(synthe
         assert values.tolist() == [1, 2, 4, 8, 16, 32]
         # Standard error sqrt(1/6 * 5/6 / 2500) = 0.0075; 0.04 is 5.4 of them.
         assert np.abs(counts / len(res) - 1 / 6).max() < 0.04
-    assert len({tuple(r) for r in res}) == 36  # every pair occurs: P(a given one is missing) = (35/36) ** 2500 = 4e-31
+    assert len({tuple(r) for r in res}) == 36  # every pair occurs: P(a given one is missing) = (35/36) **
+                                               # 2500 = 4e-31
     # Independent axes: the two are equal in 1/6 of the maps (1 if one draw served both), same error as above.
     assert abs(np.mean(res[:, 0] == res[:, 1]) - 1 / 6) < 0.04
 
 
 def test_perlin_noise_is_rotated_uniformly_within_90_degrees(synthesis):
-    """As released (imgaug Affine(rotate=(-90, 90)) on the noise), each noise map is rotated before thresholding."""
+    """As released (imgaug Affine(rotate=(-90, 90)) on the noise), each noise map is rotated before
+    thresholding."""
     angles = np.array(synthesis["noise_angles"])
     assert len(angles) == len(synthesis["perlin_res"])
     assert angles.min() >= -90 and angles.max() <= 90

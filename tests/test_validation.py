@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_draem
-from data_loader import MVTecDRAEMTrainDataset
+from data_loader import TrainDataset
 from engine import validation
 from engine.evaluation import DraemScorer
 from model_unet import DraemModel, model_from_checkpoint
@@ -18,15 +18,17 @@ from util.errors import DraemInputError
 from util.images import load_images, to_chw, to_float
 
 SIZE = 64
-SMALL = ["--image_size", str(SIZE), "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers", "0"]
+SMALL = ["--image_size", str(SIZE), "--base_width", "4", "--seg_base_width", "4", "--bs", "4", "--workers",
+         "0"]
 
 
 def arguments(data, out, *extra: str) -> list[str]:
-    return ["--obj_id", "brick", "--data_path", str(data.mvtec_root), "--anomaly_source_path", str(data.texture_root),
-            "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"), *SMALL, *extra]
+    return ["--obj_id", "brick", "--data_path", str(data.mvtec_root), "--anomaly_source_path",
+            str(data.texture_root), "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"),
+            *SMALL, *extra]
 
 
-def datasets(data, tmp_path, *extra: str) -> tuple[MVTecDRAEMTrainDataset, validation.ValidationSet | None]:
+def datasets(data, tmp_path, *extra: str) -> tuple[TrainDataset, validation.SampleSet | None]:
     """What train_draem trains and validates on for these flags."""
     return train_draem.make_datasets(train_draem.parse_args(arguments(data, tmp_path, *extra)), "brick")
 
@@ -48,7 +50,8 @@ def test_validation_set_is_fixed_by_the_seed(tiny_mvtec, tmp_path):
 def test_held_out_images_are_never_trained_on(tiny_mvtec, tmp_path):
     all_paths = sorted((tiny_mvtec.mvtec_root / "brick" / "train" / "good").glob("*.png"))
     default_train, no_val = datasets(tiny_mvtec, tmp_path)
-    assert no_val is None and default_train.image_paths == all_paths, "without validation every image is trained on (paper)"
+    assert no_val is None and default_train.image_paths == all_paths, (
+        "without validation every image is trained on (paper)")
 
     train, _ = datasets(tiny_mvtec, tmp_path, "--val_every", "2", "--val_fraction", "0.34")
     held = [p for p in all_paths if p not in train.image_paths]
@@ -58,7 +61,8 @@ def test_held_out_images_are_never_trained_on(tiny_mvtec, tmp_path):
     torch.manual_seed(0)
     for i in range(40):
         drawn = train[i]["image"]
-        assert not any(np.array_equal(drawn, image) for image in held_images), "a training sample used a held-out image"
+        assert not any(np.array_equal(drawn, image) for image in held_images), (
+            "a training sample used a held-out image")
 
 
 def test_split_paths_keeps_at_least_one_image_on_each_side_in_order():
@@ -73,27 +77,34 @@ def test_split_paths_keeps_at_least_one_image_on_each_side_in_order():
 
 def test_save_best_survives_resume_and_loads(tiny_mvtec, tmp_path, monkeypatch):
     flags = ("--epochs", "2", "--seed", "3", "--val_every", "1", "--val_samples", "8", "--save_best")
-    base, best_base = run_base_name(1e-4, 2, 4, seed=3), validation.best_base_name(run_base_name(1e-4, 2, 4, seed=3))
+    base = run_base_name(1e-4, 2, 4, seed=3)
+    best_base = f"{base}_best"  # README: the best pair is <base>_best_<category>_.pckl
     saved, compared = [], []
-    real_save, real_improves, real_write = checkpoints.atomic_torch_save, validation.improves, train_draem.atomic_write_text
-    monkeypatch.setattr(checkpoints, "atomic_torch_save", lambda obj, path: (saved.append(path), real_save(obj, path)))
-    monkeypatch.setattr(validation, "improves", lambda value, best: (compared.append(best), real_improves(value, best))[1])
+    real_save, real_validate, real_write = (checkpoints.atomic_torch_save, train_draem.validate,
+                                            train_draem.atomic_write_text)
+    monkeypatch.setattr(checkpoints, "atomic_torch_save",
+                        lambda obj, path: (saved.append(path), real_save(obj, path)))
+    monkeypatch.setattr(train_draem, "validate",
+                        lambda run, record: (compared.append(run.best), real_validate(run, record)))
 
     def crash_after_first_epoch(path, text):
         real_write(path, text)
         raise KeyboardInterrupt  # as if the process were killed right after epoch 1 was saved
 
     monkeypatch.setattr(train_draem, "atomic_write_text", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train_draem.main(arguments(tiny_mvtec, tmp_path, *flags))
     monkeypatch.setattr(train_draem, "atomic_write_text", real_write)
     train_draem.main(arguments(tiny_mvtec, tmp_path, *flags, "--resume"))
 
-    log = [json.loads(line) for line in (tmp_path / "logs" / f"{base}_brick_log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2] and all("val_pixel_ap" in r and "val_image_auroc" in r for r in log)
+    log = [json.loads(line)
+           for line in (tmp_path / "logs" / f"{base}_brick_log.jsonl").read_text().splitlines()]
+    assert ([r["epoch"] for r in log] == [1, 2]
+            and all("val_pixel_ap" in r and "val_image_auroc" in r for r in log))
     assert compared == [None, log[0]["val_pixel_ap"]], "the resumed run forgot the best value of epoch 1"
     best = max(r["val_pixel_ap"] for r in log)
-    assert torch.load(train_draem.resume_path(tmp_path / "ckpt", base, "brick"), weights_only=False)["best_val_pixel_ap"] == best
+    assert torch.load(train_draem.resume_path(tmp_path / "ckpt", base, "brick"),
+                      weights_only=False)["best_val_pixel_ap"] == best
 
     best_pair = checkpoint_paths(tmp_path / "ckpt", best_base, "brick")
     assert all(path in saved for path in best_pair), "the best pair was not written by the atomic writer"
@@ -102,7 +113,8 @@ def test_save_best_survives_resume_and_loads(tiny_mvtec, tmp_path, monkeypatch):
     model = model_from_checkpoint(tmp_path / "ckpt", best_base, "brick")
     _, val_set = datasets(tiny_mvtec, tmp_path, *flags)
     rescored = validation.evaluate_synthetic(DraemScorer(model), val_set, torch.device("cpu"), batch_size=4)
-    assert rescored["val_pixel_ap"] == pytest.approx(best, abs=1e-6), "the best pair is not the model that scored best"
+    assert rescored["val_pixel_ap"] == pytest.approx(best, abs=1e-6), (
+        "the best pair is not the model that scored best")
 
 
 def test_val_test_reports_test_metrics_when_the_test_folder_exists(tiny_mvtec, tmp_path):
@@ -114,7 +126,8 @@ def test_val_test_reports_test_metrics_when_the_test_folder_exists(tiny_mvtec, t
 
 
 def test_validation_flags_are_checked(tiny_mvtec, tmp_path, capsys):
-    for bad in (["--save_best"], ["--val_test"], ["--val_every", "1", "--val_fraction", "1"], ["--val_every", "-1"]):
+    for bad in (["--save_best"], ["--val_test"], ["--val_every", "1", "--val_fraction", "1"],
+                ["--val_every", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
             train_draem.parse_args(arguments(tiny_mvtec, tmp_path, *bad))
         assert exit_info.value.code == 1
@@ -123,5 +136,5 @@ def test_validation_flags_are_checked(tiny_mvtec, tmp_path, capsys):
 
 @pytest.mark.parametrize(("epoch", "expected"), [(1, False), (2, True), (3, False), (4, True), (5, True)])
 def test_validation_runs_every_n_epochs_and_after_the_last(epoch, expected):
-    assert validation.due(epoch, every=2, epochs=5) is expected
-    assert not validation.due(epoch, every=0, epochs=5)
+    assert train_draem.validation_due(epoch, every=2, epochs=5) is expected
+    assert not train_draem.validation_due(epoch, every=0, epochs=5)

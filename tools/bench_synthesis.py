@@ -4,13 +4,13 @@
 image and the anomaly source from disk, Perlin noise in float64 NumPy with full-size gradient
 tiles, all of it even for the half of the samples that end up normal. (imgaug itself no longer
 installs; our augmentation functions stand in for it, so its own cost is left out.) "ours" is
-MVTecDRAEMTrainDataset: images decoded once, a bounded source cache, vectorised Perlin, no work
+TrainDataset: images decoded once, a bounded source cache, vectorised Perlin, no work
 for normal samples. Ours gives the released program's samples for the same seed (masks bit for bit,
 images to float32 rounding; tests/test_data_loader.py checks it against a reference written in the
 tests). Both run on one core in the main process, then in N DataLoader workers.
 
-    python bench_synthesis.py                       # demo images of MVTec size (1024 px), made in a temp folder
-    python bench_synthesis.py --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
+    python -m tools.bench_synthesis               # demo images of MVTec size (1024 px), made in a temp folder
+    python -m tools.bench_synthesis --train_dir mvtec/carpet/train/good --anomaly_source_path dtd/images
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ from data_loader import (
     IMAGE_ROTATION_DEGREES,
     MAX_BETA,
     ROTATE_IMAGE_PROBABILITY,
-    MVTecDRAEMTrainDataset,
+    TrainDataset,
     blend_anomaly,
     worker_init_fn,
 )
@@ -44,10 +44,13 @@ from util.errors import DraemInputError, one_line_errors
 from util.images import read_image_uint8, to_chw, to_float
 
 
-def released_style_perlin(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Perlin noise the way the released program computes it: float64, every corner's gradients tiled to full size."""
+def released_style_perlin(shape: tuple[int, int], res: tuple[int, int],
+                          rng: np.random.Generator) -> np.ndarray:
+    """Perlin noise the way the released program computes it: float64, every corner's gradients tiled to full
+    size."""
     cell = (shape[0] // res[0], shape[1] // res[1])
-    offsets = np.stack(np.meshgrid(np.arange(shape[0]) / cell[0], np.arange(shape[1]) / cell[1], indexing="ij"), -1) % 1
+    offsets = np.stack(np.meshgrid(np.arange(shape[0]) / cell[0], np.arange(shape[1]) / cell[1],
+                                   indexing="ij"), -1) % 1
     angles = 2 * math.pi * rng.random((res[0] + 1, res[1] + 1))
     gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
 
@@ -77,8 +80,10 @@ class ReleasedStyleDataset(Dataset):
         if rng.random() < ROTATE_IMAGE_PROBABILITY:
             image = rotate(image, rng.uniform(-IMAGE_ROTATION_DEGREES, IMAGE_ROTATION_DEGREES))
         image = image.astype(np.float32) / 255.0
-        anomalous = rng.random() < ANOMALY_PROBABILITY  # drawn where ours draws it; the work below is done regardless
-        source = read_image_uint8(self.source_paths[int(rng.integers(len(self.source_paths)))], self.resize_shape)
+        # drawn where ours draws it; the work below is done regardless
+        anomalous = rng.random() < ANOMALY_PROBABILITY
+        source = read_image_uint8(self.source_paths[int(rng.integers(len(self.source_paths)))],
+                                  self.resize_shape)
         source = augment_source(source, rng)
         res = tuple(2 ** rng.integers(*PERLIN_SCALE_EXPONENTS, size=2))
         noise = rotate(released_style_perlin(self.resize_shape, res, rng),
@@ -88,7 +93,8 @@ class ReleasedStyleDataset(Dataset):
         augmented = blend_anomaly(image, to_float(source), mask, beta).astype(np.float32)
         if not anomalous:
             augmented, mask = image, np.zeros_like(mask)
-        return {"image": to_chw(image), "augmented_image": to_chw(augmented), "anomaly_mask": to_chw(mask.astype(np.float32)),
+        return {"image": to_chw(image), "augmented_image": to_chw(augmented),
+                "anomaly_mask": to_chw(mask.astype(np.float32)),
                 "has_anomaly": np.array([float(mask.any())], dtype=np.float32), "idx": idx}
 
 
@@ -106,15 +112,21 @@ def samples_per_second(dataset: Dataset, samples: int, workers: int, batch_size:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--train_dir", help="a <category>/train/good folder; default: demo images made in a temp folder")
-    parser.add_argument("--anomaly_source_path", help="anomaly source folder (e.g. dtd/images); default: the demo textures")
-    parser.add_argument("--size", type=at_least(32), default=256, help="training resolution, pixels per side (default: 256)")
-    parser.add_argument("--samples", type=at_least(1), default=200, help="samples timed per measurement (default: 200)")
+    parser.add_argument("--train_dir",
+                        help="a <category>/train/good folder; default: demo images made in a temp folder")
+    parser.add_argument("--anomaly_source_path",
+                        help="anomaly source folder (e.g. dtd/images); default: the demo textures")
+    parser.add_argument("--size", type=at_least(32), default=256,
+                        help="training resolution, pixels per side (default: 256)")
+    parser.add_argument("--samples", type=at_least(1), default=200,
+                        help="samples timed per measurement (default: 200)")
     parser.add_argument("--workers", type=at_least(0), default=os.cpu_count() or 1,
                         help="DataLoader workers for the multi-worker rows (default: CPU count)")
-    parser.add_argument("--batch_size", type=at_least(1), default=8, help="DataLoader batch size (default: 8, the released one)")
+    parser.add_argument("--batch_size", type=at_least(1), default=8,
+                        help="DataLoader batch size (default: 8, the released one)")
     parser.add_argument("--demo_image_size", type=at_least(32), default=1024,
-                        help="side of the demo images when no --train_dir is given (default: 1024, as MVTec's textures)")
+                        help="side of the demo images when no --train_dir is given (default: 1024, as "
+                             "MVTec's textures)")
     parser.add_argument("--seed", type=at_least(0), default=0,
                         help="seed of torch's generator, hence of the samples drawn (default: 0)")
     parser.add_argument("--output", "--out", dest="output", default="results/bench_synthesis.json",
@@ -125,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, train_dir: Path, source_dir: Path) -> dict:
     shape = (args.size, args.size)
     start = time.perf_counter()
-    ours = MVTecDRAEMTrainDataset(train_dir, source_dir, shape)
+    ours = TrainDataset(train_dir, source_dir, shape)
     load_seconds = time.perf_counter() - start
     released = ReleasedStyleDataset(ours.image_paths, ours.source_paths, shape)
     rows = []
@@ -133,8 +145,10 @@ def run(args: argparse.Namespace, train_dir: Path, source_dir: Path) -> dict:
         for name, dataset in (("released-style", released), ("ours", ours)):
             torch.manual_seed(args.seed)
             rate = samples_per_second(dataset, args.samples, workers, args.batch_size)
-            rows.append({"path": name, "workers": workers, "samples_per_s": rate, "per_core": rate / max(workers, 1)})
-            print(f"{name:15s} {'main' if workers == 0 else workers:>7} {rate:12.1f} {rate / max(workers, 1):10.1f}")
+            rows.append({"path": name, "workers": workers, "samples_per_s": rate,
+                         "per_core": rate / max(workers, 1)})
+            print(f"{name:15s} {'main' if workers == 0 else workers:>7} {rate:12.1f} "
+                  f"{rate / max(workers, 1):10.1f}")
     single = {r["path"]: r["samples_per_s"] for r in rows if r["workers"] == 0}
     return {
         "train_dir": str(train_dir), "anomaly_source_path": str(source_dir), "size": args.size,
@@ -155,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         if args.train_dir is None:
             print(f"making demo images ({args.demo_image_size} px) in a temporary folder ...")
-            demo = make_demo_dataset(scratch, image_size=args.demo_image_size, categories=("brick",), n_test_good=0,
-                                     n_test_per_defect=0)
+            demo = make_demo_dataset(scratch, image_size=args.demo_image_size, categories=("brick",),
+                                     n_test_good=0, n_test_per_defect=0)
             train_dir, source_dir = demo.mvtec_root / "brick" / "train" / "good", demo.texture_root
         elif args.anomaly_source_path is None:
             raise DraemInputError("--train_dir needs --anomaly_source_path too: "

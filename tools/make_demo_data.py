@@ -22,8 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="side of the square images written, in pixels (default: 256)")
     parser.add_argument("--seed", type=at_least(0), default=0,
                         help="random seed; the same seed writes the same files (default: 0)")
-    parser.add_argument("--n_train", type=at_least(1), default=40, help="defect-free training images per category (default: 40)")
-    parser.add_argument("--n_test_good", type=at_least(1), default=10, help="defect-free test images per category (default: 10)")
+    parser.add_argument("--n_train", type=at_least(1), default=40,
+                        help="defect-free training images per category (default: 40)")
+    parser.add_argument("--n_test_good", type=at_least(1), default=10,
+                        help="defect-free test images per category (default: 10)")
     parser.add_argument("--n_test_per_defect", type=at_least(1), default=5,
                         help="test images per defect type, 2 types per category (default: 5)")
     parser.add_argument("--n_sources", type=at_least(1), default=24,
@@ -39,8 +41,8 @@ def main(argv: list[str] | None = None) -> DemoDataset:
     args = parse_args(argv)
     start = time.perf_counter()
     demo = make_demo_dataset(
-        args.output_dir, args.image_size, args.seed, args.n_train, args.n_test_good, args.n_test_per_defect, args.n_sources,
-        tuple(args.categories), args.overwrite,
+        args.output_dir, args.image_size, args.seed, args.n_train, args.n_test_good, args.n_test_per_defect,
+        args.n_sources, tuple(args.categories), args.overwrite,
     )
     print(f"demo dataset: categories {', '.join(demo.categories)} in {demo.mvtec_root}, "
           f"anomaly sources in {demo.texture_root} ({time.perf_counter() - start:.1f} s)")

@@ -7,8 +7,10 @@ pretrained set uses `DRAEM_seg_large_ae_large_0.0001_800_bs8`.
 """
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import NamedTuple
+from zipfile import BadZipFile
 
 import torch
 from torch import nn
@@ -21,9 +23,10 @@ ANOMALIB_PREFIXES = {
     "reconstructive_subnetwork": "model.reconstructive_subnetwork.",
     "discriminative_subnetwork": "model.discriminative_subnetwork.",
 }
-# anomalib's SSPCAB block (its layers `masked_conv1..4`, `attention_module`) feeds the summed masked convolutions
-# straight into squeeze-and-excite; ours, like Ristea et al.'s, applies a ReLU first. No weight rewrite can bridge
-# that, so such checkpoints are refused rather than converted into a model that computes something else.
+# anomalib's SSPCAB block (its layers `masked_conv1..4`, `attention_module`) feeds the summed masked
+# convolutions straight into squeeze-and-excite; ours, like Ristea et al.'s, applies a ReLU first. No weight
+# rewrite can bridge that, so such checkpoints are refused rather than converted into a model that computes
+# something else.
 ANOMALIB_SSPCAB_MARKERS = (".masked_conv1.", ".attention_module.")
 # anomalib reads RGB and feeds its discriminator cat([image, reconstruction]); we read BGR and feed
 # cat((reconstruction, image)) (METHOD.md §1, §3). Each entry: (subnetwork, key, dim, index), where our
@@ -38,9 +41,11 @@ ANOMALIB_CHANNEL_REWRITES = (
 
 
 def run_base_name(lr: float, epochs: int, bs: int, seed: int = 0) -> str:
-    """Base name of the checkpoints of a training run: the released program's, plus `_seed<N>` for a seed other than 0.
+    """Base name of the checkpoints of a training run: the released program's, plus `_seed<N>` for a seed
+    other than 0.
 
-    So runs that differ only in --seed never overwrite each other, and the default run keeps the released name.
+    So runs that differ only in --seed never overwrite each other, and the default run keeps the released
+    name.
     """
     return f"DRAEM_test_{lr}_{epochs}_bs{bs}" + (f"_seed{seed}" if seed else "")
 
@@ -51,7 +56,8 @@ def checkpoint_paths(checkpoint_dir: str | os.PathLike, base_name: str, category
     return Path(checkpoint_dir) / f"{stem}.pckl", Path(checkpoint_dir) / f"{stem}_seg.pckl"
 
 
-def save_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> tuple[Path, Path]:
+def save_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_name: str,
+                    category: str) -> tuple[Path, Path]:
     """Write both subnetworks' state dicts atomically in the released naming; return the paths."""
     rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
     atomic_torch_save(model.reconstructive_subnetwork.state_dict(), rec_path)
@@ -59,43 +65,59 @@ def save_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_na
     return rec_path, seg_path
 
 
-def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """Load a state dict; a missing or unreadable file is a one-line DraemInputError.
+def load_failure(exc: BaseException) -> str:
+    """Why torch.load refused a file, in a few words: a pickled object that weights_only would not run, or the
+    first sentence of the error (a truncated or foreign file)."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    if found:
+        return f"it holds a pickled {found[1]}, not only tensors and plain values; it was not loaded"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
 
-    Only tensors are unpickled unless `trusted` (a Lightning checkpoint also pickles its hyper-parameters).
+
+def read_state_dict(path: str | os.PathLike, trusted: bool = False,
+                    trust_flag: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict as data (weights_only); a missing or unreadable file is a one-line DraemInputError.
+
+    Only tensors and plain values are unpickled unless `trusted` (a Lightning checkpoint also pickles its
+    hyper-parameters, which can run code). `trust_flag`: the program has --trust, so the error may suggest it.
     """
     path = Path(path)
     if not path.is_file():
         raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = "" if trusted else " (if it is a trusted Lightning checkpoint, pass --trust)"
-        raise DraemInputError(f"cannot read checkpoint {path}: {first_line}{hint}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, BadZipFile) as exc:
+        hint = (" (if it is a Lightning checkpoint you trust, pass --trust)" if trust_flag and not trusted
+                else "")
+        raise DraemInputError(f"cannot read checkpoint {path} ({load_failure(exc)}){hint}") from None
     if not isinstance(state, dict):
         raise DraemInputError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict")
     return state
 
 
 def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `module` strictly; the first missing, unexpected or mis-shaped key is a one-line error."""
+    """Load `state` into `module` strictly; the first missing, unexpected or mis-shaped key is a one-line
+    error."""
     expected = module.state_dict()
     for key, tensor in expected.items():
         if key not in state:
-            raise DraemInputError(f"{source}: missing key '{key}' (the model expects shape {tuple(tensor.shape)})")
+            raise DraemInputError(f"{source}: missing key '{key}' (the model expects shape "
+                                  f"{tuple(tensor.shape)})")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise DraemInputError(
                 f"{source}: key '{key}' has shape {tuple(state[key].shape)} but the model expects "
-                f"{tuple(tensor.shape)} (was it trained with another --base_width / --seg_base_width or --sspcab?)"
+                f"{tuple(tensor.shape)} (was it trained with another --base_width / --seg_base_width or "
+                f"--sspcab?)"
             )
     for key in state:
         if key not in expected:
-            raise DraemInputError(f"{source}: unexpected key '{key}' (not a DRAEM checkpoint of this model configuration?)")
+            raise DraemInputError(f"{source}: unexpected key '{key}' (not a DRAEM checkpoint of this model "
+                                  f"configuration?)")
     module.load_state_dict(state)
 
 
-def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_name: str, category: str) -> None:
+def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, base_name: str,
+                    category: str) -> None:
     """Load a category's checkpoint pair (ours or the authors' released files) into a DraemModel."""
     load_checkpoint_pair(model, read_checkpoint_pair(checkpoint_dir, base_name, category))
 
@@ -118,10 +140,12 @@ def read_checkpoint_pair(checkpoint_dir: str | os.PathLike, base_name: str, cate
     """
     rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
     rec_state, seg_state = read_state_dict(rec_path), read_state_dict(seg_path)
-    first_convs = ((rec_path, rec_state, "encoder.block1.0.weight"), (seg_path, seg_state, "encoder_segment.block1.0.weight"))
+    first_convs = ((rec_path, rec_state, "encoder.block1.0.weight"),
+                   (seg_path, seg_state, "encoder_segment.block1.0.weight"))
     for path, state, key in first_convs:
         if key not in state:
-            raise DraemInputError(f"{path}: missing key '{key}' (not a DRAEM checkpoint, or the two files are swapped?)")
+            raise DraemInputError(f"{path}: missing key '{key}' (not a DRAEM checkpoint, or the two files "
+                                  f"are swapped?)")
     config = {
         "base_width": rec_state["encoder.block1.0.weight"].shape[0],
         "seg_base_width": seg_state["encoder_segment.block1.0.weight"].shape[0],
@@ -144,8 +168,9 @@ def split_anomalib_state_dict(state: dict) -> dict[str, dict[str, torch.Tensor]]
     """
     state = state.get("state_dict", state)  # a Lightning checkpoint nests the weights
     if any(marker in key for key in state for marker in ANOMALIB_SSPCAB_MARKERS):
-        raise DraemInputError("this anomalib checkpoint uses SSPCAB, whose anomalib block has no ReLU after its masked "
-                              "convolutions (ours has one): it cannot be converted exactly, so it is not converted")
+        raise DraemInputError("this anomalib checkpoint uses SSPCAB, whose anomalib block has no ReLU after "
+                              "its masked convolutions (ours has one): it cannot be converted exactly, so it "
+                              "is not converted")
     parts = {}
     for name, prefix in ANOMALIB_PREFIXES.items():
         parts[name] = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
@@ -166,22 +191,26 @@ def anomalib_to_released(state: dict, source: str) -> dict[str, dict[str, torch.
         tensor = parts[name].get(key)
         if tensor is None or tensor.dim() <= dim or tensor.shape[dim] != len(index):
             found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
-            raise DraemInputError(f"{source} ({name}): key '{key}' is {found}, expected {len(index)} channels along dim {dim}")
+            raise DraemInputError(f"{source} ({name}): key '{key}' is {found}, expected {len(index)} "
+                                  f"channels along dim {dim}")
         parts[name][key] = tensor.index_select(dim, torch.tensor(index))
     return parts
 
 
 def load_anomalib_checkpoint(model: nn.Module, path: str | os.PathLike, trusted: bool = False) -> None:
-    """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`, converted for BGR input."""
-    for name, state in anomalib_to_released(read_state_dict(path, trusted), str(path)).items():
+    """Load an anomalib DRAEM checkpoint (keys `model.<subnetwork>.*`) into `model`, converted for BGR
+    input."""
+    for name, state in anomalib_to_released(read_state_dict(path, trusted, trust_flag=True),
+                                            str(path)).items():
         load_state_dict_checked(getattr(model, name), state, f"{path} ({name})")
 
 
 def convert_anomalib_checkpoint(
-    path: str | os.PathLike, checkpoint_dir: str | os.PathLike, base_name: str, category: str, trusted: bool = False
+    path: str | os.PathLike, checkpoint_dir: str | os.PathLike, base_name: str, category: str,
+    trusted: bool = False
 ) -> tuple[Path, Path]:
     """Rewrite an anomalib DRAEM checkpoint as a released-format pair for BGR input; return the two paths."""
-    parts = anomalib_to_released(read_state_dict(path, trusted), str(path))
+    parts = anomalib_to_released(read_state_dict(path, trusted, trust_flag=True), str(path))
     rec_path, seg_path = checkpoint_paths(checkpoint_dir, base_name, category)
     atomic_torch_save(parts["reconstructive_subnetwork"], rec_path)
     atomic_torch_save(parts["discriminative_subnetwork"], seg_path)

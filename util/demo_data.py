@@ -52,8 +52,10 @@ def _as_bgr(photo: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(photo[..., :3], cv2.COLOR_RGB2BGR)
 
 
-def texture_image(texture: np.ndarray, tint: tuple[float, float, float], size: int, rng: np.random.Generator) -> np.ndarray:
-    """One defect-free sample of a texture: random crop (3/4 of the side), flip, lighting and sensor noise, tinted BGR."""
+def texture_image(texture: np.ndarray, tint: tuple[float, float, float], size: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """One defect-free sample of a texture: random crop (3/4 of the side), flip, lighting and sensor noise,
+    tinted BGR."""
     crop = texture.shape[0] * 3 // 4
     y, x = rng.integers(0, texture.shape[0] - crop + 1), rng.integers(0, texture.shape[1] - crop + 1)
     patch = texture[y : y + crop, x : x + crop]
@@ -85,7 +87,8 @@ def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple
     elif kind == "cut":
         start, angle = _random_point(size, rng), rng.uniform(0, 2 * np.pi)
         end = start + rng.uniform(0.2, 0.5) * size * np.array([np.cos(angle), np.sin(angle)])
-        cv2.line(canvas, tuple(start.astype(int)), tuple(np.clip(end, 0, size - 1).astype(int)), 255, max(3, size // 40))
+        cv2.line(canvas, tuple(start.astype(int)), tuple(np.clip(end, 0, size - 1).astype(int)), 255,
+                 max(3, size // 40))
         paint = np.full(3, rng.uniform(5, 30), dtype=np.float32)
     elif kind == "spot":
         for _ in range(int(rng.integers(1, 4))):
@@ -103,14 +106,17 @@ def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple
 def write_category(
     folder: Path, category: str, size: int, seed: int, n_train: int, n_test_good: int, n_test_per_defect: int
 ) -> None:
-    """One MVTec-format category: train/good, test/good, test/<defect> and ground_truth/<defect>/<name>_mask.png."""
+    """One MVTec-format category: train/good, test/good, test/<defect> and
+    ground_truth/<defect>/<name>_mask.png."""
     texture_name, tint, defects = CATEGORY_STYLES[category]
     texture = getattr(skimage.data, texture_name)()
     rng = np.random.default_rng([seed, DEMO_CATEGORIES.index(category)])
     for i in range(n_train):
-        atomic_write_bytes(folder / "train" / "good" / f"{i:03d}.png", _png(texture_image(texture, tint, size, rng)))
+        atomic_write_bytes(folder / "train" / "good" / f"{i:03d}.png",
+                           _png(texture_image(texture, tint, size, rng)))
     for i in range(n_test_good):
-        atomic_write_bytes(folder / "test" / "good" / f"{i:03d}.png", _png(texture_image(texture, tint, size, rng)))
+        atomic_write_bytes(folder / "test" / "good" / f"{i:03d}.png",
+                           _png(texture_image(texture, tint, size, rng)))
     for defect in defects:
         for i in range(n_test_per_defect):
             image, mask = draw_defect(texture_image(texture, tint, size, rng), defect, rng)
@@ -119,9 +125,11 @@ def write_category(
 
 
 def write_sources(folder: Path, seed: int, count: int) -> None:
-    """`count` JPEG anomaly sources laid out like DTD (images/<name>/<name>_<i>.jpg): crops of sample photographs, 200-400 px."""
+    """`count` JPEG anomaly sources laid out like DTD (images/<name>/<name>_<i>.jpg): crops of sample
+    photographs, 200-400 px."""
     rng = np.random.default_rng([seed, len(DEMO_CATEGORIES)])
-    photos = {name: _as_bgr(getattr(skimage.data, name)()) for name in SOURCE_PHOTOS[: min(count, len(SOURCE_PHOTOS))]}
+    photos = {name: _as_bgr(getattr(skimage.data, name)())
+              for name in SOURCE_PHOTOS[: min(count, len(SOURCE_PHOTOS))]}
     names = list(photos)
     for i in range(count):
         name = names[i % len(names)]
@@ -135,7 +143,8 @@ def write_sources(folder: Path, seed: int, count: int) -> None:
 
 
 def _holds_only_demo_data(demo: DemoDataset) -> bool:
-    """Whether mvtec/ and textures/ hold nothing but what this script writes, so --overwrite may delete them."""
+    """Whether mvtec/ and textures/ hold nothing but what this script writes, so --overwrite may delete
+    them."""
     categories = [p.name for p in demo.mvtec_root.iterdir()] if demo.mvtec_root.is_dir() else []
     texture_sets = [p.name for p in demo.texture_root.iterdir()] if demo.texture_root.is_dir() else []
     return set(categories) <= set(DEMO_CATEGORIES) and set(texture_sets) <= {"images"}
@@ -152,7 +161,8 @@ def make_demo_dataset(
     categories: tuple[str, ...] = DEMO_CATEGORIES,
     overwrite: bool = False,
 ) -> DemoDataset:
-    """Write the demo dataset under `root` (root/mvtec/<category>/..., root/textures/...) and return its folders.
+    """Write the demo dataset under `root` (root/mvtec/<category>/..., root/textures/...) and return its
+    folders.
 
     It is built in a scratch folder and moved into place at the end (mvtec/ last), so an
     interrupted run never leaves a partial dataset where a training script would use it.
@@ -167,13 +177,16 @@ def make_demo_dataset(
     final = DemoDataset(root / "mvtec", root / "textures", tuple(categories))
     if final.mvtec_root.exists() or final.texture_root.exists():
         if not overwrite:
-            raise DraemInputError(f"{final.mvtec_root} or {final.texture_root} already exists: delete it or pass --overwrite")
+            raise DraemInputError(f"{final.mvtec_root} or {final.texture_root} already exists: delete it or "
+                                  f"pass --overwrite")
         if not _holds_only_demo_data(final):
-            raise DraemInputError(f"{root} holds data that is not a demo dataset (e.g. MVTec AD itself); choose another folder")
+            raise DraemInputError(f"{root} holds data that is not a demo dataset (e.g. MVTec AD itself); "
+                                  f"choose another folder")
     scratch = root / ".demo-building"
     shutil.rmtree(scratch, ignore_errors=True)
     for category in categories:
-        write_category(scratch / "mvtec" / category, category, image_size, seed, n_train, n_test_good, n_test_per_defect)
+        write_category(scratch / "mvtec" / category, category, image_size, seed, n_train, n_test_good,
+                       n_test_per_defect)
     write_sources(scratch / "textures", seed, n_sources)
     for built, target in ((scratch / "textures", final.texture_root), (scratch / "mvtec", final.mvtec_root)):
         shutil.rmtree(target, ignore_errors=True)

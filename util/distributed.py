@@ -29,7 +29,8 @@ def launched_by_torchrun() -> bool:
 def process_group(device_name: str = "auto", gpu_id: int = 0) -> Iterator[torch.device]:
     """Yield this process's device; under torchrun, join the process group for the duration.
 
-    The backend follows the device: nccl on CUDA (device cuda:LOCAL_RANK, so --gpu_id is not used), gloo on the CPU.
+    The backend follows the device: nccl on CUDA (device cuda:LOCAL_RANK, so --gpu_id is not used), gloo on
+    the CPU.
     A process group that the caller already set up (training called from a larger program) is used as it is.
     """
     if not launched_by_torchrun():
@@ -41,7 +42,8 @@ def process_group(device_name: str = "auto", gpu_id: int = 0) -> Iterator[torch.
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
     try:
         yield device
     finally:
@@ -57,25 +59,28 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """True in the process that writes checkpoints, logs and images (rank 0; the only process without torchrun)."""
+    """True in the process that writes checkpoints, logs and images (rank 0; the only process without
+    torchrun)."""
     return rank() == 0
 
 
 def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
     """The module to call in the training loop: `model` itself in a single process, else DDP around it.
 
-    `model` stays the unwrapped module (DDP keeps it as `.module`): save it, read its `sspcab_io`, evaluate it.
+    `model` stays the unwrapped module (DDP keeps it as `.module`): save it, read its `sspcab_io`, evaluate
+    it.
     SyncBatchNorm replaces the BatchNorm layers in place and shares their parameters and buffers, so the
     checkpoint keys do not change.
     """
     if not dist.is_initialized():
         if sync_bn:
-            print("note: --sync_bn has no effect in a single process (there are no other batches to sync with)")
+            print("note: --sync_bn has no effect in a single process (there are no other batches to sync "
+                  "with)")
         return model
     if sync_bn:
         if device.type != "cuda":
-            raise DraemInputError("--sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU implementation "
-                                  "(leave it out on the CPU)")
+            raise DraemInputError("--sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU "
+                                  "implementation (leave it out on the CPU)")
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -84,7 +89,8 @@ def rank_sampler(dataset: Dataset) -> DistributedSampler | None:
     """None in a single process; else a sampler giving this rank ceil(len / world_size) of each epoch's items.
 
     The training dataset ignores the index (every item is a fresh random draw from the rank's own seeded
-    stream), so the sampler only fixes how many items each rank draws: together, one epoch as in a single process.
+    stream), so the sampler only fixes how many items each rank draws: together, one epoch as in a single
+    process.
     """
     if not dist.is_initialized():
         return None
@@ -92,7 +98,8 @@ def rank_sampler(dataset: Dataset) -> DistributedSampler | None:
 
 
 def average(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean of `values` (on this rank's device) over all ranks; `values` itself in a single process."""
+    """Element-wise mean of `values` (on this rank's device) over all ranks; `values` itself in a single
+    process."""
     if not dist.is_initialized():
         return values
     values = values.detach().clone()  # all_reduce works in place

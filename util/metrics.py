@@ -26,8 +26,11 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from util.atomic import atomic_write_text
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max")
-# At the image threshold calibrated without the test set (calibration.py); F1-max above is chosen on the test set,
-# an upper bound. Empty where a checkpoint has no threshold file.
+# MVTec AD 2's leaderboard metrics at each image's own resolution (FullResolutionEvaluator), in its layout's
+# tables only.
+AD2_METRICS = ("aupro_005", "seg_f1", "class_f1")
+# At the image threshold calibrated without the test set (util/thresholds.py); F1-max above is chosen on the
+# test set, an upper bound. Empty where a checkpoint has no threshold file.
 THRESHOLD_METRICS = ("image_precision_at_t", "image_recall_at_t", "image_f1_at_t")
 TABLE_METRICS = (*METRICS, *THRESHOLD_METRICS)
 PAPER_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
@@ -40,7 +43,8 @@ POOL_SIZE = 21
 
 
 class CategoryResult(NamedTuple):
-    """What evaluating one category found: its metrics and, per test image, what the metrics were computed from."""
+    """What evaluating one category found: its metrics and, per test image, what the metrics were computed
+    from."""
 
     metrics: dict[str, float]
     scores: np.ndarray  # (N,) float32 image scores
@@ -48,6 +52,7 @@ class CategoryResult(NamedTuple):
     maps: np.ndarray  # N×H×W float32 anomaly maps
     masks: np.ndarray  # N×H×W uint8 ground truth after the released cast (1 = anomalous pixel)
     paths: list[str]  # the test images, in evaluation order
+
 
 def image_scores(anomaly_map: torch.Tensor) -> torch.Tensor:
     """Image anomaly scores (N,) from pixel maps N×1×H×W: max of the 21×21 average-pooled map."""
@@ -86,7 +91,8 @@ class DraemEvaluator:
 
     def __init__(self, num_images: int, height: int, width: int):
         if num_images < 1 or height < 1 or width < 1:
-            raise ValueError(f"evaluator needs at least one image of positive size, got {num_images}×{height}×{width}")
+            raise ValueError(f"evaluator needs at least one image of positive size, got "
+                             f"{num_images}×{height}×{width}")
         self.maps = np.zeros((num_images, height, width), dtype=np.float32)
         self.masks = np.zeros((num_images, height, width), dtype=np.uint8)
         self.scores = np.zeros(num_images, dtype=np.float32)
@@ -94,7 +100,8 @@ class DraemEvaluator:
         self.count = 0
 
     def update(
-        self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, scores: torch.Tensor | None = None
+        self, anomaly_map: torch.Tensor, mask: torch.Tensor, label: torch.Tensor,
+        scores: torch.Tensor | None = None
     ) -> None:
         """Add a batch: maps N×1×H×W, float masks N×1×H×W in [0, 1], labels (N,) or (N, 1) of 0/1.
 
@@ -104,7 +111,8 @@ class DraemEvaluator:
         expected = (n, 1, *self.maps.shape[1:])
         if tuple(anomaly_map.shape) != expected or tuple(mask.shape) != expected:
             raise ValueError(
-                f"expected anomaly map and mask of shape {expected}, got {tuple(anomaly_map.shape)} and {tuple(mask.shape)}"
+                f"expected anomaly map and mask of shape {expected}, got {tuple(anomaly_map.shape)} and "
+                f"{tuple(mask.shape)}"
             )
         labels = label.detach().cpu().reshape(-1)
         if labels.numel() != n or not bool(((labels == 0) | (labels == 1)).all()):
@@ -131,7 +139,7 @@ class DraemEvaluator:
         return {
             "image_auroc": float(roc_auc_score(labels, scores)),
             "image_ap": float(average_precision_score(labels, scores)),
-            "image_f1_max": f1_max(labels, scores),
+            "image_f1_max": f1_max_threshold(labels, scores)[1],
         }
 
     def _pixel_metrics(self) -> dict[str, float]:
@@ -147,12 +155,22 @@ class DraemEvaluator:
 
 # --- metrics beyond the released program -----------------------------------------------------
 
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Best F1 over all thresholds of the precision-recall curve."""
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    return float(f1.max())
+def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) where calling scores >= threshold positive maximises F1; the lowest such threshold on
+    ties.
+
+    Candidates are the thresholds of sklearn's precision_recall_curve (the distinct scores, down to the
+    first that reaches full recall). F1 = 2·TP / (called + positives) is computed from integer counts,
+    so thresholds with mathematically equal F1 get bitwise equal values and the tie rule holds;
+    2PR / (P + R) from the curve's rounded precision and recall can differ in the last bit.
+    """
+    labels, scores = np.asarray(labels).ravel() == 1, np.asarray(scores).ravel()
+    _, _, thresholds = precision_recall_curve(labels, scores)  # increasing
+    called = scores.size - np.searchsorted(np.sort(scores), thresholds, side="left")
+    hits = labels.sum() - np.searchsorted(np.sort(scores[labels]), thresholds, side="left")
+    f1 = 2 * hits / (called + labels.sum())
+    best = int(np.argmax(f1))  # the first maximum: the lowest threshold reaching it
+    return float(thresholds[best]), float(f1[best])
 
 
 def _region_weights(masks: np.ndarray) -> np.ndarray:
@@ -215,6 +233,82 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
+# --- MVTec AD 2's leaderboard metrics, at each image's own resolution ---------------------------
+
+def f1_from_counts(true_positives: int, false_positives: int, false_negatives: int) -> float:
+    """2·TP / (2·TP + FP + FN); NaN when there is nothing to find and nothing was called."""
+    denominator = 2 * true_positives + false_positives + false_negatives
+    return 2 * true_positives / denominator if denominator else math.nan
+
+
+class FullResolutionEvaluator:
+    """AU-PRO@0.05, SegF1 and ClassF1 (MVTec AD 2's leaderboard) over float16 maps at each image's own
+    resolution, one image at a time in fixed memory.
+
+    AU-PRO@0.05: the per-region-overlap curve of `aupro`, integrated up to FPR 0.05 and divided by 0.05. A
+    float16 map takes at most 2**15 non-negative values whose bit patterns sort like the values, so per-value
+    counts of normal pixels and per-value sums of region weights (1 / region size; 8-connected regions of each
+    image) give the curve at every distinct value: exactly what `aupro` computes on all pixels at once,
+    without holding them.
+    SegF1: F1 of the submitted binary masks against the ground truth, pooled over all pixels of all images
+    (one TP, FP and FN count for the whole test set). ClassF1: F1 of the image decisions
+    (`util.ad2.image_decision`) against the image labels. Without masks and decisions (no thresholds) both are
+    NaN.
+    """
+
+    FPR_LIMIT = 0.05
+    BINS = 2**15  # the non-negative float16 bit patterns
+
+    def __init__(self):
+        self.normal = np.zeros(self.BINS, dtype=np.int64)  # normal pixels per float16 value
+        # sum over anomalous pixels of 1 / their region's size
+        self.overlap = np.zeros(self.BINS, dtype=np.float64)
+        self.regions = 0
+        self.pixels = np.zeros(3, dtype=np.int64)  # TP, FP, FN of the submitted masks
+        self.images = np.zeros(3, dtype=np.int64)  # TP, FP, FN of the image decisions
+        self.thresholded = True
+
+    def update(self, amap: np.ndarray, truth: np.ndarray, label: int, predicted: np.ndarray | None = None,
+               called: bool | None = None) -> None:
+        """One image: its float16 map and bool ground truth (H×W, its own size), label 1 = anomalous, and the
+        submitted bool mask and image decision (None without thresholds)."""
+        if amap.dtype != np.float16 or amap.shape != truth.shape or amap.ndim != 2:
+            raise ValueError(f"expected an H×W float16 map and an H×W mask, got {amap.dtype} {amap.shape}, "
+                             f"{truth.shape}")
+        if (amap < 0).any() or not np.isfinite(amap).all():
+            raise ValueError("anomaly maps must be finite and non-negative")
+        truth = truth.astype(bool)
+        bins = (amap + np.float16(0)).view(np.uint16)  # + 0 turns a -0.0 into 0.0, the lowest bin
+        self.normal += np.bincount(bins[~truth], minlength=self.BINS)
+        ids, count = label_regions(truth, connectivity=2, return_num=True)
+        if count:
+            sizes = np.bincount(ids.ravel())
+            self.overlap += np.bincount(bins[truth], weights=1.0 / sizes[ids[truth]], minlength=self.BINS)
+            self.regions += count
+        if predicted is None or called is None:
+            self.thresholded = False
+            return
+        predicted = predicted.astype(bool)
+        self.pixels += [np.sum(predicted & truth), np.sum(predicted & ~truth), np.sum(~predicted & truth)]
+        self.images += [called and label == 1, called and label == 0, not called and label == 1]
+
+    def compute(self) -> dict[str, float]:
+        """aupro_005, seg_f1, class_f1 as fractions (NaN where undefined, with a warning for AU-PRO)."""
+        if not self.regions or not self.normal.sum():
+            warnings.warn("full-resolution AU-PRO: no anomalous or no normal pixel, so it is undefined (NaN)",
+                          RuntimeWarning, stacklevel=2)
+            aupro_005 = math.nan
+        else:
+            # From the highest value down: the pixels at or above each value, as the threshold falls.
+            fpr = np.concatenate([[0.0], np.cumsum(self.normal[::-1]) / self.normal.sum()])
+            pro = np.concatenate([[0.0], np.cumsum(self.overlap[::-1]) / self.regions])
+            aupro_005 = _area_up_to(fpr, pro, self.FPR_LIMIT) / self.FPR_LIMIT
+        if not self.thresholded:
+            return {"aupro_005": aupro_005, "seg_f1": math.nan, "class_f1": math.nan}
+        return {"aupro_005": aupro_005, "seg_f1": f1_from_counts(*self.pixels.tolist()),
+                "class_f1": f1_from_counts(*self.images.tolist())}
+
+
 # --- results tables --------------------------------------------------------------------------
 
 def _percent(value: float | None) -> float | None:
@@ -233,27 +327,29 @@ def _paper_value(categories: list[str], metric: str) -> float | None:
 
 
 def _row(
-    category: str, ours: dict[str, float | None], paper_categories: list[str], spread: dict[str, float | None] | None
+    category: str, ours: dict[str, float | None], paper_categories: list[str],
+    spread: dict[str, float | None] | None
 ) -> dict:
     """One table row: our metrics in percent (with their standard deviation over runs when `spread` is given),
     plus paper value and delta for the paper's metrics."""
     row: dict = {"category": category}
-    for metric in TABLE_METRICS:
-        row[metric] = ours.get(metric)
+    for metric, value in ours.items():
+        row[metric] = value
         if spread is not None:
             row[f"{metric}_std"] = spread.get(metric)
         if metric in PAPER_METRICS:
             paper = _paper_value(paper_categories, metric)
             row[f"{metric}_paper"] = paper
-            row[f"{metric}_delta"] = None if paper is None or ours[metric] is None else round(ours[metric] - paper, 2)
+            row[f"{metric}_delta"] = None if paper is None or value is None else round(value - paper, 2)
     return row
 
 
-def _mean_and_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof 1) in percent of per-run fractions; None if any run lacks the value."""
+def mean_and_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) of one metric over runs; NaN for both when any run lacks it
+    (None or NaN), the std NaN for a single run."""
     if any(v is None or math.isnan(v) for v in values):
-        return None, None
-    return _percent(float(np.mean(values))), _percent(float(np.std(values, ddof=1)))
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
 def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
@@ -269,6 +365,8 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     if not runs or not runs[0]:
         raise ValueError("no categories were evaluated, so there is no results table")
     categories = list(runs[0])
+    # MVTec AD 2's metrics have columns only in its tables, so every other table keeps its columns.
+    table_metrics = TABLE_METRICS + tuple(m for m in AD2_METRICS if m in runs[0][categories[0]])
 
     def value(run: dict, category: str, metric: str) -> float | None:
         return run[category].get(metric)
@@ -280,7 +378,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     rows = []
     for category in categories + [MEAN_ROW]:
         ours, spread = {}, {} if len(runs) > 1 else None
-        for metric in TABLE_METRICS:
+        for metric in table_metrics:
             if category == MEAN_ROW:
                 per_run = [category_mean(run, metric) for run in runs]
             else:
@@ -288,7 +386,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
             if spread is None:
                 ours[metric] = None if per_run[0] is None else _percent(per_run[0])
             else:
-                ours[metric], spread[metric] = _mean_and_std(per_run)
+                ours[metric], spread[metric] = (_percent(v) for v in mean_and_std(per_run))
         rows.append(_row(category, ours, categories if category == MEAN_ROW else [category], spread))
     return rows
 
@@ -296,7 +394,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
 def _columns(rows: list[dict]) -> list[str]:
     """Column keys of results rows, in table order (a `_std` column only in rows that have one)."""
     columns = ["category"]
-    for metric in TABLE_METRICS:
+    for metric in TABLE_METRICS + tuple(m for m in AD2_METRICS if m in rows[0]):
         columns.append(metric)
         if f"{metric}_std" in rows[0]:
             columns.append(f"{metric}_std")
@@ -319,8 +417,8 @@ def _cell(key: str, value: float | str | None) -> str:
 
 
 def format_markdown(rows: list[dict]) -> str:
-    """A Markdown table of results rows (percent; 'mean ± std' over runs when there are several; 'paper' and 'Δ'
-    beside the paper's metrics; `_at_t` columns: at the calibrated threshold)."""
+    """A Markdown table of results rows (percent; 'mean ± std' over runs when there are several; 'paper' and
+    'Δ' beside the paper's metrics; `_at_t` columns: at the calibrated threshold)."""
     columns = [c for c in _columns(rows) if not c.endswith("_std")]
     header = [c.replace("_paper", " paper").replace("_delta", " Δ") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
@@ -344,13 +442,18 @@ def _format_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_results(rows: list[dict], output_dir: str | Path, stem: str) -> dict[str, Path]:
-    """Write the rows as <stem>.md, <stem>.csv and <stem>.json (missing values null) atomically."""
+def write_results(rows: list[dict], output_dir: str | Path, stem: str,
+                  provenance: dict | None = None) -> dict[str, Path]:
+    """Write the rows as <stem>.md, <stem>.csv and <stem>.json atomically.
+
+    The JSON is {"rows": the rows (missing values null), "provenance": what produced them (provenance.py) or
+    null}.
+    """
     output_dir = Path(output_dir)
     texts = {
         "md": format_markdown(rows),
         "csv": _format_csv(rows),
-        "json": json.dumps(rows, indent=2, allow_nan=False) + "\n",
+        "json": json.dumps({"rows": rows, "provenance": provenance}, indent=2, allow_nan=False) + "\n",
     }
     paths = {}
     for suffix, text in texts.items():

@@ -1,10 +1,10 @@
 """Pictures: the training grid (train --visualize), per-image heat-map overlays (test --save_images) and the
 training curves (one PNG per run, redrawn from the per-epoch log records after every epoch, METHOD.md §4, §5).
 
-Images are BGR uint8 arrays, as OpenCV reads and writes them; inputs are the loader's float tensors (or arrays)
-in [0, 1], channels first, BGR. Curves are drawn with matplotlib's object interface (a `Figure` rendered by the
-Agg canvas), never pyplot: no global figure state and no display backend, so it works the same in a headless
-training job and in tests.
+Images are BGR uint8 arrays, as OpenCV reads and writes them; inputs are the loader's float tensors (or
+arrays) in [0, 1], channels first, BGR. Curves are drawn with matplotlib's object interface (a `Figure`
+rendered by the Agg canvas), never pyplot: no global figure state and no display backend, so it works the same
+in a headless training job and in tests.
 """
 import io
 import os
@@ -84,7 +84,8 @@ def training_grid(
     columns = (augmented, reconstruction, target, true_mask, pred_mask)
     if len({(c.shape[0], *c.shape[2:]) for c in columns}) != 1 or max_rows < 1:
         raise ValueError(
-            f"training grid needs tensors with equal N, H, W and max_rows >= 1, got {[tuple(c.shape) for c in columns]}"
+            f"training grid needs tensors with equal N, H, W and max_rows >= 1, got "
+            f"{[tuple(c.shape) for c in columns]}"
         )
     rows = [_join([_to_bgr(c[i]) for c in columns], axis=1) for i in range(min(len(augmented), max_rows))]
     return _join(rows, axis=0)
@@ -148,13 +149,16 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a BGR uint8 image as PNG atomically (never a half-written file)."""
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
-        raise RuntimeError(f"could not encode an image of shape {image.shape} and dtype {image.dtype} as PNG for {path}")
+        raise RuntimeError(f"could not encode an image of shape {image.shape} and dtype {image.dtype} as PNG "
+                           f"for {path}")
     atomic_write_bytes(path, encoded.tobytes())
 
 
 # The logged loss and its parts (METHOD.md §4); "ssim" is the loss term 1 − SSIM, not SSIM itself.
-LOSS_LABELS = {"loss": "total", "l2": "L2 (MSE)", "ssim": "1 − SSIM", "focal": "focal", "sspcab": "SSPCAB (weighted)"}
-METRIC_SETS = {"val_": "validation", "test_": "test"}  # held-out synthetic anomalies; the test set (--val_test)
+LOSS_LABELS = {"loss": "total", "l2": "L2 (MSE)", "ssim": "1 − SSIM", "focal": "focal",
+               "sspcab": "SSPCAB (weighted)"}
+# held-out synthetic anomalies; the test set (--val_test)
+METRIC_SETS = {"val_": "validation", "test_": "test"}
 NOT_METRICS = {"val_seconds"}  # a duration logged beside the metrics, not a fraction
 SIZE_INCHES, DPI = (12.0, 3.5), 100
 
@@ -166,8 +170,10 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _metric_keys(records: list[dict]) -> list[str]:
-    """The val_*/test_* metric keys of any record, in first-logged order (validation may run only every N epochs)."""
-    keys = dict.fromkeys(k for r in records for k in r if k.startswith(tuple(METRIC_SETS)) and k not in NOT_METRICS)
+    """The val_*/test_* metric keys of any record, in first-logged order (validation may run only every N
+    epochs)."""
+    keys = dict.fromkeys(k for r in records for k in r
+                         if k.startswith(tuple(METRIC_SETS)) and k not in NOT_METRICS)
     return list(keys)
 
 
@@ -175,7 +181,8 @@ def _finish(ax, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, also for a 1-epoch log
+    # whole epochs, also for a 1-epoch log
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small", ncol=2 if len(ax.lines) > 6 else 1)
@@ -195,7 +202,8 @@ def save_training_curves(records: list[dict], path: str | os.PathLike) -> None:
     _finish(loss_ax, "Training loss (mean per epoch)", "loss")
     epochs, values = _series(records, "lr")
     lr_ax.plot(epochs, values, marker=".", label="Adam lr")
-    lr_ax.set_yscale("log")  # MultiStepLR drops it ×0.2 twice (METHOD.md §5): steps of equal height on a log axis
+    # MultiStepLR drops it ×0.2 twice (METHOD.md §5): steps of equal height on a log axis
+    lr_ax.set_yscale("log")
     _finish(lr_ax, "Learning rate", "learning rate (log scale)")
     if metrics:
         metric_ax = axes[2]
@@ -203,10 +211,12 @@ def save_training_curves(records: list[dict], path: str | os.PathLike) -> None:
         for key in metrics:
             prefix, name = key.split("_", 1)
             epochs, values = _series(records, key)
-            metric_ax.plot(epochs, values, marker="o", markersize=3, label=key, color=f"C{names.index(name) % 10}",
-                           linestyle="-" if prefix == "val" else "--")  # same metric, same colour; test set dashed
+            metric_ax.plot(epochs, values, marker="o", markersize=3, label=key,
+                           # same metric, same colour; test set dashed
+                           color=f"C{names.index(name) % 10}", linestyle="-" if prefix == "val" else "--")
         metric_ax.set_ylim(-0.02, 1.02)  # fractions
-        sets = " and ".join(name for prefix, name in METRIC_SETS.items() if any(k.startswith(prefix) for k in metrics))
+        sets = " and ".join(name for prefix, name in METRIC_SETS.items()
+                            if any(k.startswith(prefix) for k in metrics))
         _finish(metric_ax, f"Metrics on the {sets} set", "fraction")
     category = records[-1].get("category") if records else None
     if category:

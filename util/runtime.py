@@ -1,4 +1,5 @@
-"""Where and how the networks run: device selection and the fast-path options (precision, memory layout, compilation)."""
+"""Where and how the networks run: device selection and the fast-path options (precision, memory layout,
+compilation)."""
 import contextlib
 
 import torch
@@ -8,14 +9,16 @@ from util.errors import DraemInputError
 
 
 def select_device(name: str = "auto", gpu_id: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear error."""
+    """`auto` picks CUDA when present; `cuda` means `cuda:<gpu_id>`; asking for CUDA without one is a clear
+    error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         raise DraemInputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:<index>")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
+            raise DraemInputError(f"--device {name} asked for, but no CUDA device is available (use --device "
+                                  f"cpu)")
         return torch.device(f"cuda:{gpu_id}") if name == "cuda" else torch.device(name)
     return torch.device(name)
 
@@ -37,7 +40,8 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """An N×C×H×W batch in channels-last layout when asked (what cuDNN's fastest kernels want); else unchanged."""
+    """An N×C×H×W batch in channels-last layout when asked (what cuDNN's fastest kernels want); else
+    unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
