@@ -83,7 +83,8 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
     def recorded_step(*args, **kwargs):  # this rank's own loss and parts, before any reduction over the ranks
         train_mode = args[1].training  # the DraemModel itself (args[0] is DDP around it)
         loss, parts, *rest = step(*args, **kwargs)
-        note(step_loss=loss.item(), step_parts={name: value.item() for name, value in parts.items()}, train_mode=train_mode)
+        note(step_loss=loss.item(), step_parts={name: value.item() for name, value in parts.items()},
+             train_mode=train_mode)
         return (loss, parts, *rest)
 
     train_draem.train_step = recorded_step
@@ -186,7 +187,8 @@ def test_the_logged_losses_are_the_mean_over_the_ranks(ddp_runs):
 
 
 def test_every_step_trains_in_train_mode_also_after_rank_0_validated(ddp_runs):
-    """Rank 0 validates after epoch 1 (the model in eval mode); epoch 2 must train with batch statistics again."""
+    """Rank 0 validates after epoch 1 (the model in eval mode); epoch 2 must train with batch statistics
+    again."""
     for rank in (0, 1):
         assert records(ddp_runs, rank, "full", "train_mode") == [True] * EPOCHS, rank
 

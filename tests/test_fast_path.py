@@ -158,7 +158,8 @@ def test_an_inductor_compiled_train_step_runs_on_cpu_and_matches_eager(trained_s
 
 def test_cuda_devices_follow_gpu_id_unless_the_index_is_given(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch.device needs no GPU to be made
-    assert select_device("cuda", 3) == torch.device("cuda:3") and select_device("auto", 2) == torch.device("cuda:2")
+    assert select_device("cuda", 3) == torch.device("cuda:3")
+    assert select_device("auto", 2) == torch.device("cuda:2")
     assert select_device("cuda:1", 3) == torch.device("cuda:1") and select_device("cpu", 3) == CPU
 
 

@@ -181,7 +181,8 @@ def test_threshold_file_gives_is_anomalous_and_defect_masks_and_threshold_overri
 
 def test_the_csv_holds_every_digit_of_the_float32_score():
     scores = [float(np.float32(0.123456789)), float(np.float32(1e-9)), None]
-    text = scores_csv([Path("a.png"), Path("b.png"), Path("c.png")], scores, ["", "", "unreadable"], 0.1234567)
+    paths = [Path("a.png"), Path("b.png"), Path("c.png")]
+    text = scores_csv(paths, scores, ["", "", "unreadable"], 0.1234567)
     rows = list(csv.DictReader(text.splitlines()))
     assert [float(row["image_score"]) for row in rows[:2]] == scores[:2]  # read back exactly, not rounded
     assert [row["is_anomalous"] for row in rows] == ["1", "0", ""] and rows[2]["image_score"] == ""

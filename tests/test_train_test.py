@@ -50,11 +50,13 @@ def test_train_then_test_end_to_end(tiny_mvtec, tmp_path, monkeypatch):
     log = [json.loads(line)
            for line in (tmp_path / "logs" / f"{base}_brick_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
-    # 6 images in batches of 4: 2 steps per epoch; the log holds each epoch's mean of its steps (float32: 1e-6).
+    # 6 images in batches of 4: 2 steps per epoch; the log holds each epoch's mean of its steps
+    # (float32: 1e-6).
     assert len(steps) == 4 and steps[0]["loss"] != steps[1]["loss"]
     for epoch, record in enumerate(log):
         for key in ("loss", "l2", "ssim", "focal"):
-            assert record[key] == pytest.approx((steps[2 * epoch][key] + steps[2 * epoch + 1][key]) / 2, rel=1e-6), key
+            mean = (steps[2 * epoch][key] + steps[2 * epoch + 1][key]) / 2
+            assert record[key] == pytest.approx(mean, rel=1e-6), key
     assert list((tmp_path / "logs").glob("*_step*.png")), "--visualize wrote no sample grid"
 
     results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root),
