@@ -52,6 +52,8 @@ def test_resolve_categories_accepts_a_category_folder_of_ones_own(tmp_path):
 def test_resolve_categories_accepts_names_ids_and_minus_one():
     assert resolve_categories("hazelnut") == ["hazelnut"]
     assert resolve_categories(2) == ["carpet"] and resolve_categories("14") == ["wood"]
+    # The first released id.
+    assert resolve_categories(0) == ["capsule"] and resolve_categories("0") == ["capsule"]
     assert resolve_categories(-1) == list(CATEGORIES) and resolve_categories("-1") == list(CATEGORIES)
     assert resolve_categories(1, known=("a", "b")) == ["b"]
 

@@ -90,8 +90,10 @@ def probe(record_dir: Path, data_root: Path, texture_root: Path) -> None:
     step = train_draem.train_step
 
     def recorded_step(*args, **kwargs):  # this rank's own loss and parts, before any reduction over the ranks
+        train_mode = args[1].training  # the DraemModel itself (args[0] is DDP around it)
         loss, parts, *rest = step(*args, **kwargs)
-        note(step_loss=loss.item(), step_parts={name: value.item() for name, value in parts.items()})
+        note(step_loss=loss.item(), step_parts={name: value.item() for name, value in parts.items()},
+             train_mode=train_mode)
         return (loss, parts, *rest)
 
     train_draem.train_step = recorded_step
@@ -195,6 +197,13 @@ def test_the_logged_losses_are_the_mean_over_the_ranks(ddp_runs):
         for name in ("l2", "ssim", "focal"):
             assert (record[name]
                     == pytest.approx((parts[0][epoch][name] + parts[1][epoch][name]) / 2, rel=1e-6)), name
+
+
+def test_every_step_trains_in_train_mode_also_after_rank_0_validated(ddp_runs):
+    """Rank 0 validates after epoch 1 (the model in eval mode); epoch 2 must train with batch statistics
+    again."""
+    for rank in (0, 1):
+        assert records(ddp_runs, rank, "full", "train_mode") == [True] * EPOCHS, rank
 
 
 def test_ranks_draw_different_samples_and_share_one_epoch(ddp_runs, tiny_mvtec):

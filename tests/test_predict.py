@@ -14,7 +14,7 @@ from data_loader import LabelledImageDataset
 from engine import evaluation
 from engine.evaluation import DraemScorer
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
-from predict import defect_mask, main
+from predict import defect_mask, main, scores_csv
 from util.checkpoints import save_checkpoint
 from util.images import read_image, to_chw
 from util.metrics import DraemEvaluator, image_scores
@@ -177,6 +177,15 @@ def test_threshold_file_gives_is_anomalous_and_defect_masks_and_threshold_overri
 
     assert [row["is_anomalous"] for row in read_rows(setup["out"] / "scores.csv")] == ["0"] * len(paths)
     assert "(--threshold)" in capsys.readouterr().out
+
+
+def test_the_csv_holds_every_digit_of_the_float32_score():
+    scores = [float(np.float32(0.123456789)), float(np.float32(1e-9)), None]
+    paths = [Path("a.png"), Path("b.png"), Path("c.png")]
+    text = scores_csv(paths, scores, ["", "", "unreadable"], 0.1234567)
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [float(row["image_score"]) for row in rows[:2]] == scores[:2]  # read back exactly, not rounded
+    assert [row["is_anomalous"] for row in rows] == ["1", "0", ""] and rows[2]["image_score"] == ""
 
 
 def test_defect_mask_is_255_at_or_above_the_pixel_threshold_compared_exactly():

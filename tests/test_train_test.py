@@ -32,7 +32,15 @@ def read_states(folder: Path, epochs: int = 2, category: str = "brick") -> list[
             for p in checkpoint_paths(folder, run_base_name(1e-4, epochs, 4), category)]
 
 
-def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
+def test_train_then_test_end_to_end(tiny_mvtec, tmp_path, monkeypatch):
+    steps, real_step = [], train_draem.train_step
+
+    def recording_step(*args, **kwargs):
+        loss, parts, *rest = real_step(*args, **kwargs)
+        steps.append({"loss": loss.item(), **{name: value.item() for name, value in parts.items()}})
+        return (loss, parts, *rest)
+
+    monkeypatch.setattr(train_draem, "train_step", recording_step)
     train_draem.main([*train_args(tiny_mvtec, tmp_path), "--visualize", "--visualize_every", "2"])
     base = run_base_name(1e-4, 2, 4)
     assert base == "DRAEM_test_0.0001_2_bs4"
@@ -42,6 +50,13 @@ def test_train_then_test_end_to_end(tiny_mvtec, tmp_path):
     log = [json.loads(line)
            for line in (tmp_path / "logs" / f"{base}_brick_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    # 6 images in batches of 4: 2 steps per epoch; the log holds each epoch's mean of its steps
+    # (float32: 1e-6).
+    assert len(steps) == 4 and steps[0]["loss"] != steps[1]["loss"]
+    for epoch, record in enumerate(log):
+        for key in ("loss", "l2", "ssim", "focal"):
+            mean = (steps[2 * epoch][key] + steps[2 * epoch + 1][key]) / 2
+            assert record[key] == pytest.approx(mean, rel=1e-6), key
     assert list((tmp_path / "logs").glob("*_step*.png")), "--visualize wrote no sample grid"
 
     results = test_draem.main(["--obj_id", "brick", "--data_path", str(tiny_mvtec.mvtec_root),
