@@ -43,7 +43,10 @@ def test_a_cuda_device_becomes_current_before_anything_uses_cuda(four_gpus):
     assert four_gpus == [torch.device("cuda", 2)]
     assert runtime.select_device("cuda:3") == torch.device("cuda", 3)
     assert four_gpus[-1] == torch.device("cuda", 3)
-    assert runtime.select_device("cpu") == torch.device("cpu") and len(four_gpus) == 2
+    assert runtime.select_device("cpu", 3) == torch.device("cpu") and len(four_gpus) == 2
+    # `auto` with a GPU present is `cuda`, so it follows --gpu_id; an index in --device wins over --gpu_id.
+    assert runtime.select_device("auto", 2) == torch.device("cuda", 2)
+    assert runtime.select_device("cuda:1", 3) == torch.device("cuda", 1)
     with pytest.raises(DraemInputError, match="this machine has 4"):
         runtime.select_device("cuda:4")
 

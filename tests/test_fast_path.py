@@ -12,7 +12,7 @@ from loss import DraemLoss
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from train_draem import train_step
 from util.checkpoints import load_checkpoint, save_checkpoint
-from util.runtime import autocast, prepare_model, select_device, to_memory_format
+from util.runtime import autocast, prepare_model, to_memory_format
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
@@ -154,13 +154,6 @@ def test_a_compiled_train_step_runs_on_cpu_and_matches_eager(trained_state):
                     reason="inductor needs a C++ compiler on CPU")
 def test_an_inductor_compiled_train_step_runs_on_cpu_and_matches_eager(trained_state):
     compiled_steps_match_eager(trained_state, "inductor")
-
-
-def test_cuda_devices_follow_gpu_id_unless_the_index_is_given(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch.device needs no GPU to be made
-    assert select_device("cuda", 3) == torch.device("cuda:3")
-    assert select_device("auto", 2) == torch.device("cuda:2")
-    assert select_device("cuda:1", 3) == torch.device("cuda:1") and select_device("cpu", 3) == CPU
 
 
 def test_train_loader_pins_memory_for_cuda_and_keeps_workers_only_when_asked():
