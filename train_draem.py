@@ -368,10 +368,12 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "log_lines", "
 # What changes the computation of a run: --resume refuses a resume file written with other values. The run's
 # name already fixes --lr, --epochs, --bs and --seed. Paths (a moved dataset), the device, --workers and the
 # pictures may change: the seeded streams do not depend on them (README, "Reproducibility and provenance").
+# The fp32 policy and --deterministic are kept too: the provenance of a run says which it was trained with.
 RESUME_SETTINGS = ("dataset", "mask_suffix", "lr", "epochs", "bs", "seed", "image_size", "base_width",
                    "seg_base_width", "sspcab", "sspcab_lambda", "synthesis", "precision", "channels_last",
-                   "compile", "calibration_samples", "val_every", "val_fraction", "val_samples", "val_test",
-                   "save_best", "sync_bn", "threshold_rule", "threshold_k")
+                   "compile", "fp32_precision", "deterministic", "calibration_samples", "val_every",
+                   "val_fraction", "val_samples", "val_test", "save_best", "sync_bn", "threshold_rule",
+                   "threshold_k")
 
 
 def run_settings(args: argparse.Namespace, category: str) -> dict:
