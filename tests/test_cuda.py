@@ -17,8 +17,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from test_synthesis_gpu import coverage_summary, raw_batch, train_dir
-from torch.utils.data import default_collate
+from test_synthesis_gpu import assert_device_path_draws_like_the_cpu_path, raw_batch
 
 import augment
 import data_loader
@@ -27,7 +26,6 @@ import export_onnx
 import predict
 import test_draem
 import train_draem
-from data_loader import TrainDataset
 from engine import evaluation
 from engine.evaluation import DraemScorer
 from loss import DraemLoss
@@ -220,24 +218,10 @@ def test_device_synthesis_gives_the_cpu_bytes_on_cuda():
 
 
 def test_device_synthesis_on_cuda_draws_from_the_cpu_paths_distributions(tiny_mvtec, monkeypatch):
-    """As test_synthesis_gpu's CPU comparison, with the batch synthesised on the GPU from a CUDA generator:
-    4096 samples per path (the coverage is heavy-tailed), mean coverage and its IQR within 10 %, the
-    anomalous share within 0.04 (5 standard errors of a difference of two shares of 4096 near 0.5 is
-    0.055)."""
-    monkeypatch.setattr(data_loader, "augment_source", lambda image, rng: image)
-    monkeypatch.setattr(device_synthesis, "augment_sources", lambda sources, generator: sources)
-    n = 4096
-    torch.manual_seed(0)
-    cpu_dataset = TrainDataset(train_dir(tiny_mvtec), tiny_mvtec.texture_root, resize_shape=(64, 64))
-    cpu = coverage_summary(default_collate([cpu_dataset[0] for _ in range(n)]))
-    raw = raw_batch(tiny_mvtec, n)
-    batch = device_synthesis.synthesize_batch(raw["image"].to(CUDA), raw["source"].to(CUDA),
-                                              device_synthesis.device_generator(CUDA, 0))
-    assert batch["image"].device.type == "cuda"
-    gpu = coverage_summary({key: value.cpu() for key, value in batch.items()})
-    assert 0.4 <= gpu[0] <= 0.6 and abs(cpu[0] - gpu[0]) < 0.04
-    for name, c, d in (("mean coverage", cpu[1], gpu[1]), ("coverage IQR", cpu[2], gpu[2])):
-        assert abs(d / c - 1) < 0.10, f"{name}: CPU {c:.4f}, CUDA {d:.4f}"
+    """As test_synthesis_gpu's CPU comparison (same tolerances), with the batch synthesised on the GPU from
+    a CUDA generator."""
+    assert_device_path_draws_like_the_cpu_path(tiny_mvtec, monkeypatch, CUDA,
+                                               device_synthesis.device_generator(CUDA, 0))
     # Each of the 10 operations is drawn uniformly (3 of 10 per sample) from the CUDA stream too.
     generator = device_synthesis.device_generator(CUDA, 1)
     chosen = device_synthesis.draw_augmentation_indices(3000, generator, CUDA).cpu()
