@@ -4,6 +4,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+import loss as loss_module
 from loss import SSIM, DraemLoss, FocalLoss, ssim_map
 
 
@@ -111,3 +112,16 @@ def test_ssim_range_rule_stays_on_the_device_and_in_autograd():
     reconstruction = a.clone().requires_grad_()
     SSIM()(reconstruction, b).backward()
     assert torch.isfinite(reconstruction.grad).all() and reconstruction.grad.abs().sum() > 0
+
+
+def test_an_ssim_loss_computed_under_inference_mode_first_still_trains_afterwards():
+    """The SSIM window is made once per device and reused: when the first call comes from an evaluation
+    under torch.inference_mode, the cached window must not be an inference tensor, which autograd refuses
+    to save for a later training step's backward."""
+    loss_module._cached_window.cache_clear()  # this test's call is the first on the CPU
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        SSIM()(image, image.flip(-1))
+    reconstruction = image.flip(-1).clone().requires_grad_()
+    SSIM()(reconstruction, image).backward()
+    assert reconstruction.grad is not None and reconstruction.grad.abs().sum() > 0
