@@ -85,8 +85,11 @@ def test_the_fp32_precision_policy_sets_tf32_for_convolutions_only_or_nowhere():
     try:
         runtime.set_fp32_precision("strict")
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        assert runtime.precision_policy("cuda:0")["fp32_precision"] == "strict"  # what provenance records
         runtime.set_fp32_precision("tf32")  # torch's own defaults, written out
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)
+        assert runtime.precision_policy("cuda:0")["fp32_precision"] == "tf32"
+        assert runtime.precision_policy("cpu")["fp32_precision"] == "ieee (cpu)"  # no policy applies there
         with pytest.raises(ValueError, match="--fp32_precision"):
             runtime.set_fp32_precision("fp16")
     finally:
@@ -165,6 +168,14 @@ def tiny_training(data, out: Path, *extra: str) -> list[str]:
             str(data.texture_root), "--image_size", "64", "--base_width", "4", "--seg_base_width", "4",
             "--bs", "4", "--workers", "0", "--device", "cpu", "--calibration_samples", "16",
             "--checkpoint_path", str(out / "ckpt"), "--log_path", str(out / "logs"), *extra]
+
+
+def test_a_synthesis_generator_on_another_device_than_the_images_is_refused():
+    """The generator-device contract, checked before any draw (on a GPU machine, test_cuda checks a CUDA
+    generator with CPU images and back): here images on the meta device and a CPU generator."""
+    images = torch.empty(2, 3, 8, 8, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match=r"generator lives on cpu, the images on meta.*device_generator"):
+        device_synthesis.synthesize_batch(images, None, torch.Generator())
 
 
 def test_resuming_a_device_synthesis_run_on_the_other_device_type_is_one_line(tiny_mvtec, tmp_path, capsys):
