@@ -7,7 +7,10 @@ import types
 import pytest
 import torch
 
+from loss import DraemLoss
+from model_unet import DraemModel
 from tools import bench_draem, bench_synthesis
+from train_draem import train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
@@ -51,4 +54,10 @@ def test_training_row_reports_samples_per_second_from_the_seconds_per_step(monke
     assert row["config"] == "fp32 eager"
     assert row["samples_per_s"] == 8.0 and row["step_ms"] == 250.0 and row["achieved_tflops"] == 4.0
     assert (row["fraction_of_bf16_matmul"], row["fraction_of_fp32_matmul"]) == (0.5, 2.0)
-    assert row["loss_after"] > 0
+    # The first of its two steps starts from the seed's weights: the loss a fresh model's train step gives.
+    torch.manual_seed(0)
+    model = DraemModel(4, 4)
+    first, *_ = train_step(model, model, DraemLoss(), torch.optim.Adam(model.parameters(), lr=1e-4),
+                           batch["image"], batch["augmented_image"], batch["anomaly_mask"])
+    assert row["first_loss"] == pytest.approx(first.item(), rel=1e-6)
+    assert row["loss_after"] > 0 and row["loss_after"] != row["first_loss"]  # the second step's, after one

@@ -7,11 +7,13 @@ Measured in one run, every training row from the same initial weights and the sa
 - training samples/s of fp32 eager (TF32 convolutions on GPUs, torch's default), then strict fp32 (no
   TF32) and --deterministic (deterministic kernels, matrix upsampling: their cost), bf16 autocast,
   channels_last, torch.compile each alone, then the last three together, and those fed by the device
-  synthesis (a uint8 batch -> samples on the device, every step). Each row also gives the loss after its
-  steps (the options should change it only by rounding), the achieved FLOP rate (FLOPs of one step counted
-  by torch.utils.flop_counter) as a fraction of the device's measured bf16 (and fp32) matmul rate, and
-  peak memory (CUDA: allocated by torch; CPU: the process's peak resident set so far, so it only grows
-  down the table);
+  synthesis (a uint8 batch -> samples on the device, every step). Each row also gives its first step's
+  loss (same weights and batch: the options change it only by rounding, bf16 by about 1e-3) and the loss
+  after its steps (these may part by several per cent: Adam's first steps magnify rounding, and the released
+  SSIM range rule switches L between 2 and 1 when the reconstruction's minimum crosses -0.5), the achieved
+  FLOP rate (FLOPs of one step counted by torch.utils.flop_counter) as a fraction of the device's measured
+  bf16 (and fp32) matmul rate, and peak memory (CUDA: allocated by torch; CPU: the process's peak resident
+  set so far, so it only grows down the table);
 - on a GPU machine whose CPU has AMX-BF16, the CPU's own fp32 and bf16 training rows (`--cpu_bf16`);
 - the estimated wall time of the paper's table (15 MVTec categories x 700 epochs) at each row's rate, on
   one device and with --parallel categories over the machine's GPUs;
@@ -257,7 +259,8 @@ def _bench_training(
     achieved = step_flops / seconds / 1e12
     return {
         "config": options.label(), "samples_per_s": args.batch_size / seconds, "step_ms": 1000 * seconds,
-        "warmup_s": warmup_seconds, "loss_after": losses[-1].item(), "achieved_tflops": achieved,
+        "warmup_s": warmup_seconds, "first_loss": losses[0].item(), "loss_after": losses[-1].item(),
+        "achieved_tflops": achieved,
         "fraction_of_bf16_matmul": achieved / matmul["bf16"],
         "fraction_of_fp32_matmul": achieved / matmul["fp32"], "peak_memory_mib": peak_memory_mib(device),
     }
@@ -313,7 +316,8 @@ def bench_synthesis(
 TRAIN_COLUMNS = (
     ("samples/s", "samples_per_s", "{:.2f}"), ("vs fp32", "speedup", "{:.2f}x"),
     ("step ms", "step_ms", "{:.1f}"), ("warm-up s", "warmup_s", "{:.1f}"),
-    ("loss after", "loss_after", "{:.4f}"), ("TFLOP/s", "achieved_tflops", "{:.3f}"),
+    ("first loss", "first_loss", "{:.4f}"), ("loss after", "loss_after", "{:.4f}"),
+    ("TFLOP/s", "achieved_tflops", "{:.3f}"),
     ("% bf16 mm", "percent_of_bf16_matmul", "{:.1f}%"), ("% fp32 mm", "percent_of_fp32_matmul", "{:.1f}%"),
     ("peak MiB", "peak_memory_mib", "{:.0f}"),
 )
