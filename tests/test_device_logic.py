@@ -278,8 +278,6 @@ def test_a_compiled_model_needs_one_graph_per_mode_for_every_batch_size():
     assert (graphs, compiled_runs) == (2, calls)
 
 
-@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"),
-                    reason="tracing DRAEM twice takes ~30 s; set DRAEM_SLOW_TESTS=1")
 def test_a_compiled_draem_needs_one_graph_per_mode_for_every_batch_size():
     graphs, compiled_runs, calls = count_compiled_graphs(lambda: DraemModel(4, 4), (4, 3, 4), (4, 3, 2), 32)
     assert (graphs, compiled_runs) == (2, calls)
@@ -334,8 +332,6 @@ def test_the_device_check_summary_names_failures_speeds_and_the_table_time(tmp_p
     assert "4.00x" in text  # the fastest row against fp32 eager
 
 
-@pytest.mark.skipif(not os.environ.get("DRAEM_SLOW_TESTS"),
-                    reason="a tiny benchmark end to end, ~30 s; set DRAEM_SLOW_TESTS=1")
 def test_the_device_check_runs_end_to_end_in_quick_mode(tmp_path):
     summary = device_check.main(["--quick", "--skip_tests", "--output_dir", str(tmp_path)])
     assert summary["bench"]["train"] and (tmp_path / "device_check.json").is_file()
