@@ -659,10 +659,6 @@ def preflight(args: argparse.Namespace, base_name: str, categories: list[str],
         find_anomaly_sources(args.anomaly_source_path)  # listed, and each file's first bytes checked
     if args.good_dir is not None:
         find_images(args.good_dir, "--good_dir", check="--good_dir image")
-    for category in categories if args.threshold_rule == "mean_std" else ():
-        paths, _ = calibration.normal_set(args.dataset, args.data_path, category, held_out_fraction(args),
-                                          args.seed)
-        calibration.require_normal_set(paths, args.good_dir)
     plans = {}
     for category in categories:
         train_image_paths(args.dataset, args.data_path, category)
@@ -752,7 +748,9 @@ def process_jobs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[
     of training images (a run's time is proportional to it), the same assignment computed in every
     process."""
     index, count = distributed.process_index()
-    costs = [len(train_image_paths(args.dataset, args.data_path, category)) for category, _ in jobs]
+    images = {category: len(train_image_paths(args.dataset, args.data_path, category))
+              for category in dict.fromkeys(category for category, _ in jobs)}  # each folder listed once
+    costs = [images[category] for category, _ in jobs]
     return [job for job, owner in zip(jobs, distributed.assign_jobs(costs, count)) if owner == index]
 
 
@@ -822,7 +820,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 records = [train_category(runs[seed], category, device, plans[seed][category])
                            for category, seed in jobs]
-            if distributed.process_index()[0] != 0:
+            if not distributed.is_main():
                 return
             print(f"training summary: {write_summary(args, device, records, time.time() - started)}")
         if args.demo:

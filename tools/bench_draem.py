@@ -138,9 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
     check_image_size(args.image_size)
-    for name in ("base_width", "seg_base_width", "batch_size", "steps", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
     return args
 
 
