@@ -374,7 +374,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def without_unavailable(options: Options, compile_on: bool, bf16_on: bool, cuda: bool = True) -> Options:
+def without_unavailable(options: Options, compile_on: bool, bf16_on: bool, cuda: bool) -> Options:
     """`options` less the switches this run leaves out (TF32 exists only on CUDA GPUs: on a CPU fp32 is
     strict)."""
     return replace(options, compile=options.compile and compile_on,
@@ -383,7 +383,7 @@ def without_unavailable(options: Options, compile_on: bool, bf16_on: bool, cuda:
 
 
 def skip_reasons(options: Options, args: argparse.Namespace, compile_on: bool, bf16_on: bool,
-                 matmul: dict[str, float], cuda: bool = True) -> list[str]:
+                 matmul: dict[str, float], cuda: bool) -> list[str]:
     reasons = []
     if options.fp32_precision == "strict" and not cuda:
         reasons.append("there is no TF32 on a CPU: its fp32 is always strict")
@@ -408,7 +408,7 @@ def cpu_flags() -> set[str]:
     return set(next(flags, []))
 
 
-def bench_cpu_bf16(args: argparse.Namespace, batch: dict[str, torch.Tensor]) -> dict:
+def bench_cpu_bf16(args: argparse.Namespace, batch: dict[str, torch.Tensor], flags: set[str]) -> dict:
     """fp32 and bf16 training rows on the CPU at the benchmark's widths (batch 2, a few steps): AMX makes bf16
     fast."""
     cpu = torch.device("cpu")
@@ -419,7 +419,6 @@ def bench_cpu_bf16(args: argparse.Namespace, batch: dict[str, torch.Tensor]) -> 
     step_flops = count_train_flops(small, cpu, cpu_batch)
     rows = [bench_training(small, cpu, options, cpu_batch, cpu_batch, step_flops, matmul)
             for options in (Options(), Options("bf16"))]
-    flags = cpu_flags()
     return {"threads": torch.get_num_threads(), "amx_bf16": "amx_bf16" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "matmul_tflops": matmul, "train": rows,
             "bf16_speedup": rows[1]["samples_per_s"] / rows[0]["samples_per_s"]}
@@ -451,19 +450,18 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch_size, steps, warmup, repeats, synthesis_samples, matmul_side = DEFAULTS[
-        "cuda" if device.type == "cuda" else "cpu"]
+    batch_size, steps, warmup, repeats, synthesis_samples, matmul_side = DEFAULTS[device.type]
     args.batch_size = args.batch_size or batch_size
     args.steps = args.steps or steps
     args.warmup = warmup if args.warmup is None else args.warmup
     seed_everything(args.seed)
     matmul = {"bf16": matmul_tflops(device, matmul_side, torch.bfloat16),
               "fp32": matmul_tflops(device, matmul_side, torch.float32)}
-    compile_on = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    compile_on = args.compile == "on" or (args.compile == "auto" and cuda)
     # Native bf16 doubles the fp32 rate or better; emulated bf16 (CPUs without AVX512-BF16/AMX) is many times
     # slower.
     bf16_on = args.bf16 == "on" or (args.bf16 == "auto" and matmul["bf16"] >= 0.5 * matmul["fp32"])
-    results = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+    results = {"device": (torch.cuda.get_device_name(device) if cuda
                           else f"cpu ({torch.get_num_threads()} threads)"),
                "torch": torch.__version__, "widths": [args.base_width, args.seg_base_width],
                "image_size": shape_record(args.image_size),
@@ -491,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
         flags = cpu_flags()
         if args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cuda and "amx_bf16" in flags):
             print("CPU fp32 and bf16 training ...", flush=True)
-            results["cpu_bf16"] = bench_cpu_bf16(args, batch)
+            results["cpu_bf16"] = bench_cpu_bf16(args, batch, flags)
         else:
             results["skipped"]["CPU bf16"] = ("the CPU has no AMX-BF16" if "amx_bf16" not in flags
                                               else "--cpu_bf16 auto measures it on CUDA runs")

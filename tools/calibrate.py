@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> Path:
     check_image_size(args.image_size)
     category = args.obj_id
     # Everything checked before the samples are made: the pair, the threshold file's place, the images.
-    scorer = DraemScorer(model_from_checkpoint(args.checkpoint_path, args.base_model_name, category))
+    model = model_from_checkpoint(args.checkpoint_path, args.base_model_name, category)
     check_output_file(threshold_path(args.checkpoint_path, args.base_model_name, category),
                       "the threshold file")
     if args.good_dir is not None:
@@ -115,38 +115,37 @@ def main(argv: list[str] | None = None) -> Path:
         find_images(args.good_dir, "--good_dir", check="--good_dir image")
     set_fp32_precision(args.fp32_precision)
     device = select_device(args.device, args.gpu_id)
-    scorer = DraemScorer(prepare_model(scorer.model.to(device), args.channels_last, args.compile),
-                         args.precision, args.channels_last)
+    scorer = DraemScorer(prepare_model(model.to(device), args.channels_last, args.compile), args.precision,
+                         args.channels_last)
     if args.rule == "mean_std":
         paths, source = normal_set(args.dataset, args.data_path, category, args.val_fraction, args.seed)
         images, source = normal_images(paths, source, args.good_dir, args.image_size)
         thresholds = calibrate_normal_only(scorer, images, device, args.batch_size, k=args.k, source=source)
-        path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
-                                provenance("tools/calibrate.py", args, device))
-        print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (mean "
-              f"{thresholds['image_mean']:.4g} + {args.k:g}·std {thresholds['image_std']:.4g}), pixel "
-              f"threshold {thresholds['pixel_threshold']:.6g} (mean {thresholds['pixel_mean']:.4g} + "
-              f"{args.k:g}·std {thresholds['pixel_std']:.4g}) on {thresholds['n_normal']} {source}; wrote "
-              f"{path}")
-        return path
-    if args.dataset in VALIDATION_LAYOUTS:
-        paths, source = (validation_image_paths(args.dataset, args.data_path, category),
-                         VALIDATION_GOOD_SYNTHETIC_SOURCE)
+        described = (f"image threshold {thresholds['image_threshold']:.6g} (mean "
+                     f"{thresholds['image_mean']:.4g} + {args.k:g}·std {thresholds['image_std']:.4g}), pixel "
+                     f"threshold {thresholds['pixel_threshold']:.6g} (mean {thresholds['pixel_mean']:.4g} + "
+                     f"{args.k:g}·std {thresholds['pixel_std']:.4g}) on {thresholds['n_normal']} {source}")
     else:
-        paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
-        if args.val_fraction is not None:
-            _, paths = split_paths(paths, args.val_fraction, args.seed)
-            source = VALIDATION_SOURCE
-    samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
-    samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
-    thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size,
-                           source=source)
+        if args.dataset in VALIDATION_LAYOUTS:
+            paths, source = (validation_image_paths(args.dataset, args.data_path, category),
+                             VALIDATION_GOOD_SYNTHETIC_SOURCE)
+        else:
+            paths, source = train_image_paths(args.dataset, args.data_path, category), TRAINING_SOURCE
+            if args.val_fraction is not None:
+                _, paths = split_paths(paths, args.val_fraction, args.seed)
+                source = VALIDATION_SOURCE
+        samples = synthetic_set(paths, args.anomaly_source_path, args.image_size, args.samples, args.seed)
+        samples, source = with_good_images(samples, source, args.good_dir, args.image_size)
+        thresholds = calibrate(scorer, samples.images, samples.masks, samples.labels, device, args.batch_size,
+                               source=source)
+        described = (f"image threshold {thresholds['image_threshold']:.6g} (F1 "
+                     f"{thresholds['image_f1']:.3f}), pixel threshold {thresholds['pixel_threshold']:.6g} "
+                     f"(F1 {thresholds['pixel_f1']:.3f}) on {thresholds['n_normal']} normal and "
+                     f"{thresholds['n_anomalous']} anomalous samples "
+                     f"from {len(paths)} {source}")
     path = write_thresholds(args.checkpoint_path, args.base_model_name, category, thresholds,
                             provenance("tools/calibrate.py", args, device))
-    print(f"{category}: image threshold {thresholds['image_threshold']:.6g} (F1 "
-          f"{thresholds['image_f1']:.3f}), pixel threshold {thresholds['pixel_threshold']:.6g} (F1 "
-          f"{thresholds['pixel_f1']:.3f}) on {thresholds['n_normal']} normal and {thresholds['n_anomalous']} "
-          f"anomalous samples from {len(paths)} {source}; wrote {path}")
+    print(f"{category}: {described}; wrote {path}")
     return path
 
 

@@ -19,6 +19,7 @@ writing. Objects written by an earlier run into the same folder are checked alon
 written one at a time, each at its own --image_size.
 """
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -92,8 +93,10 @@ def objects_in(output_dir: Path) -> set[str]:
 
 
 @torch.no_grad()
-def write_object(args: argparse.Namespace, category: str, device: torch.device) -> int:
-    """Score one object's private images and write their maps and masks; return how many images."""
+def write_object(args: argparse.Namespace, category: str, device: torch.device,
+                 shapes: Mapping[str, Mapping[str, tuple[int, int]]]) -> int:
+    """Score one object's private images and write their maps and masks at their stored sizes (`shapes`: per
+    split, each image's stem and (height, width), as expected_files read them); return how many images."""
     thresholds = usable_thresholds(args.checkpoint_path, args.base_model_name, category, args.image_size)
     if thresholds is None:
         path = threshold_path(args.checkpoint_path, args.base_model_name, category)
@@ -109,7 +112,7 @@ def write_object(args: argparse.Namespace, category: str, device: torch.device) 
         for batch in tqdm(loader, desc=f"{category} {split}", leave=False, dynamic_ncols=True):
             maps, scores = scorer(batch["image"].to(device))
             for path, amap, score in zip(batch["path"], maps[:, 0].float().cpu().numpy(), scores.tolist()):
-                full = full_resolution_map(amap, stored_shape(path))
+                full = full_resolution_map(amap, shapes[split][Path(path).stem])  # read by expected_files
                 mask = submission_mask(full, score, thresholds["image_threshold"],
                                        thresholds["pixel_threshold"])
                 stem = Path(path).stem
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     if args.check_only and not output_dir.is_dir():
         raise DraemInputError(f"--output_dir {output_dir} does not exist: nothing to check")
-    if args.check_only and str(args.obj_id).strip() == "-1":
+    if args.check_only and args.obj_id == "-1":
         objects = []  # check the objects the folder holds
     present = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
     stray = [name for name in present if name not in (MAPS_DIR, MASKS_DIR)]
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.check_only:
         device = select_device(args.device, args.gpu_id)
         for category in objects:
-            print(f"{category}: wrote {write_object(args, category, device)} maps and masks")
+            print(f"{category}: wrote {write_object(args, category, device, expected[category])} maps and "
+                  f"masks")
     earlier = sorted(objects_in(output_dir) - set(objects))
     expected = {**expected, **expected_files(args.data_path, earlier)}
     if not expected:
