@@ -11,7 +11,7 @@ from data_loader import TrainDataset
 from engine.evaluation import DraemScorer, score, tensor_batches
 from engine.validation import SampleSet, split_paths, synthesize
 from util.errors import DraemInputError
-from util.images import find_images, image_shape, read_image, shape_record, to_chw
+from util.images import find_images, image_shape, load_images, shape_record, to_float
 from util.layouts import VALIDATION_LAYOUTS, train_image_paths, validation_image_paths
 from util.metrics import f1_max_threshold
 from util.thresholds import (
@@ -93,7 +93,8 @@ def calibrate_normal_only(
 
 def read_images(paths: list[Path], image_size: int | tuple[int, int]) -> torch.Tensor:
     """Images read as the test program reads them: N×3×H×W."""
-    return torch.from_numpy(np.stack([to_chw(read_image(path, image_shape(image_size))) for path in paths]))
+    images = load_images(paths, image_shape(image_size), desc="loading normal images")
+    return torch.from_numpy(np.ascontiguousarray(to_float(images).transpose(0, 3, 1, 2)))
 
 
 def good_images(good_dir: str | os.PathLike, image_size: int | tuple[int, int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from data_loader import LabelledImageDataset, make_test_dataset
 from model_unet import DraemModel, anomaly_map, model_from_checkpoint
 from util.ad2 import full_resolution_map, image_decision, submission_mask
 from util.atomic import check_output_files, check_output_folder
-from util.checkpoints import checkpoint_paths
+from util.checkpoints import checkpoint_paths, require_checkpoint
 from util.errors import DraemInputError
 from util.images import image_shape, nonzero_mask, stored_shape
 from util.metrics import (
@@ -181,9 +181,7 @@ def evaluate_checkpoints(
     for base_name in base_model_names:
         for category in categories:
             for path in checkpoint_paths(checkpoint_path, base_name, category):
-                if not path.is_file():
-                    raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and "
-                                          f"--base_model_name)")
+                require_checkpoint(path)
             thresholds[base_name, category] = usable_thresholds(checkpoint_path, base_name, category,
                                                                 image_size)
     runs: dict[str, dict[str, CategoryResult]] = {}

@@ -74,6 +74,14 @@ def load_failure(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
 
 
+def require_checkpoint(path: str | Path) -> Path:
+    """`path` as a Path when the file is there, else the one-line "checkpoint not found" error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike, trusted: bool = False,
                     trust_flag: bool = False) -> dict[str, torch.Tensor]:
     """Load a state dict as data (weights_only); a missing or unreadable file is a one-line DraemInputError.
@@ -81,9 +89,7 @@ def read_state_dict(path: str | os.PathLike, trusted: bool = False,
     Only tensors and plain values are unpickled unless `trusted` (a Lightning checkpoint also pickles its
     hyper-parameters, which can run code). `trust_flag`: the program has --trust, so the error may suggest it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DraemInputError(f"checkpoint not found: {path} (check --checkpoint_path and --base_model_name)")
+    path = require_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trusted)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, BadZipFile) as exc:

@@ -98,7 +98,7 @@ def one_line_errors(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, Terminated) as stop:
             print("error: interrupted; nothing half-written is left", file=sys.stderr)
-            sys.exit(SIGTERM_EXIT if isinstance(stop, Terminated) else SIGINT_EXIT)
+            sys.exit(interrupted(stop, "").exit_code)
         finally:
             if installed:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -20,7 +20,7 @@ FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first 8 bytes; its IHDR chunk (width, height) follows
 
 # The first bytes of each image format we accept; a file without one of them is not an image.
-SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF",
+SIGNATURES = {PNG_SIGNATURE: "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF",
               b"MM\x00*": "TIFF"}
 LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF")
 
@@ -130,7 +130,7 @@ def stored_shape(path: str | os.PathLike) -> tuple[int, int]:
 def read_image_uint8(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
     """Colour image as OpenCV reads it (BGR; grayscale files become 3 equal channels), resized: uint8 H x W x
     3."""
-    return _resize(_decode(path, cv2.IMREAD_COLOR), resize_shape)
+    return _resize(decode_image(path), resize_shape)
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -212,8 +212,10 @@ def find_images(
     return paths
 
 
-def load_images(paths: Sequence[Path], resize_shape: tuple[int, int]) -> np.ndarray:
-    """Decode and resize every image once, on a few threads (OpenCV releases the GIL): uint8 N x H x W x 3."""
+def load_images(paths: Sequence[Path], resize_shape: tuple[int, int],
+                desc: str = "loading training images") -> np.ndarray:
+    """Decode and resize every image once, on a few threads (OpenCV releases the GIL): uint8 N x H x W x 3.
+    `desc` labels the progress bar."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         images = pool.map(lambda p: read_image_uint8(p, resize_shape), paths)
-        return np.stack(list(tqdm(images, total=len(paths), desc="loading training images", leave=False)))
+        return np.stack(list(tqdm(images, total=len(paths), desc=desc, leave=False)))
