@@ -108,15 +108,22 @@ def find_anomaly_sources(path: str | os.PathLike) -> list[Path]:
                             "random-noise sources")
 
 
+def _flat_folder_images(folder: Path, suffixes: Sequence[str], kind: str, expected: str,
+                       noun: str = "images") -> list[Path]:
+    """The images directly in `folder` with these suffixes, sorted; a missing folder, or one without such
+    images, is one line naming what was expected there."""
+    if not folder.is_dir():
+        raise DraemInputError(f"{kind} folder {folder} does not exist: expected {expected}")
+    paths = sorted_images(folder.iterdir(), suffixes)
+    if not paths:
+        raise DraemInputError(f"no {'/'.join(suffixes)} {noun} in {folder}")
+    return paths
+
+
 def training_folder_images(root_dir: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES,
                            root: str = "<mvtec>") -> list[Path]:
-    if not root_dir.is_dir():
-        raise DraemInputError(f"training folder {root_dir} does not exist: expected "
-                              f"{root}/<category>/train/good")
-    paths = sorted_images(root_dir.iterdir(), suffixes)
-    if not paths:
-        raise DraemInputError(f"no {'/'.join(suffixes)} training images in {root_dir}")
-    return paths
+    return _flat_folder_images(root_dir, suffixes, "training", f"{root}/<category>/train/good",
+                              "training images")
 
 
 def _check_layout(layout: str) -> str:
@@ -264,26 +271,14 @@ def validation_image_paths(layout: str, data_path: str | os.PathLike, category: 
         raise DraemInputError(f"the {layout} layout has no validation/good set (only "
                               f"{', '.join(VALIDATION_LAYOUTS)} have one): give a folder of good images "
                               f"(--good_dir) instead")
-    folder = Path(data_path) / category / "validation" / GOOD
-    if not folder.is_dir():
-        raise DraemInputError(f"validation folder {folder} does not exist: expected "
+    return _flat_folder_images(Path(data_path) / category / "validation" / GOOD, IMAGE_SUFFIXES, "validation",
                               f"<{layout}>/<category>/validation/good")
-    paths = sorted_images(folder.iterdir())
-    if not paths:
-        raise DraemInputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
-    return paths
 
 
 def ad2_private_images(data_path: str | os.PathLike, category: str, split: str) -> list[Path]:
     """The images of one MVTec AD 2 private split, `<object>/<split>/*.png` (a flat folder), sorted."""
-    folder = Path(data_path) / category / split
-    if not folder.is_dir():
-        raise DraemInputError(f"private split folder {folder} does not exist: expected "
+    return _flat_folder_images(Path(data_path) / category / split, (".png",), "private split",
                               f"<mvtec_ad2>/<object>/{split}")
-    paths = sorted_images(folder.iterdir(), (".png",))
-    if not paths:
-        raise DraemInputError(f"no .png images in {folder}")
-    return paths
 
 
 def _ad2_test_records(test_dir: Path, mask_suffix: str) -> list[ImageRecord]:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import NamedTuple
 
@@ -352,6 +353,12 @@ def mean_and_std(values: list[float | None]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
+def table_metrics(keys: Collection[str]) -> tuple[str, ...]:
+    """The metrics a results table shows for a result or row with these keys: MVTec AD 2's have columns only
+    in its tables, so every other table keeps its columns."""
+    return TABLE_METRICS + tuple(m for m in AD2_METRICS if m in keys)
+
+
 def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     """Table rows (percent) for each category, then the mean row, with paper values and deltas.
 
@@ -365,8 +372,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     if not runs or not runs[0]:
         raise ValueError("no categories were evaluated, so there is no results table")
     categories = list(runs[0])
-    # MVTec AD 2's metrics have columns only in its tables, so every other table keeps its columns.
-    table_metrics = TABLE_METRICS + tuple(m for m in AD2_METRICS if m in runs[0][categories[0]])
+    metrics = table_metrics(runs[0][categories[0]])
 
     def value(run: dict, category: str, metric: str) -> float | None:
         return run[category].get(metric)
@@ -378,7 +384,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
     rows = []
     for category in categories + [MEAN_ROW]:
         ours, spread = {}, {} if len(runs) > 1 else None
-        for metric in table_metrics:
+        for metric in metrics:
             if category == MEAN_ROW:
                 per_run = [category_mean(run, metric) for run in runs]
             else:
@@ -394,7 +400,7 @@ def results_rows(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
 def _columns(rows: list[dict]) -> list[str]:
     """Column keys of results rows, in table order (a `_std` column only in rows that have one)."""
     columns = ["category"]
-    for metric in TABLE_METRICS + tuple(m for m in AD2_METRICS if m in rows[0]):
+    for metric in table_metrics(rows[0]):
         columns.append(metric)
         if f"{metric}_std" in rows[0]:
             columns.append(f"{metric}_std")
