@@ -224,10 +224,10 @@ class LabelledImageDataset(Dataset):
             if not image.is_file():
                 raise DraemInputError(f"test image {image} does not exist")
             image_format(image, "test image")
-            if mask is not None and not mask.exists():  # a file, or a folder of masks (MVTec LOCO AD)
-                raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
-            if mask is not None:  # a file, or each mask of a LOCO folder
-                check_mask_file(mask)
+            if mask is not None:  # a file, or a folder of masks (MVTec LOCO AD): each of them checked
+                if not mask.exists():
+                    raise DraemInputError(f"ground-truth mask {mask} is missing for test image {image}")
+                check_mask_file(mask)  # the readers (read_mask, nonzero_mask) rely on it
         self.image_paths = [image for image, _, _ in self.records]
         self._mask_paths = {image: mask for image, mask, _ in self.records}
 

@@ -145,8 +145,7 @@ def read_image(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.nda
 
 def read_mask(path: str | os.PathLike, resize_shape: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask read in grayscale, resized like the images: float32 H x W x 1 in [0, 1] (METHOD.md
-    §6)."""
-    check_mask_file(path)
+    §6). Its format is checked once, up front, by whoever lists the masks (check_mask_file)."""
     return to_float(_resize(_decode(path, cv2.IMREAD_GRAYSCALE), resize_shape))[..., None]
 
 
@@ -163,7 +162,6 @@ def nonzero_mask(path: str | os.PathLike) -> np.ndarray:
             raise DraemInputError(f"the masks in {path} have different sizes: "
                                   f"{sorted({m.shape for m in masks})}")
         return np.logical_or.reduce(masks)
-    check_mask_file(path)
     mask = _decode(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     return mask[..., :3].any(axis=2) if mask.ndim == 3 else mask != 0
 
