@@ -21,7 +21,6 @@ Luv colour spaces is a float equivalent of OpenCV's table-based code (measured n
 The training image and anomaly source of each item are drawn uniformly at random by the loader, as on
 the CPU path (the dataset index is ignored).
 """
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -38,6 +37,7 @@ from data_loader import (
 )
 from perlin import perlin_mask_batch
 from util.images import to_float as cpu_to_float
+from util.runtime import device_constant
 
 YCRCB_SHIFT = 14  # OpenCV's fixed-point RGB <-> YCrCb for uint8: coefficients scaled by 2**14
 HSV_SHIFT = 12  # OpenCV's fixed-point RGB -> HSV for uint8
@@ -262,12 +262,9 @@ def _fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | floa
     return (a.double() * b.double() + c).float()
 
 
-@functools.cache
 def _sector_rgb(device: torch.device) -> torch.Tensor:
     """OpenCV's hue-sector table: per sector 0..5, the candidate each of R, G, B takes (it stores b, g, r).
-
-    Made once per device: a host-to-device copy waits for the device, so it stays out of the per-batch
-    path."""
+    Used through device_constant: made once per device, out of the per-batch path."""
     return torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=device)
 
 
@@ -275,7 +272,8 @@ def _pick_by_sector(tabs: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
     """R, G, B (N×3×H×W) from OpenCV's 4 hue-sector candidates `tabs` (4×N×H×W), by the whole part of
     hue·6/range (N×H×W), taken modulo 6 as OpenCV does (a hue of 180 rounded up from 179.5 is sector 0
     again)."""
-    return tabs.gather(0, _sector_rgb(tabs.device)[sector.long() % 6].permute(3, 0, 1, 2)).permute(1, 0, 2, 3)
+    picks = device_constant(_sector_rgb, tabs.device)[sector.long() % 6].permute(3, 0, 1, 2)
+    return tabs.gather(0, picks).permute(1, 0, 2, 3)
 
 
 def _matrix_times(matrix: tuple[tuple[float, ...], ...], channels: torch.Tensor) -> torch.Tensor:
@@ -540,10 +538,9 @@ def rotate_some_images(images: torch.Tensor, generator: torch.Generator | None) 
     return torch.where(rotated, rotate(images, degrees), images)
 
 
-@functools.cache
 def _float_levels(device: torch.device) -> torch.Tensor:
-    """The 256 float32 values of the uint8 levels, computed by the CPU path's own conversion, once per
-    device."""
+    """The 256 float32 values of the uint8 levels, computed by the CPU path's own conversion (used through
+    device_constant: once per device)."""
     return torch.from_numpy(cpu_to_float(np.arange(256, dtype=np.uint8))).to(device)
 
 
@@ -551,7 +548,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 to float32 0..1 with exactly the values of the CPU path (util.images.to_float, a true
     division by 255), looked up on the device. `images / 255` would not do: CUDA divides by a number as a
     multiplication by its reciprocal, which rounds 126 of the 256 levels to the neighbouring float."""
-    return _float_levels(images.device)[images.int()]
+    return device_constant(_float_levels, images.device)[images.int()]
 
 
 def synthesize_batch(

@@ -4,11 +4,11 @@ Call signatures follow the released code so users' scripts port unchanged: `SSIM
 the loss `1 − SSIM`, and `FocalLoss()(probabilities, mask)` takes the softmax output. Statistics are
 computed in float32 whatever the input dtype (bf16 autocast included).
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from util.runtime import device_constant
 
 
 def gaussian_window(window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -19,20 +19,8 @@ def gaussian_window(window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
-@functools.cache
-def _cached_window(device: torch.device, window_size: int, sigma: float) -> torch.Tensor:
-    # Never an inference tensor, which autograd could not save for the backward.
-    with torch.inference_mode(False):
-        return gaussian_window(window_size, sigma).to(device)
-
-
-def _window_on(device: torch.device, window_size: int, sigma: float) -> torch.Tensor:
-    """`gaussian_window` on `device`, made once per device: a host-to-device copy waits for the device, so it
-    stays out of the per-step path. Read-only (the convolution never writes it). Inside torch.compile the
-    window is built in the graph instead (a constant there; dynamo would trace past the cache anyway)."""
-    if torch.compiler.is_compiling():
-        return gaussian_window(window_size, sigma).to(device)
-    return _cached_window(device, window_size, sigma)
+def _window_on(window_size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    return gaussian_window(window_size, sigma).to(device)
 
 
 def released_data_range(reconstruction: torch.Tensor) -> torch.Tensor:
@@ -60,7 +48,9 @@ def ssim_map(
     """
     img1, img2 = img1.float(), img2.float()
     channels = img1.shape[1]
-    window = _window_on(img1.device, window_size, sigma).expand(channels, 1, window_size, window_size)
+    # made once per device (util.runtime.device_constant); the convolution never writes it
+    window = device_constant(_window_on, window_size, sigma, img1.device).expand(channels, 1, window_size,
+                                                                                window_size)
 
     def filt(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, window, padding=window_size // 2, groups=channels)

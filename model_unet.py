@@ -15,6 +15,7 @@ from torch import nn
 from util.checkpoints import load_checkpoint_pair, read_checkpoint_pair
 from util.errors import DraemInputError
 from util.images import image_shape, shape_text
+from util.runtime import device_constant
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -61,8 +62,9 @@ class MatrixUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        rows = interpolation_matrix(height, height * self.scale_factor, x.device)
-        columns = interpolation_matrix(width, width * self.scale_factor, x.device)
+        # made once per size and device (util.runtime.device_constant), not in every step's forward
+        rows = device_constant(interpolation_matrix, height, height * self.scale_factor, x.device)
+        columns = device_constant(interpolation_matrix, width, width * self.scale_factor, x.device)
         with torch.autocast(x.device.type, enabled=False):
             return (rows @ (x.float() @ columns.T)).to(x.dtype)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-import loss as loss_module
 from loss import SSIM, DraemLoss, FocalLoss, ssim_map
+from util import runtime
 
 
 def test_ssim_map_matches_skimage_on_the_interior():
@@ -118,7 +118,7 @@ def test_an_ssim_loss_computed_under_inference_mode_first_still_trains_afterward
     """The SSIM window is made once per device and reused: when the first call comes from an evaluation
     under torch.inference_mode, the cached window must not be an inference tensor, which autograd refuses
     to save for a later training step's backward."""
-    loss_module._cached_window.cache_clear()  # this test's call is the first on the CPU
+    runtime._made_once.cache_clear()  # this test's call makes the CPU's window
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         SSIM()(image, image.flip(-1))

@@ -1,8 +1,9 @@
 """Where and how the networks run: device selection, the fp32 precision policy, determinism, and the fast-path
 options (precision, memory layout, compilation)."""
 import contextlib
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
@@ -72,6 +73,22 @@ def torchrun_device(name: str, gpu_id: int, local_rank: int, local_world_size: i
                               f"would put every process on GPU {index}: use --device cuda (process i trains "
                               f"on cuda:i) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     return _use_cuda_device(index)
+
+
+@functools.cache
+def _made_once(make: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
+    with torch.inference_mode(False):  # never an inference tensor: autograd could not save it for a backward
+        return make(*args)
+
+
+def device_constant(make: Callable[..., torch.Tensor], *args: Hashable) -> torch.Tensor:
+    """`make(*args)`, a tensor that depends only on its arguments (among them the device), made once and then
+    reused: building it on every call (a host-to-device copy waits for the device; a small table or matrix
+    is many tiny kernels) would sit in the per-step path. Read-only for its users. Inside torch.compile it is
+    made in the graph instead (a constant there; dynamo would trace past the cache anyway)."""
+    if torch.compiler.is_compiling():
+        return make(*args)
+    return _made_once(make, args)
 
 
 FP32_PRECISIONS = ("tf32", "strict")
