@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import device_synthesis
+import model_unet
 import train_draem
 from loss import DraemLoss
 from model_unet import DraemModel, MatrixUpsample, deterministic_upsampling
@@ -127,6 +128,22 @@ def test_matrix_upsampling_is_nn_upsample_forward_and_backward(shape):
     # computed in float32 and handed back in the input's dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert MatrixUpsample(2)(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
+def test_matrix_upsampling_builds_its_matrices_once_per_size_and_device(monkeypatch):
+    """The interpolation matrices are constants of the input size: made at the first forward, not in every
+    training step's (on a GPU each is a dozen tiny kernels)."""
+    built, build = [], model_unet.interpolation_matrix
+
+    def counted(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+        built.append((size_in, size_out))
+        return build(size_in, size_out, device)
+
+    monkeypatch.setattr(model_unet, "interpolation_matrix", counted)
+    upsample = MatrixUpsample(2)
+    for _ in range(3):
+        upsample(torch.rand(1, 2, 4, 6))
+    assert sorted(built) == [(4, 8), (6, 12)]
 
 
 def test_deterministic_upsampling_keeps_the_checkpoint_and_the_forward():
